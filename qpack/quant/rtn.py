@@ -1,0 +1,36 @@
+"""Round-to-nearest: scale = max|w| / qmax per row (or group), q = round(w / scale)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Quantized, Quantizer, as_matrix, qmax, register_quantizer, scales_fp16
+
+
+def group_absmax(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """max|w| per row (shape (rows, 1)) or per row and column group (shape (rows, n_groups))."""
+    if not group_size:
+        return w.abs().amax(dim=1, keepdim=True)
+    rows, cols = w.shape
+    pad = (-cols) % group_size
+    wp = torch.nn.functional.pad(w.abs(), (0, pad))
+    return wp.reshape(rows, -1, group_size).amax(dim=2)
+
+
+def quantize_with_scales(w: torch.Tensor, scales16, bits: int, group_size: int | None) -> torch.Tensor:
+    """Codes round(w / s) clamped to [-qmax, qmax], using the fp16-rounded scales that will be stored."""
+    s = torch.from_numpy(scales16.astype("float32"))
+    if group_size:
+        s = s.repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
+    m = qmax(bits)
+    return torch.round(w / s).clamp_(-m, m).to(torch.int8)
+
+
+@register_quantizer("rtn")
+class RoundToNearest(Quantizer):
+    """Symmetric absmax scaling and rounding; no data, no search."""
+
+    def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None) -> Quantized:
+        m = as_matrix(w)
+        scales = scales_fp16(group_absmax(m, self.group_size) / qmax(self.bits))
+        q = quantize_with_scales(m, scales, self.bits, self.group_size)
+        return Quantized(q.numpy(), scales, tuple(w.shape), self.bits, self.name, self.group_size, {})
