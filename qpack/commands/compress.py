@@ -1,0 +1,110 @@
+"""`qpack compress`: checkpoint -> .qpk artifact that fits a byte budget."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ._common import progress_bar, print_table
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    from ..errors import QpackInputError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise QpackInputError(f"--bits must be a comma-separated list of integers, got {text!r}") from None
+
+
+@click.command("compress")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="artifact path (default: MODEL with .qpk)")
+@click.option("--budget", help="size cap for artifact + code: 16MB = 16,000,000 bytes, 15.5MiB, or plain bytes")
+@click.option("--bits", default=None, help="with --budget: candidate widths (default 2,3,4,5,6,7,8); without: one width (default 6)")
+@click.option("--scheme", default="auto", show_default=True, help="auto (GPTQ with --calib, else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn")
+@click.option("--sdclip-k", multiple=True, type=float, help="with --scheme search: SDClip k values to try as well")
+@click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
+@click.option("--codec", "codecs", multiple=True, help="codec spec to try per tensor, repeatable (default: ans and zstd); e.g. zstd:level=22")
+@click.option("--calib", type=click.Path(path_type=Path), help="calibration tokens for GPTQ: shard dir, .bin shard, or text file")
+@click.option("--calib-tokens", type=int, default=16384, show_default=True, help="calibration tokens to use")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), help="sentencepiece model for a text --calib file")
+@click.option("--arch", help="model factory module:function, when the checkpoint carries no config")
+@click.option("--seq-len", type=int, default=None, help="calibration sequence length (default: the model's)")
+@click.option("--lqer-rank", type=int, default=0, help="rank of low-rank error correction (0: off)")
+@click.option("--lqer-top", type=int, default=0, help="how many tensors (largest error) get LQER")
+@click.option("--code", "code_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="code files shipped with the artifact (counted in the budget)")
+@click.option("--code-codec", default=None, help="count --code bytes compressed with this codec (e.g. lzma)")
+@click.option("--passthrough", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="dtype of small tensors")
+@click.option("--min-numel", type=int, default=4096, show_default=True, help="smaller tensors pass through unquantized")
+@click.option("--dry-run", is_flag=True, help="print the plan and predicted size; write nothing")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
+def command(model, output, budget, bits, scheme, sdclip_k, group_size, codecs, calib, calib_tokens, tokenizer, arch,
+            seq_len, lqer_rank, lqer_top, code_files, code_codec, passthrough, min_numel, dry_run, as_json, quiet):
+    """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
+    from ..compress import CompressConfig, code_size, compress
+    from ..errors import QpackInputError
+    from ..units import parse_size
+
+    if not model.exists():
+        raise QpackInputError(f"{model}: no such file")
+    output = output or model.with_suffix(".qpk")
+    opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
+                lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k))
+    if budget is not None:
+        opts["budget"] = parse_size(budget)
+        if bits:
+            opts["bits"] = _int_list(bits)
+    elif bits:
+        widths = _int_list(bits)
+        if len(widths) != 1:
+            raise QpackInputError("without --budget, --bits takes one width (e.g. --bits 6)")
+        opts["fixed_bits"] = widths[0]
+    if codecs:
+        opts["codecs"] = tuple(codecs)
+    if code_files:
+        opts["code_bytes"] = code_size(code_files, code_codec)
+    cfg = CompressConfig(**opts)
+
+    hessians = None
+    progress = None if quiet or as_json else progress_bar
+    if calib is not None:
+        from ..calibrate import build_model, collect, load_calibration_tokens
+        from ..checkpoint import load_state_dict
+
+        sd, config, _extra = load_state_dict(model)
+        vocab = (config or {}).get("vocab_size")
+        tokens = load_calibration_tokens(calib, calib_tokens, tokenizer, vocab)
+        net = build_model(sd, config, arch)
+        length = seq_len or int((config or {}).get("seq_len") or (config or {}).get("block_size") or 512)
+        hessians = collect(net, tokens, min(length, len(tokens)), progress=progress is not None)
+        del net
+    result = compress(model, output, cfg, hessians=hessians, dry_run=dry_run, progress=progress)
+
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    rows = [[t.name, "x".join(map(str, t.shape)), t.scheme, "-" if t.bits is None else str(t.bits), t.codec,
+             f"{t.bytes:,}", f"{8 * t.bytes / max(1, _numel(t.shape)):.3f}", f"{t.rel_error:.4f}"] for t in result.tensors]
+    print_table(["tensor", "shape", "scheme", "bits", "codec", "bytes", "bits/param", "rel err"], rows)
+    d = result.as_dict()
+    click.echo("")
+    click.echo(f"model bytes    {result.bytes_model:>14,}")
+    click.echo(f"code bytes     {result.bytes_code:>14,}")
+    click.echo(f"total bytes    {result.bytes_total:>14,}")
+    if result.budget is not None:
+        click.echo(f"budget         {result.budget:>14,}   headroom {d['headroom']:,} bytes")
+    click.echo(f"params         {result.params:>14,}   {result.bits_per_param:.3f} bits/param")
+    click.echo(f"time           {result.seconds:>13.1f}s")
+    click.echo("dry run: nothing written" if dry_run else f"wrote {result.output}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,421 @@
+"""The compress pipeline: state dict -> candidates per tensor -> budget solver -> .qpk artifact.
+
+Used by `qpack compress` and `qpack.compress()`. Every size that drives a decision is measured by encoding the
+tensor for real (qpack.artifact.encode_entry); the final artifact is built in memory, measured, and only then
+written (atomically), so it can never exceed the budget.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .budget import Candidate, Choices, min_bytes, solve
+from .codecs import Codec, make_codec, parse_codec
+from .errors import BudgetError, QpackError, QpackInputError
+from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything `qpack compress` can be told; validated on construction."""
+
+    budget: int | None = None  # bytes for artifact + code; None: fixed `bits` for every matrix
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)  # candidate widths when a budget is set
+    fixed_bits: int = 6  # width for every matrix when no budget is set
+    scheme: str = "auto"  # auto: gptq where a Hessian exists, else gptq_lite; "search": several schemes
+    group_size: int | None = None  # scale group size in columns; None: one scale per row
+    codecs: tuple[str, ...] = ("ans", "zstd")  # codec specs tried per tensor (first one measures candidates)
+    passthrough_dtype: str = "fp16"  # how small tensors (norms, gains, scalars) are stored: fp16 or fp32
+    min_numel: int = 4096  # tensors with fewer elements, or fewer than 2 dims, pass through
+    fp16_candidate: bool = True  # let the solver keep a whole matrix in fp16 when the budget allows
+    lqer_rank: int = 0  # rank of the low-rank error correction (0: off)
+    lqer_top: int = 0  # number of tensors (largest error) that get it
+    code_bytes: int = 0  # bytes of code shipped beside the artifact (counted against the budget)
+    sdclip_k: tuple[float, ...] = ()  # extra SDClip candidates (k values) in "search" mode
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
+            raise QpackInputError(f"budget must be a positive number of bytes, got {self.budget!r}")
+        if not self.bits or any(not MIN_BITS <= b <= MAX_BITS for b in self.bits):
+            raise QpackInputError(f"bits must be widths in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+        if not MIN_BITS <= self.fixed_bits <= MAX_BITS:
+            raise QpackInputError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.fixed_bits}")
+        if self.scheme not in ("auto", "search"):
+            QUANTIZERS_names = _schemes()
+            if self.scheme not in QUANTIZERS_names:
+                raise QpackInputError(f"unknown scheme {self.scheme!r}; known: auto, search, {', '.join(QUANTIZERS_names)}")
+        if self.passthrough_dtype not in ("fp16", "fp32"):
+            raise QpackInputError(f"passthrough dtype must be fp16 or fp32, got {self.passthrough_dtype!r}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise QpackInputError(f"group size must be positive, got {self.group_size}")
+        if self.lqer_rank < 0 or self.lqer_top < 0:
+            raise QpackInputError("--lqer-rank and --lqer-top must not be negative")
+        if not self.codecs:
+            raise QpackInputError("at least one codec is needed")
+        for spec in self.codecs:
+            parse_codec(spec)  # raises a clear error for unknown codecs or parameters
+
+
+def _schemes() -> list[str]:
+    from .quant import _builtin  # noqa: F401
+
+    return QUANTIZERS.names()
+
+
+@dataclass
+class TensorReport:
+    """One line of the per-tensor table."""
+
+    name: str
+    shape: tuple[int, ...]
+    scheme: str
+    bits: int | None
+    codec: str
+    bytes: int
+    rel_error: float
+    est_loss: float
+
+    def as_dict(self) -> dict[str, Any]:
+        numel = math.prod(self.shape) if self.shape else 1
+        return {
+            "name": self.name, "shape": list(self.shape), "scheme": self.scheme, "bits": self.bits,
+            "codec": self.codec, "bytes": self.bytes, "bits_per_param": 8 * self.bytes / max(numel, 1),
+            "rel_error": self.rel_error, "est_loss": self.est_loss,
+        }
+
+
+@dataclass
+class CompressResult:
+    """What compress did: totals, the per-tensor table, and the artifact's bytes (not kept for writing twice)."""
+
+    bytes_total: int
+    bytes_model: int
+    bytes_code: int
+    budget: int | None
+    params: int
+    tensors: list[TensorReport]
+    seconds: float
+    output: str | None
+    dry_run: bool
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes_model / max(self.params, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes_total": self.bytes_total, "bytes_model": self.bytes_model, "bytes_code": self.bytes_code,
+            "budget": self.budget, "headroom": None if self.budget is None else self.budget - self.bytes_total,
+            "params": self.params, "bits_per_param": self.bits_per_param, "seconds": self.seconds,
+            "output": self.output, "dry_run": self.dry_run, "stages": self.stages,
+            "tensors": [t.as_dict() for t in self.tensors],
+        }
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def find_aliases(sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor is the same storage as (or bit-identical to) an earlier name: {alias: original}."""
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, t in sd.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        if t.ndim >= 2 and t.numel() >= 1024:
+            for other in by_shape.get((tuple(t.shape), t.dtype), []):
+                if torch.equal(sd[other], t):
+                    aliases[name] = other
+                    break
+            else:
+                by_shape.setdefault((tuple(t.shape), t.dtype), []).append(name)
+    return aliases
+
+
+def is_quantizable(t: torch.Tensor, min_numel: int) -> bool:
+    """Matrices (2+ dims) of floats with at least `min_numel` elements are quantized; the rest pass through."""
+    return t.dtype in FLOAT_DTYPES and t.ndim >= 2 and t.numel() >= min_numel
+
+
+def _passthrough_tensor(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    if t.dtype in FLOAT_DTYPES:
+        return t.detach().to(torch.float16 if dtype == "fp16" else torch.float32).contiguous()
+    return t.detach().contiguous()
+
+
+def _rel_error(w: torch.Tensor, wq: torch.Tensor) -> float:
+    num = float(torch.linalg.vector_norm((w - wq).to(torch.float64)))
+    den = float(torch.linalg.vector_norm(w.to(torch.float64)))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def estimate_loss(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """Estimated loss increase of replacing w by wq: Hessian-weighted when H is known, else 0.5*||w-wq||^2."""
+    from .crownq import expected_loss_increase
+
+    return float(expected_loss_increase(as_matrix(w), as_matrix(wq), hessian))
+
+
+def code_size(files: Iterable[str | os.PathLike], codec: str | None) -> int:
+    """Bytes the code files take as they would ship: raw, or compressed together with `codec`."""
+    blobs = []
+    for f in files:
+        p = Path(f)
+        try:
+            blobs.append(p.read_bytes())
+        except OSError as exc:
+            raise QpackInputError(f"{p}: cannot read code file: {exc.strerror or exc}") from None
+    if codec is None:
+        return sum(len(b) for b in blobs)
+    return len(parse_codec(codec).encode(b"".join(blobs)))
+
+
+# ------------------------------------------------------------------------------------------- the pipeline
+
+Progress = Callable[[Iterable, str, int], Iterable]
+
+
+def _no_progress(it: Iterable, desc: str, total: int) -> Iterable:
+    return it
+
+
+class _Encoder:
+    """Encodes candidate entries and caches codec objects; the one place sizes are measured."""
+
+    def __init__(self, cfg: CompressConfig):
+        self.codecs: list[Codec] = [parse_codec(s) for s in cfg.codecs]
+        self.primary = self.codecs[0]
+        self.raw = make_codec("raw")
+
+    def entry(self, name: str, payload, codec: Codec, scale_codec: Codec | None = None, lowrank=None):
+        from .artifact import TensorEntry, encode_entry
+
+        layout = "byte"
+        e = TensorEntry(name, payload, layout=layout, codec=codec, scale_codec=scale_codec or codec, lowrank=lowrank)
+        manifest_entry, sections = encode_entry(e)
+        nbytes = sum(len(s.data) for s in sections)
+        return e, manifest_entry, sections, nbytes
+
+    def best_entry(self, name: str, payload, lowrank=None):
+        """Encode with every configured codec (codes and scales chosen independently) and keep the smallest."""
+        best = None
+        for codec in self.codecs + ([self.raw] if isinstance(payload, torch.Tensor) else []):
+            for scale_codec in ([self.raw, codec] if not isinstance(payload, torch.Tensor) else [codec]):
+                got = self.entry(name, payload, codec, scale_codec, lowrank)
+                if best is None or got[3] < best[3]:
+                    best = got
+        return best
+
+
+def compress(
+    source: str | os.PathLike | dict[str, torch.Tensor],
+    output: str | os.PathLike | None,
+    config: CompressConfig | None = None,
+    *,
+    model_config: dict | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+    extra_meta: dict | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    **options: Any,
+) -> CompressResult:
+    """Compress a checkpoint path or state dict to `output` (.qpk); options are CompressConfig fields.
+
+    `hessians` maps state-dict names to X^T X of that weight's input (see qpack.hessian); with them the
+    default scheme is GPTQ and the solver weighs errors by curvature.
+    """
+    t0 = time.perf_counter()
+    cfg = replace(config, **options) if config is not None else CompressConfig(**options)
+    progress = progress or _no_progress
+    stages: dict[str, float] = {}
+
+    if isinstance(source, (str, os.PathLike)):
+        from .checkpoint import load_state_dict
+
+        sd, ckpt_config, extra = load_state_dict(source)
+        model_config = model_config if model_config is not None else ckpt_config
+        extra_meta = {**(extra_meta or {}), **{k: v for k, v in extra.items() if isinstance(v, (str, int, float))}}
+    else:
+        sd = dict(source)
+    if not sd:
+        raise QpackInputError("the state dict holds no tensors")
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise QpackInputError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+    hessians = hessians or {}
+    enc = _Encoder(cfg)
+    stages["load"] = time.perf_counter() - t0
+
+    aliases = find_aliases(sd)
+    names = [n for n in sd if n not in aliases]
+    params = sum(sd[n].numel() for n in names)
+    quant_names = [n for n in names if is_quantizable(sd[n], cfg.min_numel)]
+    pass_names = [n for n in names if n not in set(quant_names)]
+
+    # Fixed part: passthrough tensors.
+    t1 = time.perf_counter()
+    fixed = {}
+    for n in pass_names:
+        fixed[n] = enc.best_entry(n, _passthrough_tensor(sd[n], cfg.passthrough_dtype))
+    stages["passthrough"] = time.perf_counter() - t1
+
+    # Candidates per quantizable tensor.
+    t1 = time.perf_counter()
+    choices: list[Choices] = []
+    widths = cfg.bits if cfg.budget is not None else (cfg.fixed_bits,)
+    for n in progress(quant_names, "quantize", len(quant_names)):
+        w = sd[n].detach().to(torch.float32)
+        h = hessians.get(n)
+        cands = []
+        for scheme, params_ in _schemes_for(cfg, h is not None):
+            for bits in widths:
+                q = make_quantizer(scheme, bits, cfg.group_size, **params_).quantize(w, h)
+                wq = q.dequantize()
+                loss = estimate_loss(w, wq, h)
+                e, me, secs, nbytes = enc.entry(n, q, enc.primary)
+                cands.append(Candidate(f"{scheme}/int{bits}", nbytes, loss,
+                                       data={"q": q, "rel": _rel_error(w, wq), "scheme": scheme, "bits": bits}))
+        if cfg.budget is not None and cfg.fp16_candidate:
+            t16 = w.to(torch.float16)
+            e, me, secs, nbytes = enc.entry(n, t16.contiguous(), enc.primary)
+            cands.append(Candidate("fp16", nbytes, estimate_loss(w, t16.float(), h),
+                                   data={"q": t16.contiguous(), "rel": _rel_error(w, t16.float()), "scheme": "fp16", "bits": None}))
+        choices.append(Choices(n, cands))
+    stages["quantize"] = time.perf_counter() - t1
+
+    meta = {
+        "qpack_version": __version__,
+        "model_config": model_config,
+        "aliases": dict(sorted(aliases.items())),
+        "source": extra_meta or {},
+    }
+
+    code = cfg.code_bytes
+    fixed_bytes = sum(v[3] for v in fixed.values())
+    t1 = time.perf_counter()
+    if cfg.budget is None:
+        pick = [0] * len(choices)
+    else:
+        overhead = _overhead_estimate(meta, names)
+        capacity = cfg.budget - code - fixed_bytes - overhead
+        floor = min_bytes(choices) + fixed_bytes + overhead + code
+        if capacity < min_bytes(choices):
+            raise BudgetError(
+                f"budget {cfg.budget:,} bytes is below the smallest reachable size, about {floor:,} bytes "
+                f"({code:,} of them code); raise --budget or allow fewer bits",
+                min_bytes=floor,
+            )
+        pick = solve(choices, capacity)
+    stages["solve"] = time.perf_counter() - t1
+
+    # Final encoding: each chosen tensor with its best codec; LQER on the largest errors; then measure the
+    # whole artifact and, if the manifest pushed it over, tighten and solve again.
+    t1 = time.perf_counter()
+    for attempt in range(6):
+        chosen = {ch.name: ch.candidates[i] for ch, i in zip(choices, pick)}
+        lowranks = _lqer(cfg, sd, chosen)
+        entries = {}
+        for n in progress(quant_names, "encode", len(quant_names)):
+            c = chosen[n]
+            entries[n] = enc.best_entry(n, c.data["q"], lowranks.get(n)) if len(enc.codecs) > 1 or n in lowranks \
+                else enc.entry(n, c.data["q"], enc.primary)
+        ordered = [(entries[n] if n in entries else fixed[n]) for n in names]
+        blob = _build(ordered, meta)
+        total = len(blob) + code
+        if cfg.budget is None or total <= cfg.budget:
+            break
+        over = total - cfg.budget
+        capacity = sum(ch.candidates[i].nbytes for ch, i in zip(choices, pick)) - over - 64 * (attempt + 1)
+        if capacity < min_bytes(choices):
+            raise BudgetError(
+                f"budget {cfg.budget:,} bytes is below the smallest reachable size, about {total - over + min_bytes(choices) - capacity:,} bytes",
+                min_bytes=total,
+            )
+        pick = solve(choices, capacity)
+    else:  # pragma: no cover - the loop tightens by the overshoot each time
+        raise BudgetError(f"could not fit the budget of {cfg.budget:,} bytes after 6 attempts", min_bytes=total)
+    stages["encode"] = time.perf_counter() - t1
+
+    if cfg.budget is not None and total > cfg.budget:  # never write an artifact over the budget
+        raise BudgetError(f"internal: artifact of {total:,} bytes exceeds the budget {cfg.budget:,}", min_bytes=total)
+
+    reports = []
+    for n in names:
+        if n in entries:
+            c = chosen[n]
+            e = entries[n]
+            reports.append(TensorReport(n, tuple(sd[n].shape), c.data["scheme"] + ("+lqer" if n in lowranks else ""),
+                                        c.data["bits"], e[0].codec.label(), e[3], c.data["rel"], c.loss))
+        else:
+            e = fixed[n]
+            t = e[0].payload
+            reports.append(TensorReport(n, tuple(sd[n].shape), "passthrough", None, e[0].codec.label(), e[3],
+                                        _rel_error(sd[n].double(), t.double()) if t.is_floating_point() else 0.0, 0.0))
+
+    out = None
+    if output is not None and not dry_run:
+        from .container import atomic_write_bytes
+
+        atomic_write_bytes(output, blob)
+        out = os.fspath(output)
+    return CompressResult(total, len(blob), code, cfg.budget, params, reports, time.perf_counter() - t0, out,
+                          dry_run, stages)
+
+
+def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict]]:
+    """The (scheme, params) pairs tried for one tensor."""
+    if cfg.scheme == "auto":
+        return [("gptq", {}) if has_hessian else ("gptq_lite", {})]
+    if cfg.scheme == "search":
+        out = [("gptq", {})] if has_hessian else []
+        out += [("gptq_lite", {})] + [("sdclip", {"k": k}) for k in cfg.sdclip_k]
+        return out
+    if cfg.scheme == "gptq" and not has_hessian:
+        return [("gptq_lite", {})]
+    return [(cfg.scheme, {})]
+
+
+def _lqer(cfg: CompressConfig, sd: dict[str, torch.Tensor], chosen: dict[str, Candidate]) -> dict[str, tuple]:
+    """Low-rank error factors for the `lqer_top` quantized tensors with the largest estimated loss."""
+    if cfg.lqer_rank <= 0 or cfg.lqer_top <= 0:
+        return {}
+    from .quant.lqer import fit_lqer
+
+    quant = [(n, c) for n, c in chosen.items() if isinstance(c.data["q"], Quantized)]
+    quant.sort(key=lambda nc: (-nc[1].loss, nc[0]))
+    out = {}
+    for n, c in quant[: cfg.lqer_top]:
+        w = as_matrix(sd[n])
+        rank = min(cfg.lqer_rank, *w.shape)
+        out[n] = fit_lqer(w, as_matrix(c.data["q"].dequantize()), rank)
+    return out
+
+
+def _overhead_estimate(meta: dict, names: list[str]) -> int:
+    """Header, trailer and manifest bytes, estimated generously before the real build measures them."""
+    import json
+
+    return 4096 + len(json.dumps(meta)) + 400 * len(names)
+
+
+def _build(entries: list[tuple], meta: dict) -> bytes:
+    """The whole artifact in memory, from already-encoded entries."""
+    from .artifact import build_artifact_encoded
+
+    return build_artifact_encoded([(e[1], e[2]) for e in entries], meta)
