@@ -1,0 +1,152 @@
+"""An order-0 entropy coder for byte symbol streams: rANS from `constriction`, driven by stored counts.
+
+Frame (all integers little-endian; varint = unsigned LEB128):
+    version   1 byte   = 1
+    group     varint   symbols per table; 0 = one table for the whole stream
+    crc32     4 bytes  CRC-32 of the decoded bytes (catches garbled payloads the coder cannot notice)
+    tables    one per group: lo (1 byte), span-1 (1 byte), then `span` varint counts of symbols lo..lo+span-1
+    words     the rest: the ANS stack as uint32 words
+Each table holds exact counts, so the model is the group's empirical distribution and the coded size is
+its entropy plus the table. The counts of a group must sum to its length, which is checked against the
+promised size before anything is decoded. Groups are pushed on one ANS stack in reverse, so they pop in order.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from ._validate import check_int
+from .base import Codec, CodecError, register_codec
+
+_VERSION = 1
+_MAX_VARINT_BYTES = 10
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos + i >= len(buf):
+            raise CodecError("ans: truncated frame (inside a varint)")
+        byte = buf[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise CodecError("ans: varint longer than 10 bytes")
+
+
+def _group_lengths(size: int, group: int) -> list[int]:
+    if size == 0:
+        return []
+    if group == 0 or group >= size:
+        return [size]
+    full, rest = divmod(size, group)
+    return [group] * full + ([rest] if rest else [])
+
+
+def _model(counts: np.ndarray):
+    """The categorical model both sides build from the same integer counts (hence the same fixed-point table)."""
+    import constriction
+
+    return constriction.stream.model.Categorical(counts.astype(np.float64) / float(counts.sum()), perfect=False)
+
+
+@register_codec("ans")
+class Ans(Codec):
+    """rANS with one exact frequency table per stream or per group of `group` symbols."""
+
+    defaults = {"group": 0}
+
+    def validate(self) -> None:
+        check_int(self.name, "group", self.params["group"], 0, 1 << 40)
+
+    def encode(self, data: bytes) -> bytes:
+        import constriction
+
+        sym = np.frombuffer(bytes(data), dtype=np.uint8)
+        group = self.params["group"]
+        header = [bytes([_VERSION]), _varint(group), struct.pack("<I", zlib.crc32(sym.tobytes()))]
+        tables, jobs, start = [], [], 0
+        for length in _group_lengths(sym.size, group):
+            part = sym[start : start + length]
+            start += length
+            counts = np.bincount(part, minlength=256)
+            used = np.flatnonzero(counts)
+            lo, hi = int(used[0]), int(used[-1])
+            tables.append(bytes([lo, hi - lo]) + b"".join(_varint(int(c)) for c in counts[lo : hi + 1]))
+            if used.size > 1:  # a single-symbol group costs no bits
+                jobs.append(((part - lo).astype(np.int32), _model(counts[lo : hi + 1])))
+        coder = constriction.stream.stack.AnsCoder()
+        for symbols, model in reversed(jobs):
+            coder.encode_reverse(symbols, model)
+        words = coder.get_compressed().astype("<u4").tobytes()
+        return b"".join(header + tables) + words
+
+    def decode(self, data: bytes, size: int) -> bytes:
+        buf = bytes(data)
+        if len(buf) < 1 or buf[0] != _VERSION:
+            raise CodecError(f"ans: unknown frame version {buf[0] if buf else 'missing'} (expected {_VERSION})")
+        group, pos = _read_varint(buf, 1)
+        if pos + 4 > len(buf):
+            raise CodecError("ans: truncated frame (no checksum)")
+        (crc,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        plan = []
+        for length in _group_lengths(size, group):
+            if pos + 2 > len(buf):
+                raise CodecError("ans: truncated frame (inside a frequency table)")
+            lo, span = buf[pos], buf[pos + 1] + 1
+            pos += 2
+            if lo + span > 256:
+                raise CodecError(f"ans: frequency table covers symbols {lo}..{lo + span - 1}, past 255")
+            counts = np.zeros(span, dtype=np.int64)
+            for i in range(span):
+                counts[i], pos = _read_varint(buf, pos)
+                if counts[i] > length:
+                    break
+            # Checked before decoding: the table must account for exactly this group's share of `size`.
+            if int(counts.sum()) != length:
+                raise CodecError(f"ans: frequency table counts {int(counts.sum())} symbols, the group holds {length}")
+            plan.append((lo, counts, length))
+        rest = len(buf) - pos
+        if rest % 4:
+            raise CodecError(f"ans: payload of {rest} bytes is not a whole number of 32-bit words")
+        out = self._decode_groups(buf[pos:], plan, size)
+        if zlib.crc32(out) != crc:
+            raise CodecError("ans: decoded data fails its CRC-32 (corrupt frame)")
+        return out
+
+    @staticmethod
+    def _decode_groups(payload: bytes, plan, size: int) -> bytes:
+        import constriction
+
+        out = np.empty(size, dtype=np.uint8)
+        try:
+            coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+            start = 0
+            for lo, counts, length in plan:
+                nonzero = np.flatnonzero(counts)
+                if nonzero.size == 1:
+                    out[start : start + length] = lo + int(nonzero[0])
+                else:
+                    out[start : start + length] = coder.decode(_model(counts), length) + lo
+                start += length
+            empty = coder.is_empty()
+        except (ValueError, RuntimeError, OverflowError) as exc:  # constriction reports bad words as these
+            raise CodecError(f"ans: corrupt payload ({exc})") from None
+        if not empty:
+            raise CodecError("ans: payload holds more data than the tables account for")
+        return out.tobytes()

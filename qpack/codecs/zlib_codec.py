@@ -1,0 +1,39 @@
+"""zlib (deflate) at a chosen level: the parameter-golf baseline codec."""
+from __future__ import annotations
+
+import zlib
+
+from ._validate import check_int
+from .base import Codec, CodecError, register_codec
+
+
+@register_codec("zlib")
+class Zlib(Codec):
+    """Deflate in a zlib wrapper (its Adler-32 catches most corruption)."""
+
+    defaults = {"level": 9, "wbits": 15}
+
+    def validate(self) -> None:
+        check_int(self.name, "level", self.params["level"], 0, 9)
+        check_int(self.name, "wbits", self.params["wbits"], 9, 15)
+
+    def encode(self, data: bytes) -> bytes:
+        c = zlib.compressobj(self.params["level"], zlib.DEFLATED, self.params["wbits"])
+        return c.compress(bytes(data)) + c.flush()
+
+    def decode(self, data: bytes, size: int) -> bytes:
+        d = zlib.decompressobj(self.params["wbits"])
+        try:
+            # max_length caps the output at one byte past `size`: enough to notice a frame that is too long.
+            out = d.decompress(bytes(data), size + 1)
+        except zlib.error as exc:
+            raise CodecError(f"zlib: corrupt data ({exc})") from None
+        if len(out) > size or d.unconsumed_tail:
+            raise CodecError(f"zlib: data decodes to more than the {size} bytes promised")
+        if not d.eof:
+            raise CodecError(f"zlib: truncated data ({len(out)} of {size} bytes decoded)")
+        if d.unused_data:
+            raise CodecError(f"zlib: {len(d.unused_data)} bytes of trailing data after the stream")
+        if len(out) != size:
+            raise CodecError(f"zlib: data decodes to {len(out)} bytes, {size} promised")
+        return out
