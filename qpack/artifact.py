@@ -263,22 +263,28 @@ def entry_nbytes(manifest_entry: dict, sections: list[Section]) -> int:
     return sum(len(s.data) for s in sections) + len(canonical_json(manifest_entry)) + 1 + records
 
 
-def _assemble(entries: list[TensorEntry], meta: dict | None, verify: bool) -> tuple[dict, list, list[Section]]:
+def _full_meta(meta: dict | None) -> dict:
     full = default_meta()
     if meta:
         if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
             raise QpackInputError("artifact meta must be a dict with string keys")
         full.update(meta)
-    names = [e.name for e in entries]
-    dupes = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
-    if dupes:
+    cfg = full.get("model_config")
+    if cfg is not None and not isinstance(cfg, dict):
+        raise QpackInputError("meta model_config must be a dict or None")
+    return full
+
+
+def _assemble_encoded(encoded: list[tuple[dict, list[Section]]], meta: dict | None) -> tuple[dict, list, list]:
+    names = [m["name"] for m, _ in encoded]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
         raise QpackInputError(f"duplicate tensor names: {dupes[:5]}")
-    tensors, sections = [], []
-    for e in entries:
-        m, s = encode_entry(e, verify)
-        tensors.append(m)
-        sections += s
-    return full, tensors, sections
+    return _full_meta(meta), [m for m, _ in encoded], [s for _, secs in encoded for s in secs]
+
+
+def _assemble(entries: list[TensorEntry], meta: dict | None, verify: bool) -> tuple[dict, list, list[Section]]:
+    return _assemble_encoded([encode_entry(e, verify) for e in entries], meta)
 
 
 def build_artifact(entries: list[TensorEntry], meta: dict | None = None, verify: bool = True) -> bytes:
@@ -286,10 +292,14 @@ def build_artifact(entries: list[TensorEntry], meta: dict | None = None, verify:
     return build_container(*_assemble(entries, meta, verify))
 
 
+def build_artifact_encoded(encoded: list[tuple[dict, list[Section]]], meta: dict | None = None) -> bytes:
+    """The artifact as bytes from entries already encoded by encode_entry (what the budget solver measured)."""
+    return build_container(*_assemble_encoded(encoded, meta))
+
+
 def artifact_size(encoded: list[tuple[dict, list[Section]]], meta: dict | None = None) -> int:
-    """Exact file size of an artifact made of already-encoded entries (from encode_entry)."""
-    full = {**default_meta(), **(meta or {})}
-    return container_size(full, [m for m, _ in encoded], [s for _, secs in encoded for s in secs])
+    """Exact file size of an artifact made of already-encoded entries, without assembling it."""
+    return container_size(*_assemble_encoded(encoded, meta))
 
 
 def write_artifact(path: str | os.PathLike, entries: list[TensorEntry], meta: dict | None = None,

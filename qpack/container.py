@@ -194,6 +194,11 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes], _on_step: Ste
                 pass
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, _on_step: StepHook = None) -> int:
+    """atomic_write for one bytes object (an artifact built in memory)."""
+    return atomic_write(path, [data], _on_step)
+
+
 def write_container(
     path: str | os.PathLike, meta: dict, tensors: list, sections: list[Section], _on_step: StepHook = None
 ) -> int:
