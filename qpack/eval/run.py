@@ -1,0 +1,232 @@
+"""`qpack eval` orchestration: load a model (artifact or checkpoint), the val split and its tokenizer, run modes.
+
+Modes, in order: plain (stride = window), sliding, mixer (Hedge over the sliding NLLs), ttt (score-first TTT on
+the sliding schedule) and ttt+mixer when both are asked for. The headline numbers are the last mode run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import QpackFormatError, QpackInputError, Reason
+from . import bpb
+from .mixer import MixerConfig, mix_nll
+from .sliding import plan_windows, sliding_nll
+from .ttt import TTTConfig, ttt_nll
+
+QPACK_MAGIC = b"QPACK\x00\r\n"
+# config keys that may name the longest context a model was built or trained for
+_SEQ_KEYS = ("max_seq_len", "block_size", "seq_len", "train_seq_len", "context_length", "n_positions")
+MODE_ORDER = ("plain", "sliding", "mixer", "ttt", "ttt+mixer")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to score and how; window/stride None mean the model's sequence length (or 1024) and window // 2."""
+
+    window: int | None = None
+    stride: int | None = None
+    batch: int = 8
+    device: str = "cpu"
+    max_tokens: int | None = None  # score only the first N val targets
+    plain: bool = True
+    mixer: MixerConfig | None = None
+    ttt: TTTConfig | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A rebuilt model plus where it came from."""
+
+    model: torch.nn.Module
+    config: dict
+    kind: str  # "artifact" or "checkpoint"
+    max_seq_len: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _is_artifact(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(QPACK_MAGIC)) == QPACK_MAGIC
+    except OSError as exc:
+        raise QpackFormatError(path, Reason.IO, f"cannot read model: {exc.strerror or exc}") from None
+
+
+def _seq_len(*sources: dict | None) -> int | None:
+    for src in sources:
+        for key in _SEQ_KEYS:
+            v = (src or {}).get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Rebuild the model an artifact (.qpk) or checkpoint holds, from the config stored with it."""
+    path = Path(path)
+    if _is_artifact(path):
+        from ..artifact import read_artifact
+
+        art = read_artifact(path)
+        config, kind, extra = art.meta.get("model_config"), "artifact", {}
+        if config is None:
+            raise QpackInputError(f"{path}: the artifact carries no model config, so eval cannot rebuild the model; "
+                                  "compress a checkpoint that has one (as `qpack train` writes)")
+        tensors = art.tensors("cpu")
+    else:
+        from ..checkpoint import load_state_dict
+
+        tensors, config, extra = load_state_dict(path)
+        kind = "checkpoint"
+        if config is None:
+            raise QpackInputError(f"{path}: the checkpoint carries no model config ({{'model': ..., 'config': ...}}), "
+                                  "so eval cannot rebuild the model")
+    from ..models import build_model
+
+    model = build_model(config)
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        what = [f"missing {', '.join(result.missing_keys[:3])}"] if result.missing_keys else []
+        what += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
+        raise QpackFormatError(path, Reason.NOT_A_MODEL,
+                               f"tensors do not fit the model its config describes: {'; '.join(what)}")
+    model = model.float().to(device).eval()
+    return LoadedModel(model, config, kind, _seq_len(config, extra, extra.get("train_config")), extra)
+
+
+@dataclass
+class ValData:
+    """The val token stream (targets are tokens[1:]) and the byte count of every target."""
+
+    tokens: np.ndarray
+    target_bytes: np.ndarray
+    tokenizer: str
+    vocab_size: int
+
+
+def load_val(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+             max_tokens: int | None = None) -> ValData:
+    """Load the val split of a data directory and count bytes with its tokenizer (default DIR/tokenizer.model)."""
+    from ..data.shards import load_split
+    from ..data.tokenizer import byte_luts, load_tokenizer, space_after_boundary_counts
+
+    tok_path = Path(tokenizer) if tokenizer is not None else Path(data_dir) / "tokenizer.model"
+    sp = load_tokenizer(tok_path)
+    vocab = int(sp.get_piece_size())
+    tokens = np.asarray(load_split(data_dir, "val", vocab_size=vocab), dtype=np.int64)
+    if max_tokens is not None:
+        if max_tokens <= 0:
+            raise QpackInputError(f"--max-tokens must be positive, got {max_tokens}")
+        tokens = tokens[: max_tokens + 1]
+    if tokens.size < 2:
+        raise QpackFormatError(data_dir, Reason.TRUNCATED, f"the val split holds {tokens.size} tokens; need at least 2")
+    nbytes = bpb.target_bytes(tokens, byte_luts(sp), space_after_boundary_counts(sp))
+    return ValData(tokens, nbytes, str(tok_path), vocab)
+
+
+def resolve_window(options: EvalOptions, max_seq_len: int | None) -> tuple[int, int]:
+    """(window, stride) after defaults; QpackInputError when they make no sense for this model."""
+    window = options.window if options.window is not None else (max_seq_len or 1024)
+    stride = options.stride if options.stride is not None else max(1, window // 2)
+    if window <= 0:
+        raise QpackInputError(f"--window must be positive, got {window}")
+    if stride <= 0:
+        raise QpackInputError(f"--stride must be positive, got {stride}")
+    if stride > window:
+        raise QpackInputError(f"--stride {stride} is larger than --window {window}: tokens between windows "
+                              "would never be scored")
+    if max_seq_len is not None and window > max_seq_len:
+        raise QpackInputError(f"--window {window} is longer than the model's maximum sequence length {max_seq_len}")
+    return window, stride
+
+
+def _mode_entry(nll: np.ndarray, nbytes: np.ndarray, seconds: float) -> dict[str, Any]:
+    s = bpb.score(nll, nbytes)
+    return {"val_loss": s.val_loss, "val_bpb": s.val_bpb, "tokens": s.tokens, "bytes": s.bytes,
+            "seconds": seconds, "tokens_per_s": s.tokens / seconds if seconds > 0 else None}
+
+
+def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: int, options: EvalOptions,
+                   progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+    """Run every mode asked for on an already-loaded model; returns the result dict (see `evaluate`)."""
+    t_start = time.perf_counter()
+    tokens, nbytes = data.tokens, data.target_bytes
+    n = tokens.size - 1
+    modes: dict[str, dict] = {}
+    extras: dict[str, Any] = {}
+
+    def bar(name: str, total: int) -> Callable[[int], None]:
+        return progress(name, total) if progress else (lambda k: None)
+
+    def run_sliding(s: int, name: str) -> tuple[np.ndarray, float]:
+        tick = bar(name, n)
+        t0 = time.perf_counter()
+        out = sliding_nll(model, tokens, window, s, batch=options.batch, device=options.device,
+                          on_window=lambda w: tick(w.b - w.a))
+        return out, time.perf_counter() - t0
+
+    if options.plain and stride != window:
+        nll, sec = run_sliding(window, "plain")
+        modes["plain"] = _mode_entry(nll, nbytes, sec)
+    nll_s, sec_s = run_sliding(stride, "sliding" if stride != window else "plain")
+    modes["sliding"] = _mode_entry(nll_s, nbytes, sec_s)
+    if stride == window and options.plain:
+        modes["plain"] = dict(modes["sliding"])
+    if options.mixer is not None:
+        t0 = time.perf_counter()
+        mixed = mix_nll(nll_s, tokens, data.vocab_size, options.mixer)
+        # the mixer's cost includes the sliding pass it rides on
+        modes["mixer"] = _mode_entry(mixed.nll, nbytes, sec_s + time.perf_counter() - t0)
+        extras["mixer"] = {"experts": mixed.expert_names, "final_weights": mixed.final_weights.tolist(),
+                           "expert_bpb": (mixed.expert_nll / bpb.LN2 / nbytes.sum()).tolist()}
+    if options.ttt is not None:
+        tick = bar("ttt", n)
+        t0 = time.perf_counter()
+        nll_t = ttt_nll(model, tokens, window, stride, options.ttt, batch=options.batch, device=options.device,
+                        on_chunk=tick)
+        modes["ttt"] = _mode_entry(nll_t, nbytes, time.perf_counter() - t0)
+        if options.mixer is not None:
+            t1 = time.perf_counter()
+            mixed_t = mix_nll(nll_t, tokens, data.vocab_size, options.mixer)
+            modes["ttt+mixer"] = _mode_entry(mixed_t.nll, nbytes, modes["ttt"]["seconds"] + time.perf_counter() - t1)
+    base = modes["sliding"]["val_bpb"]
+    for entry in modes.values():
+        entry["delta_bpb_vs_sliding"] = entry["val_bpb"] - base
+    ordered = {k: modes[k] for k in MODE_ORDER if k in modes}
+    head_name = list(ordered)[-1]
+    head = ordered[head_name]
+    return {
+        "val_loss": head["val_loss"], "val_bpb": head["val_bpb"], "tokens": head["tokens"], "bytes": head["bytes"],
+        "seconds": time.perf_counter() - t_start,
+        "mode": head_name, "window": window, "stride": stride, "device": options.device, "modes": ordered,
+        **({"mixer": extras["mixer"]} if "mixer" in extras else {}),
+    }
+
+
+def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+             options: EvalOptions = EvalOptions(),
+             progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+    """Score a .qpk artifact or checkpoint on DIR's val split; returns {"val_loss", "val_bpb", "tokens", "bytes",
+    "seconds", "mode", "modes": {name: {...}}, ...}."""
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise QpackInputError("--device cuda: no CUDA device is available")
+    if options.batch <= 0:
+        raise QpackInputError(f"--batch must be positive, got {options.batch}")
+    loaded = load_model(model_path, options.device)
+    window, stride = resolve_window(options, loaded.max_seq_len)
+    data = load_val(data_dir, tokenizer, options.max_tokens)
+    model_vocab = loaded.config.get("vocab_size")
+    if model_vocab is not None and int(model_vocab) != data.vocab_size:
+        raise QpackInputError(f"{model_path}: the model's vocabulary ({model_vocab} tokens) does not match the "
+                              f"tokenizer {data.tokenizer} ({data.vocab_size} pieces)")
+    result = evaluate_model(loaded.model, data, window, stride, options, progress)
+    result.update({"model": str(model_path), "model_kind": loaded.kind, "data": str(data_dir),
+                   "tokenizer": data.tokenizer})
+    return result
