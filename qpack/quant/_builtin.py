@@ -1,2 +1,2 @@
 """Imports the built-in quantizer modules so that they register."""
-from . import rtn  # noqa: F401
+from . import gptq, gptq_lite, rtn, sdclip  # noqa: F401
