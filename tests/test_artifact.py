@@ -1,0 +1,417 @@
+"""Artifacts: exact round trips of codes, scales and passthrough tensors; validation of entries; corruption."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import qpack
+from qpack.artifact import (
+    DTYPES,
+    TensorEntry,
+    artifact_size,
+    build_artifact,
+    build_artifact_encoded,
+    encode_entry,
+    entry_nbytes,
+    loads_artifact,
+    read_artifact,
+    scales_from_bytes,
+    scales_to_bytes,
+    write_artifact,
+)
+from qpack.codecs import codec_names, make_codec
+from qpack.errors import QpackError, QpackFormatError, QpackInputError, Reason
+from qpack.quant import Quantized, make_quantizer
+
+CODEC = "zstd" if "zstd" in codec_names() else "raw"
+
+
+def seal(manifest: dict, payload: bytes) -> bytes:
+    """Frame a manifest and payload with valid CRCs and trailer (independent of qpack.container)."""
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    head = b"QPACK\x00\r\n" + struct.pack("<IIQI", 1, 0, len(body), zlib.crc32(body))
+    out = head + struct.pack("<I", zlib.crc32(head)) + body + payload
+    return out + hashlib.sha256(out).digest()
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    (mlen,) = struct.unpack_from("<Q", data, 16)
+    return json.loads(data[32 : 32 + mlen]), data[32 + mlen : -32]
+
+
+def quant(shape, bits, group_size=None, seed=0, scheme="rtn") -> Quantized:
+    g = torch.Generator().manual_seed(seed)
+    return make_quantizer(scheme, bits, group_size).quantize(torch.randn(*shape, generator=g))
+
+
+def passthrough() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, generator=g)
+    return {
+        "bf16": x.to(torch.bfloat16),
+        "fp16": x.to(torch.float16),
+        "fp32": x,
+        "fp64": x.double(),
+        "i64": torch.tensor([-(2**62), -1, 0, 7, 2**62 + 5]),
+        "i32": torch.tensor([[-(2**31), 2**31 - 1]], dtype=torch.int32),
+        "i16": torch.tensor([-300, 300], dtype=torch.int16),
+        "i8": torch.tensor([-128, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "nan": torch.tensor([float("nan"), float("inf"), -0.0]),
+    }
+
+
+def entries(codec: str = CODEC) -> list[TensorEntry]:
+    c = make_codec(codec, {})
+    out = [
+        TensorEntry("blocks.0.attn.w", quant((16, 40), 6), codec=c, scale_codec=c),
+        TensorEntry("blocks.0.mlp.w", quant((8, 33), 4, group_size=16, seed=2), layout="packed", codec=c),
+        TensorEntry("conv", quant((4, 3, 5), 5, seed=3), layout="packed", dtype="bfloat16"),
+        TensorEntry("vec", quant((17,), 8, seed=4), scale_layout="shuffled"),
+        TensorEntry("ternary", quant((6, 10), 2, seed=5), layout="trit", codec=c),
+        TensorEntry("lqer", quant((12, 20), 3, seed=6), codec=c,
+                    lowrank=(quant((12, 2), 4, seed=7), quant((2, 20), 4, seed=8))),
+    ]
+    out += [TensorEntry(n, t, codec=c) for n, t in passthrough().items()]
+    return out
+
+
+def expected(e: TensorEntry) -> torch.Tensor:
+    if isinstance(e.payload, torch.Tensor):
+        return e.payload
+    w = e.payload.dequantize()
+    if e.lowrank:
+        a, b = e.lowrank
+        w = w + (a.dequantize() @ b.dequantize()).reshape(w.shape)
+    return w
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical: dtype, shape and every bit (NaN and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+
+
+def test_round_trip_exact(tmp_path):
+    es = entries()
+    path = tmp_path / "m.qpk"
+    n = write_artifact(path, es, {"model_config": {"arch": "gpt", "n_layer": 2}})
+    assert n == path.stat().st_size
+    art = read_artifact(path)
+    assert art.names() == [e.name for e in es]
+    assert art.model_config == {"arch": "gpt", "n_layer": 2}
+    for e in es:
+        got = art.quantized(e.name)
+        if isinstance(e.payload, Quantized):
+            p = e.payload
+            assert isinstance(got, Quantized)
+            assert np.array_equal(got.q, p.q) and got.q.dtype == np.int8
+            assert got.scales.dtype == np.float16 and got.scales.tobytes() == p.scales.tobytes()
+            assert (got.shape, got.bits, got.scheme, got.group_size, got.params) == \
+                   (tuple(p.shape), p.bits, p.scheme, p.group_size, p.params)
+            assert torch.equal(got.dequantize(), p.dequantize())
+            lr = art.lowrank(e.name)
+            if e.lowrank:
+                for mine, theirs in zip(lr, e.lowrank):
+                    assert np.array_equal(mine.q, theirs.q) and mine.scales.tobytes() == theirs.scales.tobytes()
+            else:
+                assert lr is None
+        else:
+            assert same_tensor(got, e.payload), e.name
+    loaded = qpack.load(path)
+    assert list(loaded) == [e.name for e in es]
+    for e in es:
+        assert same_tensor(loaded[e.name], expected(e)), e.name
+
+
+@pytest.mark.parametrize("codec", codec_names())
+def test_every_codec_round_trips(codec):
+    es = [TensorEntry("w", quant((9, 31), 5, group_size=8), codec=make_codec(codec, {}),
+                      scale_codec=make_codec(codec, {})),
+          TensorEntry("b", torch.randn(31, generator=torch.Generator().manual_seed(3)), codec=make_codec(codec, {}))]
+    art = loads_artifact(build_artifact(es))
+    for e in es:
+        assert same_tensor(art.tensor(e.name), expected(e))
+        assert art.entry(e.name)[("codes" if e.name == "w" else "data")]["codec"] == make_codec(codec, {}).spec()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("layout", ["byte", "packed"])
+def test_every_width_and_layout(bits, layout):
+    q = quant((3, 13), bits, seed=bits)
+    art = loads_artifact(build_artifact([TensorEntry("w", q, layout=layout)]))
+    got = art.quantized("w")
+    assert np.array_equal(got.q, q.q) and got.scales.tobytes() == q.scales.tobytes()
+
+
+def test_deterministic_bytes(tmp_path):
+    a = build_artifact(entries(), {"model_config": {"d": 1}})
+    b = build_artifact(entries(), {"model_config": {"d": 1}})
+    assert a == b
+    write_artifact(tmp_path / "a.qpk", entries(), {"model_config": {"d": 1}})
+    write_artifact(tmp_path / "b.qpk", entries(), {"model_config": {"d": 1}})
+    assert (tmp_path / "a.qpk").read_bytes() == (tmp_path / "b.qpk").read_bytes() == a
+
+
+def test_meta_records_versions():
+    meta = loads_artifact(build_artifact(entries()[:1])).meta
+    assert meta["qpack_version"] == qpack.__version__
+    assert meta["model_config"] is None
+    assert set(meta["libraries"]) >= {"zstandard", "brotli", "constriction", "liblzma"}
+    import zstandard
+
+    assert meta["libraries"]["zstandard"] == zstandard.__version__
+
+
+def test_encode_entry_measures_exact_bytes():
+    es = entries()
+    encoded = [encode_entry(e) for e in es]
+    blob = build_artifact_encoded(encoded, {"model_config": None})
+    assert blob == build_artifact(es, {"model_config": None})
+    assert artifact_size(encoded, {"model_config": None}) == len(blob)
+    payload = sum(len(s.data) for _, secs in encoded for s in secs)
+    overhead = len(blob) - payload
+    # per-entry estimate: payload exact, manifest share within a few bytes of the real manifest
+    est = sum(entry_nbytes(m, s) for m, s in encoded)
+    assert payload < est < payload + overhead
+    manifest, sections = encode_entry(TensorEntry("w", quant((4, 8), 4), codec=make_codec(CODEC, {})))
+    assert [s.name for s in sections] == ["w:codes", "w:scales"]
+    assert manifest["codes"]["section"] == "w:codes" and manifest["kind"] == "quant"
+
+
+def test_scale_layouts():
+    s = (np.arange(40, dtype=np.float32).reshape(8, 5) / 7 + 1e-3).astype(np.float16)
+    plain = scales_to_bytes(s, "plain")
+    shuf = scales_to_bytes(s, "shuffled")
+    assert plain == s.astype("<f2").tobytes()
+    u16 = s.astype("<f2").view("<u2").reshape(-1)
+    assert shuf == bytes(int(x) >> 8 for x in u16) + bytes(int(x) & 0xFF for x in u16)
+    for lay, data in (("plain", plain), ("shuffled", shuf)):
+        assert scales_from_bytes(data, lay, (8, 5)).tobytes() == s.tobytes()
+
+
+@pytest.mark.skipif(CODEC == "raw", reason="needs a compressing codec")
+def test_auto_scale_layout_keeps_the_smaller():
+    c = make_codec(CODEC, {})
+    q = quant((64, 32), 6)
+    m, secs = encode_entry(TensorEntry("w", q, codec=c, scale_codec=c))
+    chosen = m["scales"]["layout"]
+    sizes = {lay: len(encode_entry(TensorEntry("w", q, codec=c, scale_codec=c, scale_layout=lay))[1][1].data)
+             for lay in ("plain", "shuffled")}
+    assert len(secs[1].data) == min(sizes.values()) == sizes[chosen]
+
+
+def test_writer_refuses_bad_entries():
+    q = quant((4, 8), 4)
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", q), TensorEntry("w", q)])
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("", q)])
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", q, layout="zigzag")])
+    with pytest.raises(QpackError):
+        build_artifact([TensorEntry("w", q, layout="trit")])  # trit holds 2-bit codes only
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("c", torch.zeros(2, dtype=torch.complex64))])
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", q, dtype="int8")])
+    bad = quant((4, 8), 4)
+    bad.scales[0, 0] = np.inf
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", bad)])
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", q, lowrank=(quant((4, 2), 4), quant((3, 8), 4)))])
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", q)], {"model_config": "not a dict"})
+
+
+# ------------------------------------------------------------------------------------------------ corruption
+
+
+def small() -> tuple[bytes, dict[str, torch.Tensor]]:
+    c = make_codec(CODEC, {})
+    es = [TensorEntry("w", quant((8, 24), 4, group_size=8), codec=c, scale_codec=c),
+          TensorEntry("n", torch.linspace(-1, 1, 8).to(torch.bfloat16), codec=c)]
+    return build_artifact(es), {e.name: expected(e) for e in es}
+
+
+def test_every_flipped_byte_and_every_truncation_is_refused():
+    data, want = small()
+    assert 1000 < len(data) < 4000
+    art = loads_artifact(data)
+    assert all(same_tensor(art.tensor(n), t) for n, t in want.items())
+
+    def check(bad: bytes) -> None:
+        try:
+            got = loads_artifact(bad, "m.qpk").tensors()
+        except QpackFormatError as exc:
+            assert str(exc).startswith("m.qpk: ")
+            return
+        # never reached for a checksummed file; if it were, the tensors would have to be the right ones
+        assert all(same_tensor(got[n], t) for n, t in want.items()) and False, "corruption went unnoticed"
+
+    for i in range(len(data)):
+        for mask in (0x01, 0xFF):
+            bad = bytearray(data)
+            bad[i] ^= mask
+            check(bytes(bad))
+    for n in range(len(data)):
+        check(data[:n])
+    check(data + b"\0")
+
+
+def test_resealed_manifest_mutations_never_crash():
+    """Flip each manifest byte and give the file valid checksums: only QpackFormatError may escape."""
+    data, _ = small()
+    (mlen,) = struct.unpack_from("<Q", data, 16)
+    body, payload = data[32 : 32 + mlen], data[32 + mlen : -32]
+    outcomes = {"refused": 0, "loaded": 0}
+    for i in range(len(body)):
+        bad = bytearray(body)
+        bad[i] ^= 0x01
+        head = b"QPACK\x00\r\n" + struct.pack("<IIQI", 1, 0, len(bad), zlib.crc32(bad))
+        out = head + struct.pack("<I", zlib.crc32(head)) + bytes(bad) + payload
+        try:
+            loads_artifact(out + hashlib.sha256(out).digest()).tensors()
+            outcomes["loaded"] += 1  # e.g. a changed letter in a tensor name or a meta string
+        except QpackFormatError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > outcomes["loaded"] > 0
+
+
+def tamper(edit, data: bytes | None = None) -> bytes:
+    manifest, payload = split(data or small()[0])
+    edit(manifest)
+    return seal(manifest, payload)
+
+
+def refused(data: bytes, reason: Reason) -> None:
+    with pytest.raises(QpackFormatError) as info:
+        loads_artifact(data, "m.qpk").tensors()
+    assert info.value.reason == reason, str(info.value)
+
+
+def test_resealed_untouched_is_accepted():
+    data, want = small()
+    got = loads_artifact(tamper(lambda m: None)).tensors()
+    assert all(same_tensor(got[n], t) for n, t in want.items())
+
+
+def _w(m):
+    return m["tensors"][0]
+
+
+@pytest.mark.parametrize(
+    "edit,reason",
+    [
+        (lambda m: _w(m).update(shape=[8, 25]), Reason.LAYOUT),
+        (lambda m: _w(m).update(shape=[16, 12]), Reason.LAYOUT),  # same count, other rows: scales disagree
+        (lambda m: _w(m).update(shape=[8, -24]), Reason.LIMIT),
+        (lambda m: _w(m).update(shape=[8, 24.0]), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(shape=[True, 24]), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(shape=[2**40, 2**40]), Reason.LIMIT),
+        (lambda m: _w(m).update(shape=[1] * 17), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(shape="8x24"), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(bits=9), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(bits=1), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(bits=True), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(bits=4.0), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(group_size=0), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(group_size=4), Reason.LAYOUT),
+        (lambda m: _w(m).update(group_size=100), Reason.LIMIT),
+        (lambda m: _w(m).update(layout="packed"), Reason.LAYOUT),
+        (lambda m: _w(m).update(layout="trit"), Reason.LAYOUT),
+        (lambda m: _w(m).update(layout=["byte"]), Reason.LAYOUT),
+        (lambda m: _w(m).update(scheme="os.system('x')"), Reason.UNKNOWN_SCHEME),
+        (lambda m: _w(m).update(scheme={"module": "x"}), Reason.UNKNOWN_SCHEME),
+        (lambda m: _w(m).update(params=[]), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(dtype="int8"), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(kind="pickle"), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(extra=1), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).pop("lowrank"), Reason.BAD_MANIFEST),
+        (lambda m: _w(m)["scales"].update(layout="zigzag"), Reason.LAYOUT),
+        (lambda m: _w(m)["codes"].update(section="nope"), Reason.BAD_MANIFEST),
+        (lambda m: m["tensors"][1]["data"].update(section="w:codes"), Reason.BAD_MANIFEST),  # used twice
+        (lambda m: _w(m)["codes"].update(codec={"name": "raw", "params": {}}), Reason.BAD_MANIFEST),
+        (lambda m: m["tensors"][1].update(dtype="complex64"), Reason.BAD_MANIFEST),
+        (lambda m: m["tensors"][1].update(dtype="torch.bfloat16"), Reason.BAD_MANIFEST),
+        (lambda m: m["tensors"][1].update(dtype="float32"), Reason.LAYOUT),
+        (lambda m: m["tensors"][1].update(shape=[9]), Reason.LAYOUT),
+        (lambda m: m["tensors"][1].update(name="w"), Reason.BAD_MANIFEST),
+        (lambda m: m["tensors"].pop(), Reason.BAD_MANIFEST),  # its section belongs to nobody
+        (lambda m: m["meta"].update(model_config=[1]), Reason.BAD_MANIFEST),
+    ],
+)
+def test_entry_validation(edit, reason):
+    if CODEC == "raw" and "codec" in getattr(edit, "__code__", None).co_names:
+        pytest.skip("codec disagreement needs a codec other than raw")
+    refused(tamper(edit), reason)
+
+
+def _raw_artifact() -> bytes:
+    return build_artifact([TensorEntry("w", quant((4, 6), 3), scale_layout="plain"),
+                           TensorEntry("b", torch.tensor([True, False]))])
+
+
+def _patch_section(data: bytes, index: int, new: bytes) -> bytes:
+    """Replace section `index` (raw codec) and fix its length, CRC and the following offsets."""
+    manifest, payload = split(data)
+    secs = manifest["sections"]
+    chunks = [payload[s["offset"] : s["offset"] + s["length"]] for s in secs]
+    chunks[index] = new
+    offset = 0
+    for s, c in zip(secs, chunks):
+        s.update(offset=offset, length=len(c), raw_length=len(c), crc32=zlib.crc32(c))
+        offset += len(c)
+    return seal(manifest, b"".join(chunks))
+
+
+def test_code_symbols_out_of_range_are_refused():
+    data = _raw_artifact()
+    manifest, payload = split(data)
+    codes = bytearray(payload[: manifest["sections"][0]["length"]])
+    codes[0] = 7  # 3 bits: symbols 0..6
+    refused(_patch_section(data, 0, bytes(codes)), Reason.LAYOUT)
+
+
+def test_nonfinite_scales_and_bad_bools_are_refused():
+    data = _raw_artifact()
+    refused(_patch_section(data, 1, np.full(4, np.nan, dtype="<f2").tobytes()), Reason.BAD_MANIFEST)
+    refused(_patch_section(data, 2, b"\x01\x02"), Reason.BAD_MANIFEST)
+
+
+def test_lowrank_shape_checked():
+    c = make_codec("raw", {})
+    data = build_artifact([TensorEntry("w", quant((6, 8), 4), codec=c,
+                                       lowrank=(quant((6, 2), 4), quant((2, 8), 4)))])
+    refused(tamper(lambda m: _w(m)["lowrank"].update(rank=3), data), Reason.LAYOUT)
+    refused(tamper(lambda m: _w(m)["lowrank"].update(rank=0), data), Reason.LAYOUT)
+    refused(tamper(lambda m: _w(m)["lowrank"]["a"].update(shape=[6, 3]), data), Reason.LAYOUT)
+    refused(tamper(lambda m: _w(m).update(lowrank={"rank": 2}), data), Reason.BAD_MANIFEST)
+
+
+def test_missing_tensor_name_is_a_plain_error():
+    art = loads_artifact(small()[0])
+    with pytest.raises(QpackError):
+        art.quantized("nope")
+
+
+def test_dtype_allowlist_matches_torch():
+    for name, (td, np_dtype) in DTYPES.items():
+        assert torch.empty(0, dtype=td).element_size() == np.dtype(np_dtype).itemsize, name
