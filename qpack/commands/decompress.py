@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -13,8 +14,8 @@ _SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @click.command("decompress")
-@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="output checkpoint: .pt/.pth/.bin (torch) or .safetensors")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
@@ -32,9 +33,14 @@ def command(artifact: Path, output: Path, as_json: bool, quiet: bool) -> None:
         raise QpackInputError(f"{output}: output must end in {', '.join(_SUFFIXES)}")
     if output.exists() and artifact.exists() and os.path.samefile(output, artifact):
         raise QpackInputError(f"{output}: refusing to overwrite the input artifact")
+    if output.is_dir():
+        raise QpackInputError(f"{output}: is a directory; give a file name ending in .pt or .safetensors")
+    if not output.parent.is_dir():
+        raise QpackInputError(f"{output}: directory {output.parent} does not exist")
     art = read_artifact(artifact)
     names = art.names()
-    bar = (lambda it, desc, total: it) if quiet or as_json else progress_bar
+    # bars only on a terminal: a log or a pipe gets the one-line summary and nothing else
+    bar = progress_bar if sys.stderr.isatty() and not (quiet or as_json) else (lambda it, desc, total: it)
     state = {name: art.tensor(name) for name in bar(names, "dequantize", len(names))}
     save_state_dict(output, state, art.model_config)
     params = sum(t.numel() for t in state.values())

@@ -69,7 +69,7 @@ def report(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
 
 
 @click.command("inspect")
-@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("--verify", is_flag=True, help="also decode every tensor (checksums are always verified)")
 def command(artifact: Path, as_json: bool, verify: bool) -> None:
