@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the model (worth it on CUDA only)
+    threads: int = 0  # torch CPU threads (0 = torch's default); 1 avoids thrashing on a busy machine
     log_every: int = 10  # a log line every N steps
     val_every: int = 0  # val loss/bpb every N steps (0 = only at the end)
     val_tokens: int = 262144  # val tokens scored each time (0 = the whole val split)
@@ -163,7 +164,7 @@ def check_config(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise QpackInputError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("max_seconds", "warmup_steps", "global_batch_tokens", "val_every", "val_tokens", "ckpt_every",
+    for key in ("max_seconds", "warmup_steps", "threads", "global_batch_tokens", "val_every", "val_tokens", "ckpt_every",
                 "stop_after", "weight_decay", "grad_clip", "qat_group_size", "crownq_lambda"):
         if getattr(cfg, key) < 0:
             raise QpackInputError(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -293,7 +294,7 @@ def evaluate(model: GPT, val: np.ndarray, cfg: TrainConfig, device, autocast, lu
         y = torch.from_numpy(seqs[:, 1:]).to(device)
         with autocast():
             logits = model(x)
-        nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum").double()
+        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").double()
         count += y.numel()
         if luts is not None:
             from qpack.data.tokenizer import count_bytes
@@ -385,6 +386,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] | None = None):
         check_config(cfg)
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.echo = log or (lambda s: print(s, flush=True))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
