@@ -1,0 +1,331 @@
+"""corpus -> tokenizer -> golf shards + manifest.json, idempotently; `ensure_data` is what trainers call.
+
+A data dir holds `tokenizer.model`, `NAME_train_NNNNNN.bin`, `NAME_val_NNNNNN.bin` and `manifest.json`.
+The manifest is written last, so a dir with a manifest whose files all check out is a complete build.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import QpackError, QpackFormatError, QpackInputError, Reason
+from . import corpus as corpus_mod
+from .shards import BOS_ID, _atomic_write, find_shards, read_header, shard_name, write_shard
+from .tokenizer import (TRAINER_SETTINGS, byte_counting, count_bytes, encode_documents, tokenizer_settings,
+                        train_tokenizer)
+
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.model"
+DATA_FORMAT = "qpack-data"
+DATA_VERSION = 1
+DEFAULT_NAME = "qpack"
+DEFAULT_VOCAB = 1024
+DEFAULT_VAL_FRACTION = 0.02
+DEFAULT_SHARD_TOKENS = 10_000_000
+_ENCODE_BATCH = 512  # documents per encode call: large enough for threads, small enough for a live progress bar
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"qpack data: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Where a data dir's parts are; tokenizer/manifest are None for foreign shards without them."""
+
+    root: Path
+    tokenizer: Path | None
+    train: list[Path]
+    val: list[Path]
+    manifest: Path | None
+    manifest_hash: str | None
+
+
+@dataclass
+class BuildResult:
+    paths: DataPaths
+    manifest: dict
+    reused: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys, no spaces: the bytes that manifest hashes are taken over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def manifest_hash(manifest: dict) -> str:
+    """sha256 of the manifest without its own `manifest_hash` field; checkpoints record it."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def build_settings(corpus: Sequence[str | os.PathLike] | None = None, vocab: int = DEFAULT_VOCAB,
+                   val_fraction: float = DEFAULT_VAL_FRACTION, max_bytes: int | None = None,
+                   shard_tokens: int = DEFAULT_SHARD_TOKENS, name: str = DEFAULT_NAME) -> dict:
+    """Everything a build's output depends on; two builds with equal settings give identical files."""
+    if corpus:
+        spec = []
+        for p in corpus:
+            path = Path(p)
+            try:
+                spec.append({"file": path.name, "sha256": corpus_mod._sha256_file(path)})
+            except OSError as exc:
+                raise QpackFormatError(path, Reason.IO, f"cannot read corpus file: {exc.strerror or exc}") from None
+    else:
+        spec = {"debian": sorted(corpus_mod.DEBIAN_SOURCES)}
+    return {"corpus": spec, "vocab": int(vocab), "val_fraction": float(val_fraction),
+            "max_bytes": None if max_bytes is None else int(max_bytes), "shard_tokens": int(shard_tokens),
+            "name": name, "cleaner": corpus_mod.CLEANER_VERSION, "trainer": dict(TRAINER_SETTINGS)}
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The manifest of a data dir, or None when there is none; a corrupt one raises QpackFormatError."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QpackFormatError(path, Reason.BAD_MANIFEST, f"unreadable data manifest ({exc}); rebuild with --force")
+    if not isinstance(manifest, dict) or manifest.get("format") != DATA_FORMAT:
+        raise QpackFormatError(path, Reason.BAD_MANIFEST, "not a qpack data manifest; rebuild with --force")
+    return manifest
+
+
+def _complete(out_dir: Path, manifest: dict) -> bool:
+    """Whether every file the manifest lists is present with the recorded token counts."""
+    try:
+        tok = out_dir / manifest["tokenizer"]["file"]
+        if not tok.is_file() or corpus_mod._sha256_file(tok) != manifest["tokenizer"]["sha256"]:
+            return False
+        for split in ("train", "val"):
+            for shard in manifest["splits"][split]["shards"]:
+                if read_header(out_dir / shard["file"]) != shard["tokens"]:
+                    return False
+        return manifest.get("manifest_hash") == manifest_hash(manifest)
+    except (KeyError, TypeError, QpackError, OSError):
+        return False
+
+
+def _paths_from_manifest(out_dir: Path, manifest: dict) -> DataPaths:
+    return DataPaths(root=out_dir, tokenizer=out_dir / manifest["tokenizer"]["file"],
+                     train=[out_dir / s["file"] for s in manifest["splits"]["train"]["shards"]],
+                     val=[out_dir / s["file"] for s in manifest["splits"]["val"]["shards"]],
+                     manifest=out_dir / MANIFEST_NAME, manifest_hash=manifest["manifest_hash"])
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path):
+    """One builder per data dir at a time (torchrun ranks may all call ensure_data)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build.lock", "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # no flock on this platform: builds are still atomic, just not serialized
+            pass
+        yield
+
+
+def _load_corpus(corpus: Sequence[str | os.PathLike] | None, cache: Path, log: Log) -> corpus_mod.Corpus:
+    if corpus:
+        return corpus_mod.file_corpus(corpus)
+    try:
+        return corpus_mod.debian_corpus(cache, log=log)
+    except corpus_mod.AptUnavailable as exc:
+        fallback = corpus_mod.python_corpus()
+        log(f"{exc}")
+        log(f"{fallback.note}")
+        return fallback
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="doc", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def build_data(out_dir: str | os.PathLike = "data", corpus: Sequence[str | os.PathLike] | None = None,
+               vocab: int = DEFAULT_VOCAB, val_fraction: float = DEFAULT_VAL_FRACTION,
+               max_bytes: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, name: str = DEFAULT_NAME,
+               force: bool = False, progress: bool = True, log: Log | None = None,
+               cache_dir: str | os.PathLike | None = None) -> BuildResult:
+    """Build (or reuse, when settings match and files check out) the data dir; returns its paths and manifest."""
+    log = log or _stderr
+    out = Path(out_dir)
+    settings = build_settings(corpus, vocab, val_fraction, max_bytes, shard_tokens, name)
+    if shard_tokens < 1:
+        raise QpackInputError(f"--shard-tokens must be positive, got {shard_tokens}")
+    with _build_lock(out):
+        old = read_manifest(out) if not force else None
+        if old is not None and old.get("settings") == settings and _complete(out, old):
+            log(f"{out} already holds a complete build with these settings; reusing it")
+            return BuildResult(_paths_from_manifest(out, old), old, reused=True)
+        foreign = _foreign_shards(out)
+        if foreign:
+            raise QpackInputError(f"{out} holds shards that qpack did not build ({foreign[0].name}, ...); "
+                                  "use another --out so they are not mixed or overwritten")
+        return _build(out, settings, corpus, Path(cache_dir) if cache_dir else out / "cache", progress, log)
+
+
+def _build(out: Path, settings: dict, corpus, cache: Path, progress: bool, log: Log) -> BuildResult:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    source = _load_corpus(corpus, cache, log)
+    docs = corpus_mod.cap_bytes(corpus_mod.dedupe(source.docs), settings["max_bytes"])
+    train_docs, val_docs = corpus_mod.split_train_val(docs, settings["val_fraction"])
+    timings["corpus_s"] = time.perf_counter() - t0
+
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        t = time.perf_counter()
+        log(f"training a {settings['vocab']}-piece BPE tokenizer on {len(train_docs)} documents")
+        sp = train_tokenizer((d.text for d in train_docs), staging / TOKENIZER_NAME, settings["vocab"])
+        timings["tokenizer_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        splits = {}
+        counting = byte_counting(sp)
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            splits[split] = _encode_split(sp, split, split_docs, staging, settings, counting, progress)
+        timings["encode_s"] = time.perf_counter() - t
+
+        tok_info = tokenizer_settings(sp)
+        manifest = {
+            "format": DATA_FORMAT, "version": DATA_VERSION, "name": settings["name"], "dtype": "uint16",
+            "bos_id": BOS_ID, "settings": settings, "sources": source.sources, "note": source.note,
+            "tokenizer": {"file": TOKENIZER_NAME, "sha256": corpus_mod._sha256_file(staging / TOKENIZER_NAME),
+                          **tok_info},
+            "splits": splits,
+            "libraries": {"sentencepiece": _version("sentencepiece")},
+        }
+        manifest["manifest_hash"] = manifest_hash(manifest)
+        _install(staging, out, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - t0
+    return BuildResult(_paths_from_manifest(out, manifest), manifest, reused=False, timings=timings)
+
+
+def _encode_split(sp, split: str, docs, staging: Path, settings: dict, counting, progress: bool) -> dict:
+    """Encode documents as [BOS, ids...], cut the stream into shards, and count tokens and bytes."""
+    pieces: list[np.ndarray] = []
+    text_bytes = counted = 0
+    luts, mode = counting
+    with _progress(len(docs), f"encode {split}", progress) as bar:
+        for start in range(0, len(docs), _ENCODE_BATCH):
+            batch = docs[start:start + _ENCODE_BATCH]
+            for doc, ids in zip(batch, encode_documents(sp, [d.text for d in batch])):
+                stream = np.concatenate([[BOS_ID], ids]).astype(np.int64)
+                pieces.append(stream)
+                text_bytes += len(doc.text.encode("utf-8"))
+                counted += count_bytes(stream[1:], stream[:-1], luts, mode)
+            bar.update(len(batch))
+    if counted != text_bytes:  # bpb would divide by the wrong number: refuse rather than mislead
+        raise QpackError(f"tokenizer byte count {counted} differs from the {split} text's {text_bytes} bytes; "
+                         "the tokenizer does not round-trip this corpus")
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    shards = []
+    step = settings["shard_tokens"]
+    for k, lo in enumerate(range(0, max(len(tokens), 1), step)):
+        fname = shard_name(settings["name"], split, k)
+        write_shard(staging / fname, tokens[lo:lo + step])
+        shards.append({"file": fname, "tokens": int(min(step, len(tokens) - lo)),
+                       "sha256": corpus_mod._sha256_file(staging / fname)})
+    return {"docs": len(docs), "bytes": text_bytes, "tokens": int(len(tokens)), "shards": shards}
+
+
+def _our_shards(out: Path) -> list[Path]:
+    """Shards the current manifest lists (only those may be replaced by a rebuild)."""
+    try:
+        old = read_manifest(out)
+    except QpackFormatError:
+        old = None
+    try:
+        return [out / s["file"] for split in ("train", "val") for s in old["splits"][split]["shards"]] if old else []
+    except (KeyError, TypeError):
+        return []
+
+
+def _foreign_shards(out: Path) -> list[Path]:
+    """Shard files in `out` that no qpack manifest there accounts for."""
+    ours = set(_our_shards(out))
+    found = []
+    for split in ("train", "val"):
+        try:
+            found += [p for p in find_shards(out, split) if p not in ours]
+        except QpackError:  # none, or several prefixes: list them all by pattern below
+            found += [p for p in out.glob(f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin") if p not in ours]
+    return sorted(set(found))
+
+
+def _install(staging: Path, out: Path, manifest: dict) -> None:
+    """Replace the old build's files with the staged ones; the manifest goes in last."""
+    stale = _our_shards(out)
+    old = out / MANIFEST_NAME
+    if old.exists():
+        old.unlink()  # from here until the new manifest lands, the dir reads as incomplete
+    for p in stale:
+        p.unlink(missing_ok=True)
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out / f.name)
+    _atomic_write(old, [json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"])
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def ensure_data(out_dir: str | os.PathLike = "data", corpus: Sequence[str | os.PathLike] | None = None,
+                vocab: int | None = None, val_fraction: float | None = None, max_bytes: int | None = None,
+                progress: bool = True, log: Log | None = None) -> DataPaths:
+    """Paths of a usable data dir, building it only when missing (or when a given setting differs).
+
+    A dir of foreign shards without a manifest (parameter-golf's fineweb data) is used as it is; its
+    tokenizer is `tokenizer.model` or the only `*.model` file there, else None (pass --tokenizer).
+    """
+    log = log or _stderr
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    if manifest is not None and _complete(out, manifest):
+        s = manifest.get("settings", {})
+        wanted = {"vocab": vocab, "val_fraction": val_fraction, "max_bytes": max_bytes}
+        same = all(v is None or s.get(k) == v for k, v in wanted.items())
+        if corpus:
+            same = same and s.get("corpus") == build_settings(corpus)["corpus"]
+        if same:
+            return _paths_from_manifest(out, manifest)
+    elif manifest is None and out.is_dir() and corpus is None and vocab is None:
+        try:
+            train, val = find_shards(out, "train"), find_shards(out, "val")
+        except QpackError:
+            train = val = []
+        if train and val:
+            models = sorted(out.glob("*.model"))
+            tok = out / TOKENIZER_NAME if (out / TOKENIZER_NAME).is_file() else (models[0] if len(models) == 1
+                                                                                  else None)
+            return DataPaths(out, tok, train, val, None, None)
+    result = build_data(out, corpus=corpus, vocab=vocab or DEFAULT_VOCAB,
+                        val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+                        max_bytes=max_bytes, progress=progress, log=log)
+    return result.paths
