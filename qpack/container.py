@@ -441,6 +441,7 @@ def parse_container(data: bytes, path: str | os.PathLike = "<bytes>") -> Contain
     if not isinstance(tensors, list) or not all(isinstance(t, dict) for t in tensors):
         raise QpackFormatError(path, Reason.BAD_MANIFEST, "manifest 'tensors' must be a list of objects")
     sections = _parse_sections(path, manifest["sections"])
+    codecs = {s.name: _check_codec_spec(path, s.codec, f"section {s.name!r}") for s in sections}
     payload = sum(s.length for s in sections)
     expected = HEADER_SIZE + manifest_len + payload + TRAILER_SIZE
     if size < expected:
@@ -449,7 +450,6 @@ def parse_container(data: bytes, path: str | os.PathLike = "<bytes>") -> Contain
     if size > expected:
         raise QpackFormatError(path, Reason.TRAILING, f"{size - expected} unexpected bytes after the end of the "
                                f"artifact ({expected} bytes)")
-    codecs = {s.name: _check_codec_spec(path, s.codec, f"section {s.name!r}") for s in sections}
     base = HEADER_SIZE + manifest_len
     view = memoryview(data)
     for s in sections:
