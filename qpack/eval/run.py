@@ -115,7 +115,7 @@ def load_val(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = 
              max_tokens: int | None = None) -> ValData:
     """Load the val split of a data directory and count bytes with its tokenizer (default DIR/tokenizer.model)."""
     from ..data.shards import load_split
-    from ..data.tokenizer import byte_luts, load_tokenizer, space_after_boundary_counts
+    from ..data.tokenizer import byte_counting, load_tokenizer
 
     tok_path = Path(tokenizer) if tokenizer is not None else Path(data_dir) / "tokenizer.model"
     sp = load_tokenizer(tok_path)
@@ -127,7 +127,8 @@ def load_val(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = 
         tokens = tokens[: max_tokens + 1]
     if tokens.size < 2:
         raise QpackFormatError(data_dir, Reason.TRUNCATED, f"the val split holds {tokens.size} tokens; need at least 2")
-    nbytes = bpb.target_bytes(tokens, byte_luts(sp), space_after_boundary_counts(sp))
+    luts, space_counts = byte_counting(sp, vocab)
+    nbytes = bpb.target_bytes(tokens, luts, space_counts)
     return ValData(tokens, nbytes, str(tok_path), vocab)
 
 
