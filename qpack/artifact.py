@@ -372,7 +372,7 @@ class Artifact:
             self._fail(Reason.BAD_MANIFEST, f"{where}: params must be an object")
         gs = e["group_size"]
         if gs is not None:
-            check_uint(self.path, gs, f"{where}: group_size", max(cols, 1))
+            check_uint(self.path, gs, f"{where}: group_size", MAX_DIM)  # may exceed cols: one group
             if gs == 0:
                 self._fail(Reason.BAD_MANIFEST, f"{where}: group_size must be positive or null")
         layout = e["layout"]

@@ -334,7 +334,7 @@ def _w(m):
         (lambda m: _w(m).update(bits=4.0), Reason.BAD_MANIFEST),
         (lambda m: _w(m).update(group_size=0), Reason.BAD_MANIFEST),
         (lambda m: _w(m).update(group_size=4), Reason.LAYOUT),
-        (lambda m: _w(m).update(group_size=100), Reason.LIMIT),
+        (lambda m: _w(m).update(group_size=2**41), Reason.LIMIT),
         (lambda m: _w(m).update(layout="packed"), Reason.LAYOUT),
         (lambda m: _w(m).update(layout="trit"), Reason.LAYOUT),
         (lambda m: _w(m).update(layout=["byte"]), Reason.LAYOUT),
@@ -404,6 +404,12 @@ def test_lowrank_shape_checked():
     refused(tamper(lambda m: _w(m)["lowrank"].update(rank=0), data), Reason.LAYOUT)
     refused(tamper(lambda m: _w(m)["lowrank"]["a"].update(shape=[6, 3]), data), Reason.LAYOUT)
     refused(tamper(lambda m: _w(m).update(lowrank={"rank": 2}), data), Reason.BAD_MANIFEST)
+
+
+def test_group_larger_than_the_row_round_trips():
+    q = quant((3, 10), 4, group_size=64)
+    got = loads_artifact(build_artifact([TensorEntry("w", q)])).quantized("w")
+    assert got.group_size == 64 and got.scales.shape == (3, 1) and np.array_equal(got.q, q.q)
 
 
 def test_missing_tensor_name_is_a_plain_error():
