@@ -13,9 +13,9 @@ __all__ = ["__version__", "BudgetError", "QpackError", "QpackFormatError", "Qpac
 
 def load(path, *, device: str = "cpu"):
     """Read a .qpk artifact and return its tensors dequantized: dict[str, torch.Tensor]."""
-    from .artifact import load_tensors
+    from .statedict import load as _load
 
-    return load_tensors(path, device=device)
+    return _load(path, device=device)
 
 
 def compress(source, output, **options):

@@ -41,7 +41,8 @@ class CompressConfig:
     lqer_rank: int = 0  # rank of the low-rank error correction (0: off)
     lqer_top: int = 0  # number of tensors (largest error) that get it
     code_bytes: int = 0  # bytes of code shipped beside the artifact (counted against the budget)
-    sdclip_k: tuple[float, ...] = ()  # extra SDClip candidates (k values) in "search" mode
+    sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
+    chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,9 +53,9 @@ class CompressConfig:
         if not MIN_BITS <= self.fixed_bits <= MAX_BITS:
             raise QpackInputError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.fixed_bits}")
         if self.scheme not in ("auto", "search"):
-            QUANTIZERS_names = _schemes()
-            if self.scheme not in QUANTIZERS_names:
-                raise QpackInputError(f"unknown scheme {self.scheme!r}; known: auto, search, {', '.join(QUANTIZERS_names)}")
+            known = _schemes()
+            if self.scheme not in known:
+                raise QpackInputError(f"unknown scheme {self.scheme!r}; known: auto, search, {', '.join(known)}")
         if self.passthrough_dtype not in ("fp16", "fp32"):
             raise QpackInputError(f"passthrough dtype must be fp16 or fp32, got {self.passthrough_dtype!r}")
         if self.group_size is not None and self.group_size <= 0:
@@ -275,98 +276,111 @@ def compress(
         fixed[n] = enc.best_entry(n, _passthrough_tensor(sd[n], cfg.passthrough_dtype))
     stages["passthrough"] = time.perf_counter() - t1
 
-    # Candidates per quantizable tensor.
+    # Candidates per quantizable tensor, measured per block of rows: rows quantize independently (GPTQ too),
+    # so each block can take its own width, which gives the solver fine steps to fill the budget with.
     t1 = time.perf_counter()
     choices: list[Choices] = []
+    row_splits: dict[str, dict] = {}
+    part_rows: dict[str, tuple[str, int, int]] = {}
     widths = cfg.bits if cfg.budget is not None else (cfg.fixed_bits,)
     for n in progress(quant_names, "quantize", len(quant_names)):
         w = sd[n].detach().to(torch.float32)
         h = hessians.get(n)
-        cands = []
+        blocks = row_blocks(w.shape[0], w.numel(), cfg.chunk_numel if cfg.budget is not None else 0)
+        parts = [n if len(blocks) == 1 else f"{n}#rows{r0}-{r1}" for r0, r1 in blocks]
+        part_rows.update({part: (n, r0, r1) for part, (r0, r1) in zip(parts, blocks)})
+        if len(blocks) > 1:
+            row_splits[n] = {"parts": parts, "shape": list(w.shape)}
+        cands: list[list[Candidate]] = [[] for _ in blocks]
         for scheme, params_ in _schemes_for(cfg, h is not None):
             for bits in widths:
                 q = make_quantizer(scheme, bits, cfg.group_size, **params_).quantize(w, h)
-                wq = q.dequantize()
-                loss = estimate_loss(w, wq, h)
-                e, me, secs, nbytes = enc.entry(n, q, enc.primary)
-                cands.append(Candidate(f"{scheme}/int{bits}", nbytes, loss,
-                                       data={"q": q, "rel": _rel_error(w, wq), "scheme": scheme, "bits": bits}))
+                for k, ((r0, r1), part) in enumerate(zip(blocks, parts)):
+                    qk = q if len(blocks) == 1 else slice_rows(q, r0, r1)
+                    cands[k].append(_candidate(enc, part, w[r0:r1], qk, h, f"{scheme}/int{bits}", scheme, bits))
         if cfg.budget is not None and cfg.fp16_candidate:
-            t16 = w.to(torch.float16)
-            e, me, secs, nbytes = enc.entry(n, t16.contiguous(), enc.primary)
-            cands.append(Candidate("fp16", nbytes, estimate_loss(w, t16.float(), h),
-                                   data={"q": t16.contiguous(), "rel": _rel_error(w, t16.float()), "scheme": "fp16", "bits": None}))
-        choices.append(Choices(n, cands))
+            for k, ((r0, r1), part) in enumerate(zip(blocks, parts)):
+                t16 = w[r0:r1].to(torch.float16).contiguous()
+                cands[k].append(_candidate(enc, part, w[r0:r1], t16, h, "fp16", "fp16", None))
+        choices.extend(Choices(part, c) for part, c in zip(parts, cands))
     stages["quantize"] = time.perf_counter() - t1
+    part_names = [ch.name for ch in choices]
 
     meta = {
         "qpack_version": __version__,
         "model_config": model_config,
         "aliases": dict(sorted(aliases.items())),
+        "row_splits": row_splits,
+        "order": list(sd),
         "source": extra_meta or {},
     }
 
     code = cfg.code_bytes
-    fixed_bytes = sum(v[3] for v in fixed.values())
-    t1 = time.perf_counter()
-    if cfg.budget is None:
-        pick = [0] * len(choices)
-    else:
-        overhead = _overhead_estimate(meta, names)
-        capacity = cfg.budget - code - fixed_bytes - overhead
-        floor = min_bytes(choices) + fixed_bytes + overhead + code
-        if capacity < min_bytes(choices):
-            raise BudgetError(
-                f"budget {cfg.budget:,} bytes is below the smallest reachable size, about {floor:,} bytes "
-                f"({code:,} of them code); raise --budget or allow fewer bits",
-                min_bytes=floor,
-            )
-        pick = solve(choices, capacity)
-    stages["solve"] = time.perf_counter() - t1
+    # Start from the cheapest candidate everywhere: its build gives the exact smallest reachable size.
+    pick = [min(range(len(ch.candidates)), key=lambda i: (ch.candidates[i].nbytes, i)) for ch in choices]
 
-    # Final encoding: each chosen tensor with its best codec; LQER on the largest errors; then measure the
-    # whole artifact and, if the manifest pushed it over, tighten and solve again.
+    # Final encoding: each chosen tensor with its best codec, LQER on the largest errors, then the whole
+    # artifact measured. The first pass learns the real manifest overhead; later passes re-solve with it and
+    # tighten by any overshoot, so the written file is never over the budget and rarely far under it.
     t1 = time.perf_counter()
-    for attempt in range(6):
+    cache: dict[tuple[str, int], tuple] = {}
+    blob, total, best = b"", 0, None
+    for attempt in range(8):
         chosen = {ch.name: ch.candidates[i] for ch, i in zip(choices, pick)}
-        lowranks = _lqer(cfg, sd, chosen)
+        lowranks = _lqer(cfg, lambda part: sd[part_rows[part][0]].float()[part_rows[part][1]:part_rows[part][2]], chosen)
         entries = {}
-        for n in progress(quant_names, "encode", len(quant_names)):
-            c = chosen[n]
-            entries[n] = enc.best_entry(n, c.data["q"], lowranks.get(n)) if len(enc.codecs) > 1 or n in lowranks \
-                else enc.entry(n, c.data["q"], enc.primary)
-        ordered = [(entries[n] if n in entries else fixed[n]) for n in names]
+        for t_idx, n in enumerate(part_names):
+            key = (n, pick[t_idx])
+            if key not in cache or n in lowranks:
+                c = chosen[n]
+                got = enc.best_entry(n, c.data["q"], lowranks.get(n))
+                if n in lowranks:
+                    entries[n] = got
+                    continue
+                cache[key] = got
+            entries[n] = cache[key]
+        ordered = [fixed[n] for n in pass_names] + [entries[n] for n in part_names]
         blob = _build(ordered, meta)
         total = len(blob) + code
-        if cfg.budget is None or total <= cfg.budget:
+        if cfg.budget is None:
+            best = (blob, total, chosen, entries, lowranks)
             break
-        over = total - cfg.budget
-        capacity = sum(ch.candidates[i].nbytes for ch, i in zip(choices, pick)) - over - 64 * (attempt + 1)
-        if capacity < min_bytes(choices):
+        if attempt == 0 and total > cfg.budget:
             raise BudgetError(
-                f"budget {cfg.budget:,} bytes is below the smallest reachable size, about {total - over + min_bytes(choices) - capacity:,} bytes",
+                f"budget {cfg.budget:,} bytes is below the smallest reachable size, {total:,} bytes "
+                f"({code:,} of them code, every tensor at its fewest bits); raise --budget",
                 min_bytes=total,
             )
-        pick = solve(choices, capacity)
-    else:  # pragma: no cover - the loop tightens by the overshoot each time
-        raise BudgetError(f"could not fit the budget of {cfg.budget:,} bytes after 6 attempts", min_bytes=total)
+        if total <= cfg.budget and (best is None or total > best[1]):
+            best = (blob, total, chosen, entries, lowranks)
+        if total <= cfg.budget and total >= cfg.budget - max(64, cfg.budget // 500):
+            break
+        # Bytes outside the solver's view: manifest, header, trailer, code, codec swaps, LQER factors.
+        solved = sum(ch.candidates[i].nbytes for ch, i in zip(choices, pick))
+        capacity = cfg.budget - (total - solved) - 32 * attempt
+        new_pick = solve(choices, max(capacity, min_bytes(choices)))
+        if new_pick == pick:
+            break
+        pick = new_pick
+    if best is None:
+        raise BudgetError(f"could not fit the budget of {cfg.budget:,} bytes (last try {total:,})", min_bytes=total)
+    blob, total, chosen, entries, lowranks = best
     stages["encode"] = time.perf_counter() - t1
 
     if cfg.budget is not None and total > cfg.budget:  # never write an artifact over the budget
         raise BudgetError(f"internal: artifact of {total:,} bytes exceeds the budget {cfg.budget:,}", min_bytes=total)
 
     reports = []
-    for n in names:
-        if n in entries:
-            c = chosen[n]
-            e = entries[n]
-            reports.append(TensorReport(n, tuple(sd[n].shape), c.data["scheme"] + ("+lqer" if n in lowranks else ""),
-                                        c.data["bits"], e[0].codec.label(), e[3], c.data["rel"], c.loss))
-        else:
-            e = fixed[n]
-            t = e[0].payload
-            reports.append(TensorReport(n, tuple(sd[n].shape), "passthrough", None, e[0].codec.label(), e[3],
-                                        _rel_error(sd[n].double(), t.double()) if t.is_floating_point() else 0.0, 0.0))
+    for n in pass_names:
+        e = fixed[n]
+        t = e[0].payload
+        err = _rel_error(sd[n].double(), t.double()) if t.is_floating_point() else 0.0
+        reports.append(TensorReport(n, tuple(sd[n].shape), "passthrough", None, e[0].codec.label(), e[3], err, 0.0))
+    for n in part_names:
+        c, e = chosen[n], entries[n]
+        shape = tuple(c.data["q"].shape)
+        reports.append(TensorReport(n, shape, c.data["scheme"] + ("+lqer" if n in lowranks else ""),
+                                    c.data["bits"], e[0].codec.label(), e[3], c.data["rel"], c.loss))
 
     out = None
     if output is not None and not dry_run:
@@ -376,6 +390,31 @@ def compress(
         out = os.fspath(output)
     return CompressResult(total, len(blob), code, cfg.budget, params, reports, time.perf_counter() - t0, out,
                           dry_run, stages)
+
+
+def row_blocks(rows: int, numel: int, chunk_numel: int, max_blocks: int = 8) -> list[tuple[int, int]]:
+    """Split `rows` into up to `max_blocks` near-equal blocks of about `chunk_numel` elements (0: one block)."""
+    if chunk_numel <= 0 or rows < 2:
+        return [(0, rows)]
+    k = max(1, min(max_blocks, rows, numel // chunk_numel))
+    edges = [rows * i // k for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
+    """Rows r0:r1 of a quantized tensor, as a quantized tensor of its own."""
+    shape = (r1 - r0,) + tuple(q.shape[1:]) if len(q.shape) > 1 else (r1 - r0, q.q.shape[1])
+    return Quantized(np.ascontiguousarray(q.q[r0:r1]), np.ascontiguousarray(q.scales[r0:r1]), shape, q.bits,
+                     q.scheme, q.group_size, dict(q.params))
+
+
+def _candidate(enc: "_Encoder", part: str, w: torch.Tensor, payload, h, label: str, scheme: str, bits) -> Candidate:
+    """Measure one encoding of one block: exact bytes with the primary codec, estimated loss."""
+    wq = payload.dequantize() if isinstance(payload, Quantized) else payload.float()
+    wq = wq.reshape(w.shape)
+    nbytes = enc.entry(part, payload, enc.primary)[3]
+    return Candidate(label, nbytes, estimate_loss(w, wq, h),
+                     data={"q": payload, "rel": _rel_error(w, wq), "scheme": scheme, "bits": bits})
 
 
 def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict]]:
@@ -388,11 +427,13 @@ def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict
         return out
     if cfg.scheme == "gptq" and not has_hessian:
         return [("gptq_lite", {})]
+    if cfg.scheme == "sdclip" and cfg.sdclip_k:
+        return [("sdclip", {"k": k}) for k in cfg.sdclip_k]
     return [(cfg.scheme, {})]
 
 
-def _lqer(cfg: CompressConfig, sd: dict[str, torch.Tensor], chosen: dict[str, Candidate]) -> dict[str, tuple]:
-    """Low-rank error factors for the `lqer_top` quantized tensors with the largest estimated loss."""
+def _lqer(cfg: CompressConfig, weight_of: Callable[[str], torch.Tensor], chosen: dict[str, Candidate]) -> dict[str, tuple]:
+    """Low-rank error factors for the `lqer_top` quantized blocks with the largest estimated loss."""
     if cfg.lqer_rank <= 0 or cfg.lqer_top <= 0:
         return {}
     from .quant.lqer import fit_lqer
@@ -401,17 +442,10 @@ def _lqer(cfg: CompressConfig, sd: dict[str, torch.Tensor], chosen: dict[str, Ca
     quant.sort(key=lambda nc: (-nc[1].loss, nc[0]))
     out = {}
     for n, c in quant[: cfg.lqer_top]:
-        w = as_matrix(sd[n])
+        w = as_matrix(weight_of(n))
         rank = min(cfg.lqer_rank, *w.shape)
         out[n] = fit_lqer(w, as_matrix(c.data["q"].dequantize()), rank)
     return out
-
-
-def _overhead_estimate(meta: dict, names: list[str]) -> int:
-    """Header, trailer and manifest bytes, estimated generously before the real build measures them."""
-    import json
-
-    return 4096 + len(json.dumps(meta)) + 400 * len(names)
 
 
 def _build(entries: list[tuple], meta: dict) -> bytes:

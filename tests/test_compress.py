@@ -1,0 +1,142 @@
+"""qpack compress on synthetic state dicts: budgets respected, exact loads, determinism, clear errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import qpack
+from qpack.artifact import read_artifact
+from qpack.cli import main
+from qpack.compress import CompressConfig, compress, find_aliases
+from qpack.errors import BudgetError, QpackInputError
+
+
+def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "emb.weight": torch.randn(256, 64, generator=g) * 0.02,
+        "blocks.0.attn.weight": torch.randn(192, 64, generator=g) * 0.05,
+        "blocks.0.mlp.up.weight": torch.randn(256, 64, generator=g) * 0.05,
+        "blocks.0.mlp.down.weight": torch.randn(64, 256, generator=g) ** 3 * 0.02,  # heavy-tailed
+        "blocks.0.norm.weight": torch.ones(64),
+        "step": torch.tensor(7),
+    }
+    sd["head.weight"] = sd["emb.weight"]  # tied, as GPTs do
+    return sd
+
+
+def _cfg(**kw) -> CompressConfig:
+    base = dict(codecs=("ans",), min_numel=1024, chunk_numel=4096)
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+def test_aliases_found():
+    sd = _state_dict()
+    assert find_aliases(sd) == {"head.weight": "emb.weight"}
+
+
+@pytest.mark.parametrize("budget", [30_000, 45_000, 70_000, 100_000])
+def test_budget_respected_and_tight(tmp_path, budget):
+    out = tmp_path / "m.qpk"
+    res = compress(_state_dict(), out, _cfg(budget=budget))
+    size = out.stat().st_size
+    assert size == res.bytes_total <= budget
+    # Reachable budgets are filled to within 2%.
+    assert size >= 0.98 * budget
+
+
+def test_bigger_budget_means_lower_error(tmp_path):
+    errs = []
+    for budget in (30_000, 50_000, 90_000):
+        res = compress(_state_dict(), tmp_path / f"{budget}.qpk", _cfg(budget=budget))
+        errs.append(sum(t.est_loss for t in res.tensors))
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_load_returns_exact_dequantized_tensors(tmp_path):
+    sd = _state_dict()
+    out = tmp_path / "m.qpk"
+    compress(sd, out, _cfg(budget=50_000))
+    art = read_artifact(out)
+    loaded = qpack.load(out)
+    assert list(loaded) == list(sd)
+    splits = art.meta["row_splits"]
+    assert splits, "with chunk_numel=4096 the bigger matrices are stored as row blocks"
+    for name in sd:
+        if name == "head.weight":
+            assert loaded[name] is loaded["emb.weight"]
+            continue
+        parts = splits[name]["parts"] if name in splits else [name]
+        pieces = []
+        for part in parts:
+            payload = art.quantized(part)
+            pieces.append(payload.dequantize() if hasattr(payload, "dequantize") else payload)
+        expect = torch.cat([p.reshape(p.shape[0], -1) for p in pieces]) if len(pieces) > 1 else pieces[0]
+        assert torch.equal(loaded[name].to(expect.dtype), expect.reshape(loaded[name].shape)), name
+    # Small tensors pass through (fp16 by default) and come back exactly representable.
+    assert torch.equal(loaded["blocks.0.norm.weight"].float(), torch.ones(64))
+    assert int(loaded["step"]) == 7
+
+
+def test_same_inputs_same_bytes(tmp_path):
+    a, b = tmp_path / "a.qpk", tmp_path / "b.qpk"
+    compress(_state_dict(), a, _cfg(budget=40_000, codecs=("ans", "zstd")))
+    compress(_state_dict(), b, _cfg(budget=40_000, codecs=("ans", "zstd")))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_impossible_budget_states_minimum(tmp_path):
+    out = tmp_path / "m.qpk"
+    with pytest.raises(BudgetError) as e:
+        compress(_state_dict(), out, _cfg(budget=3_000))
+    assert e.value.min_bytes and e.value.min_bytes > 3_000
+    assert not out.exists()
+
+
+def test_fixed_bits_without_budget(tmp_path):
+    res = compress(_state_dict(), tmp_path / "m.qpk", _cfg(fixed_bits=4))
+    bits = {t.bits for t in res.tensors if t.scheme != "passthrough"}
+    assert bits == {4}
+
+
+def test_code_bytes_count_against_budget(tmp_path):
+    with_code = compress(_state_dict(), tmp_path / "a.qpk", _cfg(budget=40_000, code_bytes=10_000))
+    assert with_code.bytes_total == with_code.bytes_model + 10_000 <= 40_000
+
+
+def test_cli_compress_json_and_errors(tmp_path):
+    sd = _state_dict()
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": sd, "config": None}, ckpt)
+    runner = CliRunner()
+    r = runner.invoke(main, ["compress", str(ckpt), "--budget", "40KB", "--codec", "ans", "--min-numel", "1024",
+                             "--json", "-o", str(tmp_path / "m.qpk")])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    for key in ("bytes_total", "bytes_model", "bytes_code", "budget", "params", "bits_per_param", "tensors"):
+        assert key in d
+    assert d["budget"] == 40_000 and d["bytes_total"] <= 40_000
+    assert d["params"] == sum(t.numel() for n, t in sd.items() if n != "head.weight")
+
+    r = runner.invoke(main, ["compress", str(ckpt), "--budget", "2KB", "-o", str(tmp_path / "x.qpk")])
+    assert r.exit_code == 2 and "smallest reachable" in r.output and not (tmp_path / "x.qpk").exists()
+    r = runner.invoke(main, ["compress", str(tmp_path / "missing.pt")])
+    assert r.exit_code == 2 and "missing.pt" in r.output
+    r = runner.invoke(main, ["compress", str(ckpt), "--codec", "nope"])
+    assert r.exit_code == 2 and "unknown codec" in r.output
+    r = runner.invoke(main, ["compress", str(ckpt), "--scheme", "magic"])
+    assert r.exit_code == 2 and "unknown scheme" in r.output
+    r = runner.invoke(main, ["compress", str(ckpt), "--budget", "16XB"])
+    assert r.exit_code == 2 and "unit" in r.output
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    out = tmp_path / "m.qpk"
+    res = compress(_state_dict(), out, _cfg(budget=40_000), dry_run=True)
+    assert not out.exists() and res.bytes_total <= 40_000
