@@ -8,6 +8,7 @@ Quantized.dequantize() rebuilds exactly what the sweep assumed.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,18 @@ from .gptq_lite import DEFAULT_GRID, DEFAULT_MIN_RATIO, clip_ratios, search_clip
 from .rtn import group_absmax
 
 MAX_DAMP_RETRIES = 6  # damping x10 per retry: 1% of mean diag -> at most 10^4 %, far past any sane H
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the sweep on one thread: it is mostly tiny vector ops whose thread hand-offs cost more than the
+    work; on a busy 2-core machine two threads made GPTQ 2-30x slower (cholesky_inverse worst)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class GPTQ:
@@ -58,6 +71,11 @@ class GPTQ:
     def solve(self, scales: np.ndarray, bits: int, group_size: int | None, blocksize: int = 128,
               percdamp: float = 0.01, actorder: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
         """Codes int8 (rows, cols) for fp16 `scales` (rows, n_groups), in the original column order."""
+        with _one_thread():
+            return self._solve(scales, bits, group_size, blocksize, percdamp, actorder)
+
+    def _solve(self, scales: np.ndarray, bits: int, group_size: int | None, blocksize: int,
+               percdamp: float, actorder: bool) -> tuple[np.ndarray, dict[str, Any]]:
         W, H = self.W.clone(), self.H
         rows, cols = W.shape
         S = torch.from_numpy(scales.astype(np.float32)).to(W.dtype)
