@@ -257,10 +257,14 @@ def encode_entry(entry: TensorEntry, verify: bool = False) -> tuple[dict, list[S
 
 
 def entry_nbytes(manifest_entry: dict, sections: list[Section]) -> int:
-    """Bytes one encoded tensor adds to an artifact: its payload (exact) plus its manifest text (to a few bytes)."""
-    records = sum(len(canonical_json({"name": s.name, "codec": s.codec, "offset": 0, "length": len(s.data),
-                                      "raw_length": s.raw_length, "crc32": 0})) + 1 for s in sections)
-    return sum(len(s.data) for s in sections) + len(canonical_json(manifest_entry)) + 1 + records
+    """Bytes one encoded tensor adds to an artifact: its payload (exact) plus an upper bound on its share of the
+    zlib-compressed manifest (its own text compressed alone). artifact_size() gives the exact total."""
+    import zlib
+
+    records = [{"name": s.name, "codec": s.codec, "offset": 0, "length": len(s.data), "raw_length": s.raw_length,
+                "crc32": 0} for s in sections]
+    text = canonical_json([manifest_entry, records])
+    return sum(len(s.data) for s in sections) + len(zlib.compress(text, 9))
 
 
 def _full_meta(meta: dict | None) -> dict:

@@ -24,7 +24,8 @@ VERSION = 1
 HEADER_SIZE = 32
 TRAILER_SIZE = 32
 _HEADER = struct.Struct("<8sIIQII")  # magic, version, flags, manifest_len, manifest_crc, header_crc
-KNOWN_FLAGS = 0  # version 1 defines no flag bits
+FLAG_ZLIB_MANIFEST = 0x1  # the stored manifest is a zlib stream (RFC 1950) of the JSON
+KNOWN_FLAGS = FLAG_ZLIB_MANIFEST
 
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_JSON_DEPTH = 32
@@ -107,28 +108,41 @@ def _manifest(meta: dict, tensors: list, sections: list[Section]) -> bytes:
     return body
 
 
-def _header(manifest: bytes) -> bytes:
-    head = _HEADER.pack(MAGIC, VERSION, 0, len(manifest), zlib.crc32(manifest), 0)[:28]
+def _stored_manifest(body: bytes, compress: bool) -> tuple[bytes, int]:
+    """(stored manifest bytes, header flags). The JSON repeats keys and codec specs per tensor, so zlib
+    shrinks it about 15x: tens of kilobytes that a byte budget would otherwise pay for."""
+    if not compress:
+        return body, 0
+    z = zlib.compressobj(level=9, method=zlib.DEFLATED, wbits=15, memLevel=9, strategy=zlib.Z_DEFAULT_STRATEGY)
+    stored = z.compress(body) + z.flush()
+    if len(stored) > MAX_MANIFEST_BYTES:
+        raise QpackError(f"compressed manifest is {len(stored)} bytes; the format allows at most {MAX_MANIFEST_BYTES}")
+    return stored, FLAG_ZLIB_MANIFEST
+
+
+def _header(stored: bytes, flags: int) -> bytes:
+    head = _HEADER.pack(MAGIC, VERSION, flags, len(stored), zlib.crc32(stored), 0)[:28]
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def container_size(meta: dict, tensors: list, sections: list[Section]) -> int:
-    """Exact size in bytes of the file build_container would produce, without assembling it."""
-    return HEADER_SIZE + len(_manifest(meta, tensors, sections)) + sum(len(s.data) for s in sections) + TRAILER_SIZE
+def container_size(meta: dict, tensors: list, sections: list[Section], compress_manifest: bool = True) -> int:
+    """Exact size in bytes of the file build_container would produce, without assembling the payload."""
+    stored, _ = _stored_manifest(_manifest(meta, tensors, sections), compress_manifest)
+    return HEADER_SIZE + len(stored) + sum(len(s.data) for s in sections) + TRAILER_SIZE
 
 
-def _chunks(meta: dict, tensors: list, sections: list[Section]) -> Iterable[bytes]:
-    manifest = _manifest(meta, tensors, sections)
+def _chunks(meta: dict, tensors: list, sections: list[Section], compress_manifest: bool = True) -> Iterable[bytes]:
+    stored, flags = _stored_manifest(_manifest(meta, tensors, sections), compress_manifest)
     sha = hashlib.sha256()
-    for part in (_header(manifest), manifest, *(s.data for s in sections)):
+    for part in (_header(stored, flags), stored, *(s.data for s in sections)):
         sha.update(part)
         yield part
     yield sha.digest()
 
 
-def build_container(meta: dict, tensors: list, sections: list[Section]) -> bytes:
+def build_container(meta: dict, tensors: list, sections: list[Section], compress_manifest: bool = True) -> bytes:
     """The complete container as bytes; the same arguments always give the same bytes."""
-    return b"".join(_chunks(meta, tensors, sections))
+    return b"".join(_chunks(meta, tensors, sections, compress_manifest))
 
 
 def _fsync_dir(directory: str) -> None:
@@ -200,10 +214,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, _on_step: StepHook 
 
 
 def write_container(
-    path: str | os.PathLike, meta: dict, tensors: list, sections: list[Section], _on_step: StepHook = None
+    path: str | os.PathLike, meta: dict, tensors: list, sections: list[Section], _on_step: StepHook = None,
+    compress_manifest: bool = True,
 ) -> int:
     """Atomically write a container to `path`; returns the number of bytes written."""
-    chunks = list(_chunks(meta, tensors, sections))  # build (and validate) before touching the disk
+    chunks = list(_chunks(meta, tensors, sections, compress_manifest))  # build (and validate) before touching disk
     return atomic_write(path, chunks, _on_step)
 
 
@@ -358,7 +373,7 @@ class Container:
         return bytes(out)
 
 
-def _parse_header(path: str, data: bytes) -> int:
+def _parse_header(path: str, data: bytes) -> tuple[int, int]:
     size = len(data)
     if size < 8 or data[:8] != MAGIC:
         if MAGIC.startswith(data[:8]) and size < 8:
@@ -377,7 +392,8 @@ def _parse_header(path: str, data: bytes) -> int:
     if not header_ok:
         raise QpackFormatError(path, Reason.CHECKSUM, "header CRC-32 does not match: the header is corrupted")
     if flags & ~KNOWN_FLAGS:
-        raise QpackFormatError(path, Reason.BAD_HEADER, f"unknown header flags 0x{flags:08x}; this qpack knows none")
+        raise QpackFormatError(path, Reason.BAD_HEADER, f"unknown header flags 0x{flags & ~KNOWN_FLAGS:08x}; "
+                               "written by a newer qpack?")
     if manifest_len > MAX_MANIFEST_BYTES:
         raise QpackFormatError(path, Reason.LIMIT, f"manifest length {manifest_len} exceeds {MAX_MANIFEST_BYTES}")
     if manifest_len < 2:
@@ -387,7 +403,21 @@ def _parse_header(path: str, data: bytes) -> int:
                                f"{HEADER_SIZE + manifest_len + TRAILER_SIZE}: truncated")
     if zlib.crc32(data[HEADER_SIZE : HEADER_SIZE + manifest_len]) != manifest_crc:
         raise QpackFormatError(path, Reason.CHECKSUM, "manifest CRC-32 does not match: the manifest is corrupted")
-    return manifest_len
+    return manifest_len, flags
+
+
+def _inflate_manifest(path: str, stored: bytes) -> bytes:
+    """Decompress a zlib manifest, never producing more than the 16 MiB the format allows."""
+    z = zlib.decompressobj(wbits=15)
+    try:
+        body = z.decompress(stored, MAX_MANIFEST_BYTES + 1)
+    except zlib.error as exc:
+        raise QpackFormatError(path, Reason.BAD_MANIFEST, f"compressed manifest is corrupt: {exc}") from None
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise QpackFormatError(path, Reason.LIMIT, f"manifest inflates past {MAX_MANIFEST_BYTES} bytes")
+    if not z.eof or z.unused_data or z.unconsumed_tail:
+        raise QpackFormatError(path, Reason.BAD_MANIFEST, "compressed manifest is incomplete or followed by junk")
+    return body
 
 
 def _parse_sections(path: str, records: Any) -> list[SectionInfo]:
@@ -427,8 +457,11 @@ def parse_container(data: bytes, path: str | os.PathLike = "<bytes>") -> Contain
     size = len(data)
     if size > MAX_FILE_BYTES:
         raise QpackFormatError(path, Reason.LIMIT, f"file is {size} bytes; qpack reads at most {MAX_FILE_BYTES}")
-    manifest_len = _parse_header(path, data)
-    manifest = parse_json(path, data[HEADER_SIZE : HEADER_SIZE + manifest_len])
+    manifest_len, flags = _parse_header(path, data)
+    body = data[HEADER_SIZE : HEADER_SIZE + manifest_len]
+    if flags & FLAG_ZLIB_MANIFEST:
+        body = _inflate_manifest(path, body)
+    manifest = parse_json(path, body)
     if not isinstance(manifest, dict) or set(manifest) != _MANIFEST_KEYS:
         raise QpackFormatError(path, Reason.BAD_MANIFEST, f"manifest must be an object with exactly the keys "
                                f"{sorted(_MANIFEST_KEYS)}")

@@ -44,10 +44,17 @@ META = {"model_config": {"d": 8}, "note": "unicode \u00e9 stays ascii in the fil
 TENSORS = [{"name": "t", "anything": [1, 2, 3]}]
 
 
+def manifest_text(data: bytes) -> bytes:
+    """The manifest JSON of a container, read straight from the spec layout (inflated if flag bit 0 is set)."""
+    flags, mlen = struct.unpack_from("<IQ", data, 12)
+    stored = data[32 : 32 + mlen]
+    return zlib.decompress(stored) if flags & 1 else stored
+
+
 def split(data: bytes) -> tuple[dict, bytes]:
-    """(manifest object, payload bytes) of a container, read straight from the spec layout."""
+    """(manifest object, payload bytes) of a container."""
     (mlen,) = struct.unpack_from("<Q", data, 16)
-    return json.loads(data[32 : 32 + mlen]), data[32 + mlen : -32]
+    return json.loads(manifest_text(data)), data[32 + mlen : -32]
 
 
 def seal(manifest: dict | bytes, payload: bytes, version: int = 1, flags: int = 0, mlen: int | None = None) -> bytes:
@@ -89,11 +96,12 @@ def test_round_trip_and_layout_matches_spec():
     # framing per spec
     assert data[:8] == b"QPACK\x00\r\n"
     version, flags, mlen, mcrc, hcrc = struct.unpack_from("<IIQII", data, 8)
-    assert (version, flags) == (1, 0)
+    assert (version, flags) == (1, 1)  # flag bit 0: the manifest is stored as a zlib stream
     assert hcrc == zlib.crc32(data[:28]) and mcrc == zlib.crc32(data[32 : 32 + mlen])
     assert data[-32:] == hashlib.sha256(data[:-32]).digest()
     manifest, payload = split(data)
-    assert data[32 : 32 + mlen] == json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    assert manifest_text(data) == json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    assert len(data) == 32 + mlen + len(payload) + 32
     offset = 0
     for rec in manifest["sections"]:
         assert rec["offset"] == offset
@@ -110,8 +118,32 @@ def test_deterministic_bytes():
     assert build_container(meta2, TENSORS, sections()) == good()
 
 
+def test_uncompressed_manifest_variant():
+    plain = build_container(META, TENSORS, sections(), compress_manifest=False)
+    assert struct.unpack_from("<I", plain, 12)[0] == 0
+    assert manifest_text(plain) == manifest_text(good())
+    c = parse_container(plain)
+    assert c.meta == META and c.section("beta") == b"hello qpack"
+    assert container_size(META, TENSORS, sections(), compress_manifest=False) == len(plain)
+
+
+def test_compressed_manifest_limits():
+    manifest, payload = split(good())
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    bomb = json.dumps({"pad": " " * (MAX_MANIFEST_BYTES + 10)}).encode()
+    for stored, reason in [
+        (zlib.compress(bomb, 9), Reason.LIMIT),  # a small stream that inflates past 16 MiB
+        (zlib.compress(text) + b"junk", Reason.BAD_MANIFEST),
+        (zlib.compress(text)[:-5], Reason.BAD_MANIFEST),
+        (b"\x78\x9c not deflate", Reason.BAD_MANIFEST),
+        (text, Reason.BAD_MANIFEST),  # flag says compressed, bytes are plain JSON
+    ]:
+        refused(seal(stored, payload, flags=1), reason)
+    assert parse_container(seal(zlib.compress(text), payload, flags=1)).meta == META
+
+
 def test_manifest_is_ascii_json():
-    manifest_bytes = good()[32 : 32 + struct.unpack_from("<Q", good(), 16)[0]]
+    manifest_bytes = manifest_text(good())
     manifest_bytes.decode("ascii")
     assert b" " not in manifest_bytes.replace(b"unicode \\u00e9 stays ascii in the file", b"")
 
@@ -147,7 +179,7 @@ def test_unsupported_version_is_named():
 
 def test_unknown_flags_refused():
     manifest, payload = split(good())
-    refused(seal(manifest, payload, flags=1), Reason.BAD_HEADER)
+    refused(seal(manifest, payload, flags=2), Reason.BAD_HEADER)
     refused(seal(manifest, payload, flags=1 << 31), Reason.BAD_HEADER)
 
 
@@ -155,7 +187,7 @@ def test_manifest_length_limits():
     manifest, payload = split(good())
     refused(seal(manifest, payload, mlen=MAX_MANIFEST_BYTES + 1), Reason.LIMIT)
     refused(seal(manifest, payload, mlen=2**63), Reason.LIMIT)
-    refused(seal(manifest, payload, mlen=len(good())), Reason.TRUNCATED)
+    refused(seal(manifest, payload, mlen=10**6), Reason.TRUNCATED)
 
 
 def test_manifest_crc_and_header_crc():
