@@ -1,0 +1,224 @@
+"""Data-free quantizers (rtn, gptq_lite, sdclip) against numpy references, and LQER."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qpack.errors import QpackInputError
+from qpack.quant import QUANTIZERS, make_quantizer, qmax
+from qpack.quant.gptq_lite import clip_ratios
+from qpack.quant.lqer import fit_lqer, lowrank_delta, quant_error, top_error_tensors
+from qpack.quant.sdclip import DEFAULT_K, RECORD_K
+
+TINY16 = np.finfo(np.float16).tiny
+
+
+def heavy_tailed(rows=48, cols=80, seed=0):
+    """Rows of Student-t values with uneven scales: clipping matters for them."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(3, size=(rows, cols)) * rng.uniform(0.01, 2.0, size=(rows, 1))
+    return torch.from_numpy(w.astype(np.float32))
+
+
+def groups(cols, group_size):
+    gs = group_size or cols
+    return [(g, min(g + gs, cols)) for g in range(0, cols, gs)]
+
+
+def ref_codes(w, s, m):
+    """Codes for fp16 scale(s) s, computed in float32 like the quantizers."""
+    return np.clip(np.round(w / s.astype(np.float32)), -m, m)
+
+
+def ref_gptq_lite(w, bits, group_size, ratios):
+    """Brute force: per row and group, every ratio, keep the first with the smallest squared error."""
+    w = w.numpy()
+    m = qmax(bits)
+    spans = groups(w.shape[1], group_size)
+    scales = np.zeros((w.shape[0], len(spans)), dtype=np.float16)
+    for r in range(w.shape[0]):
+        for gi, (a, b) in enumerate(spans):
+            x = w[r, a:b]
+            best, best_err = None, np.inf
+            for ratio in ratios:
+                s = max(np.float16(np.float32(np.abs(x).max()) * np.float32(ratio) / np.float32(m)), TINY16)
+                s = np.float16(s)
+                err = float(np.sum((ref_codes(x, s, m) * np.float32(s) - x).astype(np.float64) ** 2))
+                if err < best_err:
+                    best, best_err = s, err
+            scales[r, gi] = best
+    return scales
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [None, 16, 24])
+def test_gptq_lite_matches_brute_force(bits, group_size):
+    w = heavy_tailed(rows=12, cols=40, seed=bits)
+    ratios = clip_ratios(9, 0.6)
+    out = make_quantizer("gptq_lite", bits, group_size, grid=9, min_ratio=0.6).quantize(w)
+    want = ref_gptq_lite(w, bits, group_size, ratios)
+    # Float32 vs fp16 products can round a scale differently by one ulp; all but a handful must agree.
+    assert (out.scales == want).mean() >= 0.97
+    deq = out.dequantize().numpy()
+    rtn = make_quantizer("rtn", bits, group_size).quantize(w).dequantize().numpy()
+    # Ratio 1.0 is in the grid, so every row (and group) is at least as good as RTN.
+    err_lite = ((deq - w.numpy()) ** 2).sum(axis=1)
+    err_rtn = ((rtn - w.numpy()) ** 2).sum(axis=1)
+    assert (err_lite <= err_rtn * (1 + 1e-6)).all()
+
+
+def test_gptq_lite_beats_rtn_on_heavy_tails():
+    w = heavy_tailed()
+    # Clipping pays most where the grid is coarse.
+    for bits, margin in ((3, 0.8), (4, 0.92), (6, 0.99)):
+        lite = make_quantizer("gptq_lite", bits).quantize(w).dequantize()
+        rtn = make_quantizer("rtn", bits).quantize(w).dequantize()
+        assert float((lite - w).square().sum()) < margin * float((rtn - w).square().sum())
+
+
+def test_gptq_lite_codes_are_round_of_scales():
+    w = heavy_tailed(seed=3)
+    out = make_quantizer("gptq_lite", 5, 16).quantize(w)
+    s = np.repeat(out.scales.astype(np.float32), 16, axis=1)[:, :80]
+    np.testing.assert_array_equal(out.q, ref_codes(w.numpy(), s, qmax(5)).astype(np.int8))
+    assert out.params["grid"] == 41 and out.params["min_ratio"] == pytest.approx(0.8)
+
+
+def test_clip_ratios():
+    assert clip_ratios(41)[:3] == pytest.approx([1.0, 0.995, 0.99])
+    assert clip_ratios(41)[-1] == pytest.approx(0.8)
+    assert clip_ratios([1.0, 0.9]) == [1.0, 0.9]
+    assert clip_ratios(1) == [1.0]
+    for bad in (0, [], [0.0], [2.0], "x"):
+        with pytest.raises(QpackInputError):
+            clip_ratios(bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_sdclip_matches_reference(bits, group_size):
+    w = heavy_tailed(seed=10 + bits)
+    out = make_quantizer("sdclip", bits, group_size).quantize(w)
+    k = DEFAULT_K[bits]
+    x = w.numpy().astype(np.float64)
+    spans = groups(x.shape[1], group_size)
+    std = np.stack([x[:, a:b].std(axis=1) for a, b in spans], axis=1)
+    want = np.maximum((std * k / qmax(bits)).astype(np.float32).astype(np.float16), TINY16)
+    # The std is summed in float32 by torch, here in float64: allow one fp16 ulp.
+    np.testing.assert_allclose(out.scales.astype(np.float64), want.astype(np.float64), rtol=1e-3)
+    s = np.concatenate([np.repeat(out.scales[:, i : i + 1].astype(np.float32), b - a, axis=1)
+                        for i, (a, b) in enumerate(spans)], axis=1)
+    np.testing.assert_array_equal(out.q, ref_codes(w.numpy(), s, qmax(bits)).astype(np.int8))
+    assert out.params == {"k": pytest.approx(k)}
+
+
+def test_sdclip_k_and_defaults():
+    assert DEFAULT_K[6] == RECORD_K == 12.85
+    # The step (k / qmax, in standard deviations) never grows as bits grow.
+    steps = [DEFAULT_K[b] / qmax(b) for b in range(2, 9)]
+    assert all(a >= b - 1e-12 for a, b in zip(steps, steps[1:]))
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    out = make_quantizer("sdclip", 6, k=4.0).quantize(w)
+    np.testing.assert_allclose(out.scales.astype(np.float32)[:, 0],
+                               (w.std(dim=1, correction=0) * 4.0 / 31).numpy(), rtol=1e-3)
+    # A larger k is a coarser step: fewer distinct codes.
+    few = make_quantizer("sdclip", 6, k=30.0).quantize(w)
+    assert len(np.unique(few.q)) < len(np.unique(out.q))
+    for bad in (0, -1.0, float("nan"), "12"):
+        with pytest.raises(QpackInputError):
+            make_quantizer("sdclip", 6, k=bad).quantize(w)
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq_lite", "sdclip"])
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (4, 3, 6), (1, 1)])
+def test_data_free_quantizers_shapes_and_ranges(name, shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    for bits in (2, 4, 8):
+        out = make_quantizer(name, bits).quantize(w)
+        assert out.shape == shape and out.scheme == name and out.bits == bits
+        assert np.abs(out.q).max() <= qmax(bits)
+        assert out.dequantize().shape == shape
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq_lite", "sdclip"])
+def test_zero_rows_stay_zero(name):
+    w = torch.zeros(3, 10)
+    w[1] = torch.linspace(-1, 1, 10)
+    out = make_quantizer(name, 4).quantize(w)
+    assert (out.q[0] == 0).all() and (out.q[2] == 0).all()
+    assert torch.equal(out.dequantize()[0], torch.zeros(10))
+
+
+def test_rtn_error_at_most_half_a_step():
+    w = heavy_tailed(seed=5)
+    out = make_quantizer("rtn", 6, 16).quantize(w)
+    s = np.repeat(out.scales.astype(np.float32), 16, axis=1)[:, :80]
+    err = np.abs(out.dequantize().numpy() - w.numpy())
+    # fp16 rounding of the scale can leave the absmax element a hair outside the grid.
+    assert (err <= 0.5 * s + np.abs(w.numpy()) * 1e-3).all()
+
+
+def test_registry_lists_all_schemes():
+    make_quantizer("rtn", 4)  # imports the built-ins
+    assert {"rtn", "gptq_lite", "sdclip", "gptq"} <= set(QUANTIZERS.names())
+    with pytest.raises(QpackInputError, match="known"):
+        make_quantizer("nope", 4)
+    with pytest.raises(QpackInputError, match="no parameter"):
+        make_quantizer("gptq_lite", 4, k=3)
+
+
+# ---- LQER -----------------------------------------------------------------------------------------------
+
+def test_lqer_reduces_error_and_vanishes_at_full_rank():
+    w = heavy_tailed(rows=24, cols=40, seed=7)
+    q = make_quantizer("rtn", 3).quantize(w)
+    wq = q.dequantize()
+    before = float((w - wq).square().sum())
+    prev = before
+    for rank in (1, 4, 12):
+        a, b = fit_lqer(w, q, rank)
+        assert a.q.shape == (24, rank) and b.q.shape == (rank, 40) and a.bits == 8
+        after = float((w - wq - lowrank_delta(a, b)).square().sum())
+        assert after < prev
+        prev = after
+    a, b = fit_lqer(w, wq, 24, bits=8)
+    full = float((w - wq - lowrank_delta(a, b)).square().sum())
+    assert full < 1e-3 * before
+    # Rank r at full precision is the best rank-r fit: the quantized factors are close to it.
+    E = (w - wq).double()
+    S = torch.linalg.svdvals(E)
+    a, b = fit_lqer(w, wq, 4)
+    left = float((E - lowrank_delta(a, b).double()).square().sum())
+    optimal = float(S[4:].square().sum())
+    assert optimal <= left < 1.05 * optimal
+
+
+def test_lqer_with_groups_and_bits():
+    w = heavy_tailed(rows=16, cols=64, seed=8)
+    wq = make_quantizer("rtn", 4).quantize(w).dequantize()
+    a, b = fit_lqer(w, wq, 3, bits=6, group_size=16)
+    assert a.bits == b.bits == 6 and b.group_size == 16
+    assert a.params == {"lqer": "A", "rank": 3}
+    assert float((w - wq - lowrank_delta(a, b)).square().sum()) < float((w - wq).square().sum())
+
+
+def test_lqer_errors():
+    w = torch.randn(6, 8)
+    with pytest.raises(QpackInputError, match="rank"):
+        fit_lqer(w, w, 0)
+    with pytest.raises(QpackInputError, match="rank"):
+        fit_lqer(w, w, 7)
+    with pytest.raises(QpackInputError, match="differ"):
+        fit_lqer(w, torch.zeros(8, 6), 2)
+
+
+def test_top_error_tensors():
+    errs = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 3.0}
+    assert top_error_tensors(errs, 3) == ["b", "d", "c"]
+    assert top_error_tensors(errs, 0) == []
+    assert top_error_tensors(errs, 10) == ["b", "d", "c", "a"]
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    wq = torch.tensor([[1.0, 1.0], [1.0, 4.0]])
+    assert quant_error(w, wq) == pytest.approx(1.0 + 4.0)
+    assert quant_error(w, wq, torch.tensor([10.0, 0.5])) == pytest.approx(0.5 * 1 + 10 * 4)
