@@ -89,6 +89,9 @@ def _manifest(meta: dict, tensors: list, sections: list[Section]) -> bytes:
     if len(set(names)) != len(names):
         raise QpackError("section names must be unique")
     records, offset = [], 0
+    if sum(s.raw_length for s in sections) > MAX_TOTAL_RAW or any(s.raw_length > MAX_SECTION_RAW for s in sections):
+        raise QpackError(f"sections exceed the format's limits ({MAX_SECTION_RAW} bytes each decoded, "
+                         f"{MAX_TOTAL_RAW} in all); split the tensor")
     for s in sections:
         records.append(
             {
