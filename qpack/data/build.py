@@ -142,13 +142,15 @@ def _build_lock(out_dir: Path):
         yield
 
 
-def _load_corpus(corpus: Sequence[str | os.PathLike] | None, cache: Path, log: Log) -> corpus_mod.Corpus:
+def _load_corpus(corpus: Sequence[str | os.PathLike] | None, cache: Path, log: Log,
+                 max_bytes: int | None = None) -> corpus_mod.Corpus:
     if corpus:
         return corpus_mod.file_corpus(corpus)
     try:
         return corpus_mod.debian_corpus(cache, log=log)
     except corpus_mod.AptUnavailable as exc:
-        fallback = corpus_mod.python_corpus()
+        cap = corpus_mod.FALLBACK_MAX_BYTES if max_bytes is None else min(max_bytes, corpus_mod.FALLBACK_MAX_BYTES)
+        fallback = corpus_mod.python_corpus(cap)
         log(f"{exc}")
         log(f"{fallback.note}")
         return fallback
@@ -186,7 +188,7 @@ def build_data(out_dir: str | os.PathLike = "data", corpus: Sequence[str | os.Pa
 def _build(out: Path, settings: dict, corpus, cache: Path, progress: bool, log: Log) -> BuildResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    source = _load_corpus(corpus, cache, log)
+    source = _load_corpus(corpus, cache, log, settings["max_bytes"])
     docs = corpus_mod.cap_bytes(corpus_mod.dedupe(source.docs), settings["max_bytes"])
     train_docs, val_docs = corpus_mod.split_train_val(docs, settings["val_fraction"])
     timings["corpus_s"] = time.perf_counter() - t0
