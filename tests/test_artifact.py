@@ -424,3 +424,40 @@ def test_missing_tensor_name_is_a_plain_error():
 def test_dtype_allowlist_matches_torch():
     for name, (td, np_dtype) in DTYPES.items():
         assert torch.empty(0, dtype=td).element_size() == np.dtype(np_dtype).itemsize, name
+
+
+@pytest.mark.parametrize("codec", codec_names())
+def test_forged_section_bytes_never_crash(codec):
+    """Corrupt each payload byte and forge every checksum: decoding may refuse (QpackFormatError) or, where the
+    codec has no integrity check of its own, return other values; nothing else may escape."""
+    c = make_codec(codec, {})
+    data = build_artifact([TensorEntry("w", quant((8, 40), 4, group_size=16), codec=c, scale_codec=c),
+                           TensorEntry("n", torch.linspace(-1, 1, 16), codec=c)])
+    manifest, payload = split(data)
+    for i in range(len(payload)):
+        bad = bytearray(payload)
+        bad[i] ^= 0x5A
+        m = json.loads(json.dumps(manifest))
+        for rec in m["sections"]:
+            rec["crc32"] = zlib.crc32(bytes(bad[rec["offset"] : rec["offset"] + rec["length"]]))
+        try:
+            got = loads_artifact(seal(m, bytes(bad))).tensors()
+        except QpackFormatError:
+            continue
+        assert got["w"].shape == (8, 40) and got["n"].shape == (16,)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_entries_round_trip(seed):
+    rng = np.random.default_rng(seed)
+    ndim = int(rng.integers(0, 4))
+    shape = tuple(int(d) for d in rng.integers(1, 9, size=ndim))
+    bits = int(rng.integers(2, 9))
+    layout = str(rng.choice(["byte", "packed", "trit"] if bits == 2 else ["byte", "packed"]))
+    group = [None, 1, 3, 8, 100][int(rng.integers(0, 5))]
+    codec = make_codec(str(rng.choice(codec_names())), {})
+    q = make_quantizer("rtn", bits, group).quantize(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)))
+    art = loads_artifact(build_artifact([TensorEntry("t", q, layout=layout, codec=codec, scale_codec=codec)]))
+    got = art.quantized("t")
+    assert np.array_equal(got.q, q.q) and got.scales.tobytes() == q.scales.tobytes() and got.shape == shape
+    assert torch.equal(art.tensor("t"), q.dequantize())
