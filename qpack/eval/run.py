@@ -21,8 +21,8 @@ from .sliding import plan_windows, sliding_nll
 from .ttt import TTTConfig, ttt_nll
 
 QPACK_MAGIC = b"QPACK\x00\r\n"
-# config keys that may name the longest context a model was built or trained for
-_SEQ_KEYS = ("max_seq_len", "block_size", "seq_len", "train_seq_len", "context_length", "n_positions")
+# model config keys that fix the longest context a model accepts (learned positions); RoPE models have none
+_MAX_KEYS = ("max_seq_len", "block_size", "context_length", "n_positions")
 MODE_ORDER = ("plain", "sliding", "mixer", "ttt", "ttt+mixer")
 
 
@@ -47,7 +47,8 @@ class LoadedModel:
     model: torch.nn.Module
     config: dict
     kind: str  # "artifact" or "checkpoint"
-    max_seq_len: int | None = None
+    max_seq_len: int | None = None  # a hard limit from the model config
+    train_seq_len: int | None = None  # what it was trained on (the default window)
     extra: dict = field(default_factory=dict)
 
 
@@ -59,9 +60,11 @@ def _is_artifact(path: Path) -> bool:
         raise QpackFormatError(path, Reason.IO, f"cannot read model: {exc.strerror or exc}") from None
 
 
-def _seq_len(*sources: dict | None) -> int | None:
+def _seq_len(keys: tuple[str, ...], *sources) -> int | None:
     for src in sources:
-        for key in _SEQ_KEYS:
+        if not isinstance(src, dict):
+            continue
+        for key in keys:
             v = (src or {}).get(key)
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
@@ -98,7 +101,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         raise QpackFormatError(path, Reason.NOT_A_MODEL,
                                f"tensors do not fit the model its config describes: {'; '.join(what)}")
     model = model.float().to(device).eval()
-    return LoadedModel(model, config, kind, _seq_len(config, extra, extra.get("train_config")), extra)
+    hard = _seq_len(_MAX_KEYS, config)
+    trained = _seq_len(("seq_len", "train_seq_len"), extra, extra.get("train_config")) or hard
+    return LoadedModel(model, config, kind, hard, trained, extra)
 
 
 @dataclass
@@ -132,9 +137,9 @@ def load_val(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     return ValData(tokens, nbytes, str(tok_path), vocab)
 
 
-def resolve_window(options: EvalOptions, max_seq_len: int | None) -> tuple[int, int]:
+def resolve_window(options: EvalOptions, max_seq_len: int | None, default: int | None = None) -> tuple[int, int]:
     """(window, stride) after defaults; QpackInputError when they make no sense for this model."""
-    window = options.window if options.window is not None else (max_seq_len or 1024)
+    window = options.window if options.window is not None else (default or max_seq_len or 1024)
     stride = options.stride if options.stride is not None else max(1, window // 2)
     if window <= 0:
         raise QpackInputError(f"--window must be positive, got {window}")
@@ -221,13 +226,16 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
     if options.batch <= 0:
         raise QpackInputError(f"--batch must be positive, got {options.batch}")
     loaded = load_model(model_path, options.device)
-    window, stride = resolve_window(options, loaded.max_seq_len)
+    window, stride = resolve_window(options, loaded.max_seq_len, loaded.train_seq_len)
     data = load_val(data_dir, tokenizer, options.max_tokens)
     model_vocab = loaded.config.get("vocab_size")
     if model_vocab is not None and int(model_vocab) != data.vocab_size:
         raise QpackInputError(f"{model_path}: the model's vocabulary ({model_vocab} tokens) does not match the "
                               f"tokenizer {data.tokenizer} ({data.vocab_size} pieces)")
-    result = evaluate_model(loaded.model, data, window, stride, options, progress)
+    try:
+        result = evaluate_model(loaded.model, data, window, stride, options, progress)
+    except torch.cuda.OutOfMemoryError:
+        raise QpackInputError(f"out of GPU memory at --batch {options.batch} --window {window}; lower them") from None
     result.update({"model": str(model_path), "model_kind": loaded.kind, "data": str(data_dir),
                    "tokenizer": data.tokenizer})
     return result
