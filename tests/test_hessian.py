@@ -1,0 +1,161 @@
+"""Hessian collection with forward hooks, tied embeddings, and calibration batches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qpack.errors import QpackInputError
+from qpack.hessian import calibration_batches, collect_hessians
+
+
+class TinyLM(nn.Module):
+    """Embedding -> block (two linears, one used twice) -> norm -> head, optionally tied."""
+
+    def __init__(self, vocab=11, dim=6, tied=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(vocab, dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim, bias=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        for _ in range(2):  # `up` and `down` run twice per forward: both calls count
+            x = x + self.down(torch.relu(self.up(self.dropout(x))))
+        return self.head(self.norm(x))
+
+
+def manual_hessians(model, batches):
+    """X^T X / n per weight, by replaying the forward pass by hand (eval mode: no dropout)."""
+    xs = {"up": [], "down": [], "head": []}
+    with torch.no_grad():
+        for idx in batches:
+            x = model.tok(idx)
+            for _ in range(2):
+                xs["up"].append(x.reshape(-1, x.shape[-1]))
+                h = torch.relu(model.up(x))
+                xs["down"].append(h.reshape(-1, h.shape[-1]))
+                x = x + model.down(h)
+            n = model.norm(x)
+            xs["head"].append(n.reshape(-1, n.shape[-1]))
+    out = {}
+    for k, v in xs.items():
+        X = torch.cat(v).double()
+        out[k] = X.T @ X / X.shape[0]
+    return out
+
+
+def batches(n=3, b=2, t=5, vocab=11):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (b, t), generator=g) for _ in range(n)]
+
+
+def test_hessians_match_manual_and_tied_names():
+    model = TinyLM(tied=True)
+    model.train()
+    data = batches()
+    hs = collect_hessians(model, data)
+    ref = manual_hessians(model, data)
+    assert set(hs) == {"up.weight", "down.weight", "head.weight", "tok.weight"}
+    torch.testing.assert_close(hs["up.weight"].double(), ref["up"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hs["down.weight"].double(), ref["down"], rtol=1e-5, atol=1e-6)
+    # The tied embedding gets the head's input Hessian (the final norm's output), under both names.
+    torch.testing.assert_close(hs["head.weight"].double(), ref["head"], rtol=1e-5, atol=1e-6)
+    assert hs["tok.weight"] is hs["head.weight"]
+    assert hs["up.weight"].shape == (6, 6) and hs["down.weight"].shape == (12, 12)
+    # Hooks are gone, the mode is restored, and nothing needed gradients.
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_untied_embedding_gets_no_hessian_and_float64():
+    model = TinyLM(tied=False)
+    data = batches()
+    hs = collect_hessians(model, data, dtype=torch.float64)
+    assert set(hs) == {"up.weight", "down.weight", "head.weight"}
+    assert hs["up.weight"].dtype == torch.float64
+    torch.testing.assert_close(hs["head.weight"], manual_hessians(model, data)["head"], rtol=1e-10, atol=1e-12)
+
+
+def test_module_filter_by_predicate_and_names():
+    model = TinyLM()
+    only_up = collect_hessians(model, batches(), modules=lambda name, mod: name == "up")
+    assert set(only_up) == {"up.weight"}
+    by_names = collect_hessians(model, batches(), modules={"down", "head"})
+    assert set(by_names) == {"down.weight", "head.weight", "tok.weight"}
+
+
+def test_inputs_for_a_head_tied_through_functional_linear():
+    class FunctionalHead(TinyLM):
+        def forward(self, idx):
+            x = self.tok(idx)
+            return nn.functional.linear(self.norm(x), self.tok.weight)
+
+    model = FunctionalHead(tied=False)
+    data = batches()
+    hs = collect_hessians(model, data, modules=lambda n, m: False, inputs={"tok.weight": model.norm})
+    X = torch.cat([model.norm(model.tok(b)).reshape(-1, 6) for b in data]).detach().double()
+    torch.testing.assert_close(hs["tok.weight"].double(), X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(QpackInputError, match="no weight named"):
+        collect_hessians(model, data, inputs={"missing.weight": model.norm})
+
+
+def test_no_linear_is_an_error_and_hooks_are_removed_on_failure():
+    with pytest.raises(QpackInputError, match="no nn.Linear"):
+        collect_hessians(nn.Sequential(nn.ReLU()), [torch.zeros(1, 2)])
+
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            self.lin(x)
+            raise RuntimeError("boom")
+
+    m = Boom()
+    with pytest.raises(RuntimeError):
+        collect_hessians(m, [torch.zeros(1, 2)])
+    assert not m.lin._forward_hooks
+
+
+def test_progress_bar_runs(capsys):
+    hs = collect_hessians(TinyLM(), batches(), progress=True)
+    assert "up.weight" in hs
+
+
+def test_calibration_batches_deterministic_and_spread():
+    tokens = np.arange(1000, dtype=np.uint16)
+    out = calibration_batches(tokens, 320, 64, 2)
+    assert [b.shape for b in out] == [(2, 64), (2, 64), (1, 64)]
+    assert all(b.dtype == torch.int64 for b in out)
+    rows = torch.cat(out).numpy()
+    starts = rows[:, 0]
+    # Five windows, evenly spread from the start to the end of the stream, each contiguous.
+    assert list(starts) == [0, 234, 468, 702, 936]
+    assert (np.diff(rows, axis=1) == 1).all()
+    again = calibration_batches(tokens, 320, 64, 2)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+
+
+def test_calibration_batches_limits():
+    tokens = np.arange(100)
+    all_of_it = calibration_batches(tokens, 10_000, 30, 8)
+    assert len(all_of_it) == 1 and all_of_it[0].shape == (3, 30)
+    rows = all_of_it[0].numpy()
+    assert rows[0, 0] == 0 and rows[-1, -1] == 99 and len(np.unique(rows)) == 90  # no overlap
+    one = calibration_batches(tokens, 5, 30, 8)
+    assert one[0].shape == (1, 30)
+    with pytest.raises(QpackInputError, match="at least"):
+        calibration_batches(np.arange(10), 100, 30, 4)
+    with pytest.raises(QpackInputError):
+        calibration_batches(np.zeros((2, 50)), 100, 10, 4)
+    with pytest.raises(QpackInputError):
+        calibration_batches(tokens, 100, 0, 4)
