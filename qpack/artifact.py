@@ -181,6 +181,23 @@ def _check_quantized(name: str, q: Any) -> Quantized:
     return q
 
 
+def _plain(value: Any, where: str) -> Any:
+    """Scheme params as plain JSON values (numpy scalars and tuples converted); anything else is refused."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise QpackInputError(f"tensor {where!r}: parameter value {value} is not finite")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, where) for k, v in value.items()}
+    raise QpackInputError(f"tensor {where!r}: parameter of type {type(value).__name__} cannot be stored as JSON")
+
+
 def _encode_quant(
     prefix: str, q: Quantized, layout: str, codec: Codec, scale_codec: Codec, scale_layout: str, verify: bool
 ) -> tuple[dict, list[Section]]:
@@ -201,7 +218,7 @@ def _encode_quant(
         "scheme": q.scheme,
         "bits": int(q.bits),
         "group_size": None if q.group_size is None else int(q.group_size),
-        "params": dict(q.params),
+        "params": _plain(q.params, prefix),
         "layout": layout,
         "codes": {"section": code_sec.name, "codec": code_sec.codec},
         "scales": {"section": scale_sec.name, "codec": scale_sec.codec, "layout": scale_layout},
@@ -244,7 +261,7 @@ def encode_entry(entry: TensorEntry, verify: bool = False) -> tuple[dict, list[S
         rows, cols = q.q.shape
         rank = a.q.shape[1]
         if a.q.shape != (rows, rank) or b.q.shape != (rank, cols) or tuple(a.shape) != (rows, rank) \
-                or tuple(b.shape) != (rank, cols) or rank < 1:
+                or tuple(b.shape) != (rank, cols) or not 1 <= rank <= min(rows, cols):
             raise QpackInputError(f"tensor {name!r}: low-rank factors {a.shape} @ {b.shape} do not make {rows}x{cols}")
         lowrank = {"rank": int(rank)}
         for key, f in (("a", a), ("b", b)):

@@ -409,6 +409,20 @@ def test_lowrank_shape_checked():
     refused(tamper(lambda m: _w(m).update(lowrank={"rank": 2}), data), Reason.BAD_MANIFEST)
 
 
+def test_scheme_params_become_plain_json():
+    q = quant((4, 8), 4)
+    q.params = {"k": np.float32(12.5), "grid": (0.9, np.float64(1.0)), "n": np.int64(3), "flag": True}
+    got = loads_artifact(build_artifact([TensorEntry("w", q)])).quantized("w")
+    assert got.params == {"k": 12.5, "grid": [0.9, 1.0], "n": 3, "flag": True}
+    assert type(got.params["n"]) is int and type(got.params["flag"]) is bool
+    q.params = {"bad": object()}
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", q)])
+    q.params = {"k": float("nan")}
+    with pytest.raises(QpackInputError):
+        build_artifact([TensorEntry("w", q)])
+
+
 def test_group_larger_than_the_row_round_trips():
     q = quant((3, 10), 4, group_size=64)
     got = loads_artifact(build_artifact([TensorEntry("w", q)])).quantized("w")
