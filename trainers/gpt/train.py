@@ -314,10 +314,9 @@ def load_luts(data_dir: Path, vocab_size: int):
     path = data_dir / "tokenizer.model"
     if not path.is_file():
         return None
-    from qpack.data.tokenizer import byte_luts, load_tokenizer, space_after_boundary_counts
+    from qpack.data.tokenizer import byte_counting, load_tokenizer
 
-    sp = load_tokenizer(path)
-    return byte_luts(sp, vocab_size), space_after_boundary_counts(sp)
+    return byte_counting(load_tokenizer(path), vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -444,6 +443,8 @@ class Trainer:
         luts = load_luts(self.data, mcfg.vocab_size)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in [*self.out.glob(".ckpt.pt.*.tmp"), *self.out.glob(".final.pt.*.tmp")]:
+                stale.unlink()  # left by a run killed while writing; the renamed files are complete
         if self.world > 1:
             dist.barrier()
 
@@ -608,7 +609,8 @@ class Trainer:
         return True
 
     def _crownq_penalty(self) -> torch.Tensor:
-        weights = [p for p in split_params(self.raw)["matrix"]]
+        # the Muon matrices are the tensors compress quantizes to low widths; no Hessian here, so h = 1
+        weights = {n: p for n, p in self.raw.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
         return self.crownq(weights, self.cfg.crownq_bits, hdiag=None, lam=self.cfg.crownq_lambda)
 
     def _eta(self, step: int, elapsed: float) -> float:
