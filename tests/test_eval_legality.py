@@ -245,3 +245,18 @@ def test_ttt_is_score_first_and_train_before_score_is_caught():
     log = EventLog()
     _ttt_train_first(model, tokens, log)
     assert score_first_violations(log.events, tokens.size - 1) != []
+
+
+# ---- the project's GPT, with each seed-record switch that mixes positions -------------------------------------------
+
+@pytest.mark.parametrize("options", [{}, {"smear_gate": True, "bigram_buckets": 64}, {"xsa_last": 1, "value_residual": True},
+                                     {"unet_skips": True, "recur_layers": (0,)}])
+def test_the_gpt_is_causal_under_sliding_eval(options):
+    gpt = pytest.importorskip("trainers.gpt.model")
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=V, n_layer=2, n_embd=16, n_head=2, n_kv_head=1, bigram_dim=8, **options))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tokens = stream()
+    assert causal_violations(lambda t: sliding_nll(model, t, W, S), tokens, CUTS) == []

@@ -234,6 +234,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
                               f"tokenizer {data.tokenizer} ({data.vocab_size} pieces)")
     try:
         result = evaluate_model(loaded.model, data, window, stride, options, progress)
+    except ValueError as exc:  # e.g. token ids past the model's logits: a model/data mismatch, not a bug here
+        raise QpackInputError(f"{model_path}: {exc}") from None
     except torch.cuda.OutOfMemoryError:
         raise QpackInputError(f"out of GPU memory at --batch {options.batch} --window {window}; lower them") from None
     result.update({"model": str(model_path), "model_kind": loaded.kind, "data": str(data_dir),
