@@ -158,6 +158,11 @@ def _refuse_unsafe_pickles(path: Path) -> None:
                         _scan_pickles(path, f, allowed, max_pickles=1)
         else:
             with open(path, "rb") as f:
+                if f.read(4) == b"PK\x03\x04":
+                    raise QpackFormatError(path, Reason.NOT_A_MODEL,
+                                           "a damaged or truncated zip file (no central directory): not a "
+                                           "readable PyTorch checkpoint")
+                f.seek(0)
                 _scan_pickles(path, f, allowed, max_pickles=MAX_LEGACY_PICKLES)
     except QpackError:
         raise
