@@ -1,9 +1,12 @@
 """Hessians of linear layers' inputs, H = X^T X / n, collected with forward hooks on any nn.Module.
 
-Results are keyed by the state-dict name of each weight. A weight shared by several modules (an lm_head tied
-to the token embedding) gets one Hessian, from the inputs of the Linear modules that use it (for the lm_head:
-the final norm's output), stored under every state-dict name of that parameter. An nn.Embedding that shares
-no weight with a Linear gets none: its input is a token id, not a vector.
+Results are keyed by the state-dict name of each weight. Every nn.Linear (subclasses included) is hooked.
+A 2-D parameter that no hooked Linear owns but that the forward pass uses through F.linear (a head tied to
+the token embedding as `F.linear(norm(x), tok_emb.weight)`) is caught too, by a torch function mode that
+watches F.linear calls for that exact parameter. A weight shared by several modules (an lm_head tied to the
+token embedding) gets one Hessian, from the inputs of every use as a linear weight (for the head: the final
+norm's output), stored under every state-dict name of that parameter. An embedding used only for lookups
+gets none: its input is a token id, not a vector.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import Callable, Collection, Iterable, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from .errors import QpackInputError
 
@@ -40,15 +45,33 @@ class _Accumulator:
         self.n += x.shape[0]
 
 
+class _FunctionalLinears(TorchFunctionMode):
+    """Accumulates the input of F.linear calls whose weight is one of the watched parameters."""
+
+    def __init__(self, watched: dict[int, _Accumulator]):
+        super().__init__()
+        self.watched = watched
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            acc = self.watched.get(id(weight))
+            if acc is not None:
+                acc.add(args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
+
+
 def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
                      modules: ModuleFilter | Collection[str] | None = None, progress: bool = False,
                      dtype: torch.dtype = torch.float32,
                      inputs: Mapping[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
-    """Run `batches` through `model` and return {weight state-dict name: X^T X / n} for every selected nn.Linear.
+    """Run `batches` through `model`; return {weight state-dict name: X^T X / n} for every selected nn.Linear
+    and every parameter used directly as an F.linear weight.
 
-    `modules` selects Linear modules by qualified name (a predicate (name, module) -> bool, or a set of names).
-    `inputs` maps extra weight names to a module whose *output* is that weight's input, for models that use a
-    weight through F.linear (e.g. {"tok_emb.weight": model.final_norm} for a head tied by hand).
+    `modules` selects by the qualified name of the module owning the weight (a predicate (name, module) ->
+    bool, or a set of names). `inputs` maps weight names to a module whose *output* is that weight's input,
+    for weights used some other way (e.g. `x @ W.T`); it replaces the automatic capture for those weights.
     """
     keep = _selected(modules)
     state = model.state_dict(keep_vars=True)
@@ -67,9 +90,13 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
         return lambda mod, args, kwargs, out: acc.add(args[0] if args else kwargs["input"])
 
     try:
+        owners: dict[int, tuple[str, nn.Module]] = {}
         for name, mod in model.named_modules():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), (name, mod))
             if isinstance(mod, nn.Linear) and keep(name, mod) and id(mod.weight) in names_of:
-                hooks.append(mod.register_forward_hook(hook_input(mod.weight, mod.in_features, False), with_kwargs=True))
+                hooks.append(mod.register_forward_hook(hook_input(mod.weight, mod.in_features, False),
+                                                       with_kwargs=True))
         for wname, mod in (inputs or {}).items():
             if wname not in state:
                 raise QpackInputError(f"hessian: the model has no weight named {wname!r}")
@@ -77,9 +104,16 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
             if w.ndim != 2:
                 raise QpackInputError(f"hessian: {wname!r} is not a matrix (shape {tuple(w.shape)})")
             hooks.append(mod.register_forward_hook(hook_input(w, w.shape[1], True), with_kwargs=True))
-        if not hooks:
+        # Parameters used as F.linear weights outside any hooked module (hand-tied heads).
+        hooked = set(accs)
+        functional = {pid: _Accumulator(t.shape[1], dtype, device) for pid, t in
+                      ((id(t), t) for t in state.values() if isinstance(t, nn.Parameter) and t.ndim == 2)
+                      if pid not in hooked and pid in owners and keep(*owners[pid])}
+        accs.update(functional)
+        if not hooks and not functional:
             raise QpackInputError("hessian: the model has no nn.Linear layer to collect Hessians for")
-        _run(model, batches, device, progress)
+        with _FunctionalLinears(functional):
+            _run(model, batches, device, progress)
     finally:
         for h in hooks:
             h.remove()

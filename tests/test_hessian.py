@@ -100,9 +100,16 @@ def test_inputs_for_a_head_tied_through_functional_linear():
 
     model = FunctionalHead(tied=False)
     data = batches()
-    hs = collect_hessians(model, data, modules=lambda n, m: False, inputs={"tok.weight": model.norm})
     X = torch.cat([model.norm(model.tok(b)).reshape(-1, 6) for b in data]).detach().double()
-    torch.testing.assert_close(hs["tok.weight"].double(), X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    want = X.T @ X / X.shape[0]
+    # Found automatically: tok.weight is passed to F.linear as the weight.
+    auto = collect_hessians(model, data)
+    assert set(auto) == {"tok.weight"}
+    torch.testing.assert_close(auto["tok.weight"].double(), want, rtol=1e-5, atol=1e-6)
+    # Or named by hand (no double counting with the automatic capture).
+    hs = collect_hessians(model, data, inputs={"tok.weight": model.norm})
+    torch.testing.assert_close(hs["tok.weight"].double(), want, rtol=1e-5, atol=1e-6)
+    assert collect_hessians(model, data, modules=lambda n, m: n != "tok") == {}
     with pytest.raises(QpackInputError, match="no weight named"):
         collect_hessians(model, data, inputs={"missing.weight": model.norm})
 
@@ -159,3 +166,19 @@ def test_calibration_batches_limits():
         calibration_batches(np.zeros((2, 50)), 100, 10, 4)
     with pytest.raises(QpackInputError):
         calibration_batches(tokens, 100, 0, 4)
+
+
+def test_reference_gpt_gets_every_matrix_and_the_tied_head():
+    gpt = pytest.importorskip("trainers.gpt.model")
+    cfg = gpt.GPTConfig(**{k: v for k, v in dict(vocab_size=32, n_layer=2, n_embd=16, n_head=2, n_kv_head=1,
+                                                 tie_embeddings=True).items()
+                           if k in gpt.GPTConfig.__dataclass_fields__})
+    model = gpt.GPT(cfg)
+    hs = collect_hessians(model, [torch.randint(0, 32, (2, 8))])
+    mats = {k for k, v in model.state_dict().items() if v.ndim == 2 and k != "tok_emb.weight"}
+    linears = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linears <= set(hs) and "tok_emb.weight" in hs
+    assert hs["tok_emb.weight"].shape == (16, 16)
+    # The head's input is RMS-normalised: mean of x^2 per row is 1, so trace(H) = n_embd.
+    assert float(torch.trace(hs["tok_emb.weight"])) == pytest.approx(16, rel=1e-3)
+    assert mats - set(hs) <= {n for n in mats if "skip" in n or "emb" in n}
