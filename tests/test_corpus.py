@@ -238,7 +238,12 @@ def test_debian_extraction_and_cleaning_from_cached_debs(tmp_path):
         "usr/share/doc/linux-doc-6.1/html/index.html": b"<html></html>",
     })
     _make_deb(cache, "python3.11-doc", {"usr/share/info/python3.11.info.gz": gzip.compress(INFO.encode())})
-    corpus = C.debian_corpus(cache)
+    logs = []
+    corpus = C.debian_corpus(cache, log=logs.append)
+    assert sum("extracting" in m for m in logs) == 2
+    again = C.debian_corpus(cache, log=logs.append)  # the same .debs: extraction is reused
+    assert sum("extracting" in m for m in logs) == 2
+    assert [d.text for d in again.docs] == [d.text for d in corpus.docs] and again.sources == corpus.sources
     assert [d.source for d in corpus.docs] == ["linux-doc-6.1", "linux-doc-6.1", "python3.11-doc"]
     assert corpus.docs[0].text == "Title\n\n" + body.replace("*markup*", "markup")
     by_name = {s["name"]: s for s in corpus.sources}

@@ -302,12 +302,17 @@ def debian_corpus(cache: Path, packages: Sequence[str] | None = None, log: Log =
         deb = debs[pkg]
         version = deb_field(deb, "Version")
         dest = cache / "extract" / pkg
-        log(f"extracting {deb.name}")
-        extract_deb(deb, patterns, dest)
+        digest = _sha256_file(deb)
+        stamp = dest / ".extracted-from"
+        # re-extracting thousands of small files is slow on shared disks: reuse an extraction of this very .deb
+        if not (stamp.is_file() and stamp.read_text().strip() == f"{digest} {' '.join(patterns)}"):
+            log(f"extracting {deb.name}")
+            extract_deb(deb, patterns, dest)
+            stamp.write_text(f"{digest} {' '.join(patterns)}\n")
         docs = _package_documents(kind, dest, glob, pkg)
         corpus.docs.extend(docs)
         corpus.sources.append({"name": pkg, "kind": "deb", "version": version, "deb": deb.name,
-                               "sha256": _sha256_file(deb), "docs": len(docs),
+                               "sha256": digest, "docs": len(docs),
                                "bytes": sum(len(d.text.encode("utf-8")) for d in docs)})
     return corpus
 
