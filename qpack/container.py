@@ -363,7 +363,8 @@ class Container:
         except QpackError as exc:
             raise QpackFormatError(self.path, Reason.CODEC, f"section {name!r}: {exc}") from None
         except MemoryError:
-            raise QpackFormatError(self.path, Reason.BOMB, f"section {name!r}: decoder ran out of memory") from None
+            raise QpackFormatError(self.path, Reason.CODEC, f"section {name!r}: {self._codecs[name].name} decoder ran "
+                                   f"out of memory on a {info.raw_length}-byte promise") from None
         except Exception as exc:  # third-party decoders raise their own types on corrupt frames
             raise QpackFormatError(self.path, Reason.CODEC, f"section {name!r}: {codec.name} failed: {exc!r:.200}") \
                 from None
