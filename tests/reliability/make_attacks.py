@@ -103,7 +103,7 @@ def malicious_pickles() -> dict[str, tuple[bytes, str]]:
     p["builtins_open.pt"] = (PROTO2 + g("builtins", "open") + MARK + u("CANARY") + u("w") + TUPLE + REDUCE + STOP,
                              "builtins.open creates a file")
     p["timeit_stmt.pt"] = (PROTO2 + _call(g("timeit", "timeit"), u(f"import os; os.system({CMD!r})"),
-                                          g("time", "perf_counter"), u("pass"), b"K\x01") + STOP,
+                                          u("pass"), g("time", "perf_counter"), b"K\x01") + STOP,
                            "timeit.timeit(stmt) executes a statement")
 
     import torch
