@@ -90,11 +90,11 @@ def test_gptq_float32_close_to_reference(bits):
     W, X, H = make_layer(seed=1)
     out = make_quantizer("gptq", bits).quantize(W.float(), H.float())
     ref = reference_gptq(W.numpy(), H.numpy(), out.scales, bits)
-    # float32 can flip a code that sits on a rounding boundary; the rest, and the error, must agree.
-    assert (out.q == ref).mean() >= 0.995
+    # float32 could flip a code sitting on a rounding boundary (none do here); the error must agree closely.
+    assert (out.q == ref).mean() >= 0.999
     e_ours = recon_error(W, out.q, out.scales, None, X)
     e_ref = recon_error(W, ref, out.scales, None, X)
-    assert abs(e_ours - e_ref) <= 1e-3 * e_ref
+    assert abs(e_ours - e_ref) <= 1e-4 * e_ref
 
 
 def test_gptq_dead_columns():

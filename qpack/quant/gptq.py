@@ -44,7 +44,7 @@ class GPTQ:
         if not torch.isfinite(H).all():
             raise QpackInputError("gptq: the Hessian holds NaN or infinite values")
         self.W = W.detach().to(dtype).clone()
-        self.H = H.detach().to(dtype).clone()
+        self.H = H.detach().to(device=self.W.device, dtype=dtype).clone()
         # Dead inputs (always zero) carry no information: give them unit curvature so H stays invertible,
         # and zero their weights, which can never affect the layer's output.
         dead = torch.diag(self.H) == 0
