@@ -1,6 +1,7 @@
 """Golf-format shards: an independent writer, byte-for-byte reads, and a clear error for each malformation."""
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     write_shard(p, [1, 5])  # overwrite
     assert read_shard(p).tolist() == [1, 5]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a_train_000000.bin"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_write_rejects_ids_outside_uint16(tmp_path):

@@ -35,11 +35,18 @@ def shard_name(name: str, split: str, index: int) -> str:
     return f"{name}_{split}_{index:06d}.bin"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     """Write to a temp file in the target directory, fsync, then rename over `path`, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; data files are as public as any other
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
