@@ -28,6 +28,8 @@ QPACK_MAGIC = b"QPACK\x00\r\n"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 CONFIG_METADATA_KEY = "qpack_config"
+#: safetensors stores tensors sorted its own way; qpack records the state dict's order to give it back.
+ORDER_METADATA_KEY = "qpack_order"
 #: The safetensors library refuses headers above 100 MB; a header is a few KB per thousand tensors.
 MAX_SAFETENSORS_HEADER = 100_000_000
 MAX_RANK = 16
@@ -450,6 +452,14 @@ def _load_safetensors(path: Path) -> tuple[StateDict, dict | None, dict]:
         if not isinstance(config, dict):
             raise QpackFormatError(path, Reason.BAD_HEADER, f"metadata {CONFIG_METADATA_KEY!r} must be a JSON object")
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    recorded = extra.pop(ORDER_METADATA_KEY, None)
+    if recorded is not None:
+        try:
+            names = json.loads(recorded)
+        except ValueError:
+            names = None
+        if isinstance(names, list) and sorted(map(str, names)) == sorted(header):
+            order = names
     return {k: sd[k] for k in order}, config, extra
 
 
@@ -465,13 +475,15 @@ def save_state_dict(path: str | os.PathLike, state_dict: StateDict, config: dict
     if config is not None and not (isinstance(config, dict) and _is_plain(config)):
         raise QpackInputError("config must be a JSON-like dict")
     extra = dict(extra or {})
-    if not _is_plain(extra) or {"model", "config"} & set(extra):
-        raise QpackInputError("extra must be a JSON-like dict without the keys 'model' and 'config'")
+    if not _is_plain(extra) or {"model", "config", CONFIG_METADATA_KEY, ORDER_METADATA_KEY} & set(extra):
+        raise QpackInputError("extra must be a JSON-like dict without the keys 'model', 'config', "
+                              f"{CONFIG_METADATA_KEY!r} and {ORDER_METADATA_KEY!r}")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()}
         if config is not None:
             meta[CONFIG_METADATA_KEY] = json.dumps(config, sort_keys=True, separators=(",", ":"))
+        meta[ORDER_METADATA_KEY] = json.dumps(list(sd), separators=(",", ":"))
         tensors = _unshare(sd)
 
         def write(tmp: str) -> None:
