@@ -21,8 +21,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 @click.command("compress")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="artifact path (default: MODEL with .qpk)")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="artifact path (default: MODEL with .qpk)")
 @click.option("--budget", help="size cap for artifact + code: 16MB = 16,000,000 bytes, 15.5MiB, or plain bytes")
 @click.option("--bits", default=None, help="with --budget: candidate widths (default 2,3,4,5,6,7,8); without: one width (default 6)")
 @click.option("--scheme", default="auto", show_default=True, help="auto (GPTQ with --calib, else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn")
@@ -31,12 +31,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--codec", "codecs", multiple=True, help="codec spec to try per tensor, repeatable (default: ans and zstd); e.g. zstd:level=22")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration tokens for GPTQ: shard dir, .bin shard, or text file")
 @click.option("--calib-tokens", type=int, default=16384, show_default=True, help="calibration tokens to use")
-@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), help="sentencepiece model for a text --calib file")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="sentencepiece model for a text --calib file")
 @click.option("--arch", help="model factory module:function, when the checkpoint carries no config")
 @click.option("--seq-len", type=int, default=None, help="calibration sequence length (default: the model's)")
 @click.option("--lqer-rank", type=int, default=0, help="rank of low-rank error correction (0: off)")
 @click.option("--lqer-top", type=int, default=0, help="how many tensors (largest error) get LQER")
-@click.option("--code", "code_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="code files shipped with the artifact (counted in the budget)")
+@click.option("--code", "code_files", multiple=True, type=click.Path(path_type=Path), help="code files shipped with the artifact (counted in the budget)")
 @click.option("--code-codec", default=None, help="count --code bytes compressed with this codec (e.g. lzma)")
 @click.option("--passthrough", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="dtype of small tensors")
 @click.option("--min-numel", type=int, default=4096, show_default=True, help="smaller tensors pass through unquantized")
@@ -52,6 +52,10 @@ def command(model, output, budget, bits, scheme, sdclip_k, group_size, codecs, c
 
     if not model.exists():
         raise QpackInputError(f"{model}: no such file")
+    if model.is_dir():
+        raise QpackInputError(f"{model}: is a directory, not a checkpoint (.pt or .safetensors)")
+    if output is not None and output.is_dir():
+        raise QpackInputError(f"{output}: is a directory; give the artifact's file name (e.g. model.qpk)")
     output = output or model.with_suffix(".qpk")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
                 lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k))
