@@ -333,6 +333,17 @@ def test_build_refuses_a_dir_with_foreign_shards(tmp_path):
         build_data(tmp_path, corpus=files, vocab=400, progress=False, log=lambda m: None)
 
 
+def test_corrupt_manifest_needs_force_then_rebuilds(tmp_path):
+    files, _ = write_corpus(tmp_path, 2, 10)
+    out = tmp_path / "d"
+    build_data(out, corpus=files, vocab=400, progress=False, log=lambda m: None)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(QpackFormatError, match="--force"):
+        build_data(out, corpus=files, vocab=400, progress=False, log=lambda m: None)
+    again = build_data(out, corpus=files, vocab=400, force=True, progress=False, log=lambda m: None)
+    assert not again.reused and read_manifest(out)["manifest_hash"] == again.manifest["manifest_hash"]
+
+
 def test_cli_build_json_and_errors(tmp_path):
     files, _ = write_corpus(tmp_path, 4, 20)
     runner = CliRunner()

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -181,7 +182,7 @@ def build_data(out_dir: str | os.PathLike = "data", corpus: Sequence[str | os.Pa
         if old is not None and old.get("settings") == settings and _complete(out, old):
             log(f"{out} already holds a complete build with these settings; reusing it")
             return BuildResult(_paths_from_manifest(out, old), old, reused=True)
-        foreign = _foreign_shards(out)
+        foreign = _foreign_shards(out, settings["name"])
         if foreign:
             raise QpackInputError(f"{out} holds shards that qpack did not build ({foreign[0].name}, ...); "
                                   "use another --out so they are not mixed or overwritten")
@@ -259,33 +260,23 @@ def _encode_split(sp, split: str, docs, staging: Path, settings: dict, counting,
     return {"docs": len(docs), "bytes": text_bytes, "tokens": int(len(tokens)), "shards": shards}
 
 
-def _our_shards(out: Path) -> list[Path]:
-    """Shards the current manifest lists (only those may be replaced by a rebuild)."""
-    try:
-        old = read_manifest(out)
-    except QpackFormatError:
-        old = None
-    try:
-        return [out / s["file"] for split in ("train", "val") for s in old["splits"][split]["shards"]] if old else []
-    except (KeyError, TypeError):
-        return []
+def _shards_in(out: Path) -> list[Path]:
+    """Every NAME_{train,val}_NNNNNN.bin file in `out`, whatever its NAME."""
+    return sorted(p for split in ("train", "val") for p in out.glob(f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
 
 
-def _foreign_shards(out: Path) -> list[Path]:
-    """Shard files in `out` that no qpack manifest there accounts for."""
-    ours = set(_our_shards(out))
-    found = []
-    for split in ("train", "val"):
-        try:
-            found += [p for p in find_shards(out, split) if p not in ours]
-        except QpackError:  # none, or several prefixes: list them all by pattern below
-            found += [p for p in out.glob(f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin") if p not in ours]
-    return sorted(set(found))
+def _is_named(path: Path, name: str) -> bool:
+    return re.fullmatch(rf"{re.escape(name)}_(train|val)_\d{{6}}\.bin", path.name) is not None
+
+
+def _foreign_shards(out: Path, name: str) -> list[Path]:
+    """Shards in `out` under another NAME prefix: a build must neither overwrite nor mix with them."""
+    return [p for p in _shards_in(out) if not _is_named(p, name)]
 
 
 def _install(staging: Path, out: Path, manifest: dict) -> None:
     """Replace the old build's files with the staged ones; the manifest goes in last."""
-    stale = _our_shards(out)
+    stale = [p for p in _shards_in(out) if _is_named(p, manifest["name"])]
     old = out / MANIFEST_NAME
     if old.exists():
         old.unlink()  # from here until the new manifest lands, the dir reads as incomplete
