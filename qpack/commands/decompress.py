@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
 
-from ._common import progress_bar
 
 _SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -26,6 +24,7 @@ def command(artifact: Path, output: Path, as_json: bool, quiet: bool) -> None:
     config); a .safetensors file keeps the config as JSON in its metadata key "qpack_config".
     """
     from ..artifact import read_artifact
+    from ..statedict import assemble
     from ..checkpoint import save_state_dict
     from ..errors import QpackInputError
 
@@ -38,10 +37,13 @@ def command(artifact: Path, output: Path, as_json: bool, quiet: bool) -> None:
     if not output.parent.is_dir():
         raise QpackInputError(f"{output}: directory {output.parent} does not exist")
     art = read_artifact(artifact)
-    names = art.names()
-    # bars only on a terminal: a log or a pipe gets the one-line summary and nothing else
-    bar = progress_bar if sys.stderr.isatty() and not (quiet or as_json) else (lambda it, desc, total: it)
-    state = {name: art.tensor(name) for name in bar(names, "dequantize", len(names))}
+    state = assemble(art)  # row blocks re-joined, tied names restored
+    if output.suffix.lower() == ".safetensors":  # safetensors refuses tensors that share memory
+        seen: set[int] = set()
+        for name, t in state.items():
+            if t.data_ptr() in seen:
+                state[name] = t.clone()
+            seen.add(t.data_ptr())
     save_state_dict(output, state, art.model_config)
     params = sum(t.numel() for t in state.values())
     summary = {
