@@ -18,7 +18,7 @@ from qpack.data import corpus as C
 from qpack.data.build import build_data, ensure_data, manifest_hash, read_manifest
 from qpack.data.shards import find_shards, load_split, read_shard, split_at_bos
 from qpack.data.tokenizer import byte_counting, count_bytes, load_tokenizer
-from qpack.errors import QpackError, QpackFormatError, QpackInputError
+from qpack.errors import QpackFormatError, QpackInputError
 
 WORDS = ("the driver maps each page into memory while python objects call methods on classes and modules; "
          "errors are raised when flags are wrong. Über café 東京 3.14 “quoted” text").split(" ")

@@ -33,16 +33,19 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @click.option("--max-bytes", default=None, help="Cap the corpus at this much text (e.g. 4MB), whole documents.")
 @click.option("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True,
               help="Tokens per shard file.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Where downloaded .debs and their extraction live [default: DIR/cache].")
 @click.option("--force", is_flag=True, help="Rebuild even when DIR already holds this build.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def build(corpus, vocab, out_dir, val_fraction, max_bytes, shard_tokens, force, as_json) -> None:
+def build(corpus, vocab, out_dir, val_fraction, max_bytes, shard_tokens, cache_dir, force, as_json) -> None:
     """Build DIR: tokenizer.model, NAME_{train,val}_NNNNNN.bin and manifest.json."""
     try:
         cap = None if max_bytes is None else parse_size(max_bytes)
     except ValueError as exc:
         raise QpackInputError(f"--max-bytes: {exc}") from None
     result = build_data(out_dir, corpus=list(corpus) or None, vocab=vocab, val_fraction=val_fraction,
-                        max_bytes=cap, shard_tokens=shard_tokens, force=force, progress=not as_json)
+                        max_bytes=cap, shard_tokens=shard_tokens, force=force, progress=not as_json,
+                        cache_dir=cache_dir)
     m = result.manifest
     if as_json:
         click.echo(json.dumps({

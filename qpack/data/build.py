@@ -85,7 +85,7 @@ def build_settings(corpus: Sequence[str | os.PathLike] | None = None, vocab: int
         for p in corpus:
             path = Path(p)
             try:
-                spec.append({"file": path.name, "sha256": corpus_mod._sha256_file(path)})
+                spec.append({"file": path.name, "sha256": corpus_mod.sha256_file(path)})
             except OSError as exc:
                 raise QpackFormatError(path, Reason.IO, f"cannot read corpus file: {exc.strerror or exc}") from None
     else:
@@ -114,7 +114,7 @@ def _complete(out_dir: Path, manifest: dict) -> bool:
     """Whether every file the manifest lists is present with the recorded token counts."""
     try:
         tok = out_dir / manifest["tokenizer"]["file"]
-        if not tok.is_file() or corpus_mod._sha256_file(tok) != manifest["tokenizer"]["sha256"]:
+        if not tok.is_file() or corpus_mod.sha256_file(tok) != manifest["tokenizer"]["sha256"]:
             return False
         for split in ("train", "val"):
             for shard in manifest["splits"][split]["shards"]:
@@ -218,7 +218,7 @@ def _build(out: Path, settings: dict, corpus, cache: Path, progress: bool, log: 
         manifest = {
             "format": DATA_FORMAT, "version": DATA_VERSION, "name": settings["name"], "dtype": "uint16",
             "bos_id": BOS_ID, "settings": settings, "sources": source.sources, "note": source.note,
-            "tokenizer": {"file": TOKENIZER_NAME, "sha256": corpus_mod._sha256_file(staging / TOKENIZER_NAME),
+            "tokenizer": {"file": TOKENIZER_NAME, "sha256": corpus_mod.sha256_file(staging / TOKENIZER_NAME),
                           **tok_info},
             "splits": splits,
             "libraries": {"sentencepiece": _version("sentencepiece")},
@@ -241,7 +241,7 @@ def _encode_split(sp, split: str, docs, staging: Path, settings: dict, counting,
         for start in range(0, len(docs), _ENCODE_BATCH):
             batch = docs[start:start + _ENCODE_BATCH]
             for doc, ids in zip(batch, encode_documents(sp, [d.text for d in batch])):
-                stream = np.concatenate([[BOS_ID], ids]).astype(np.int64)
+                stream = np.concatenate([np.array([BOS_ID], dtype=np.int32), ids.astype(np.int32)])
                 pieces.append(stream)
                 text_bytes += len(doc.text.encode("utf-8"))
                 counted += count_bytes(stream[1:], stream[:-1], luts, mode)
@@ -249,14 +249,14 @@ def _encode_split(sp, split: str, docs, staging: Path, settings: dict, counting,
     if counted != text_bytes:  # bpb would divide by the wrong number: refuse rather than mislead
         raise QpackError(f"tokenizer byte count {counted} differs from the {split} text's {text_bytes} bytes; "
                          "the tokenizer does not round-trip this corpus")
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     shards = []
     step = settings["shard_tokens"]
     for k, lo in enumerate(range(0, max(len(tokens), 1), step)):
         fname = shard_name(settings["name"], split, k)
         write_shard(staging / fname, tokens[lo:lo + step])
         shards.append({"file": fname, "tokens": int(min(step, len(tokens) - lo)),
-                       "sha256": corpus_mod._sha256_file(staging / fname)})
+                       "sha256": corpus_mod.sha256_file(staging / fname)})
     return {"docs": len(docs), "bytes": text_bytes, "tokens": int(len(tokens)), "shards": shards}
 
 

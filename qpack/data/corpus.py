@@ -59,7 +59,8 @@ def normalize_text(text: str) -> str:
     return text.replace("\u2581", "_")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -302,7 +303,7 @@ def debian_corpus(cache: Path, packages: Sequence[str] | None = None, log: Log =
         deb = debs[pkg]
         version = deb_field(deb, "Version")
         dest = cache / "extract" / pkg
-        digest = _sha256_file(deb)
+        digest = sha256_file(deb)
         stamp = dest / ".extracted-from"
         # re-extracting thousands of small files is slow on shared disks: reuse an extraction of this very .deb
         if not (stamp.is_file() and stamp.read_text().strip() == f"{digest} {' '.join(patterns)}"):
