@@ -29,7 +29,7 @@ DEBIAN_SOURCES: dict[str, tuple[list[str], str, str]] = {
                       "usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt", "rst"),
     "python3.11-doc": (["./usr/share/info/python3.11.info.gz"], "usr/share/info/python3.11.info.gz", "info"),
 }
-CLEANER_VERSION = 1  # bump when a cleaner changes, so `ensure_data` rebuilds instead of reusing
+CLEANER_VERSION = 2  # bump when a cleaner changes, so `ensure_data` rebuilds instead of reusing
 MIN_DOC_CHARS = 64  # shorter leftovers are menus, headings or labels, not prose
 FALLBACK_MAX_BYTES = 12_000_000
 _SUBPROCESS_TIMEOUT = 600
@@ -86,9 +86,9 @@ _TABLE_RULE = re.compile(r"^\s*(\+[-=+]+\+|=+(\s+=+)+|-+(\s+-+)+)\s*$")
 _OPTION = re.compile(r"^\s+:[\w-]+:")
 # One pass over the whole text for inline markup: an alternation is several times faster than one sub() each.
 _INLINE = re.compile(
-    r":(?:[\w.+-]+:)+`(?P<role>[^`]*)`"
-    r"|``(?P<lit>[^`].*?)``"
-    r"|`(?P<ref>[^`]+)`(?:__?)?"
+    r":(?:[\w.+-]+:)+`(?P<role>(?:[^`\n]|\n(?!\n))*)`"  # inline markup never spans a blank line
+    r"|``(?P<lit>[^`](?:[^`\n]|\n(?!\n)|`(?!`))*?)``"
+    r"|`(?P<ref>(?:[^`\n]|\n(?!\n))+)`(?:__?)?"
     r"|\*\*(?P<strong>[^\s*][^*]*?)\*\*"
     r"|(?<![\w*\\])\*(?P<emph>[^\s*][^*\n]*?)(?<=[^\s*])\*(?![\w*])"
     r"|\|(?P<subst>\w[\w.-]*(?: [\w.-]+)*)\|"
@@ -166,7 +166,7 @@ def _squeeze_blank_lines(text: str) -> str:
 # --- GNU info --------------------------------------------------------------------------------------------
 
 _INFO_MARKER = re.compile(r"\x00\x08\[.*?\x00\x08\]", re.S)
-_INFO_NOTE = re.compile(r"\*[Nn]ote[ \n]+([^*]+?)(?:::|:[ \n]+[^.,:*]+?[.,])", re.S)
+_INFO_NOTE = re.compile(r"\*[Nn]ote[ \n]+(.{1,200}?)(?:::|:[ \n]+[^.,:]{1,80}?[.,])", re.S)
 _INFO_MENU_ITEM = re.compile(r"^\* .*?(::|: .*?\.(\s+\(line +\d+\))?)\s*$")
 _INFO_UNDERLINE = re.compile(r"^\s*[*=\-.]{3,}\s*$")
 
