@@ -86,3 +86,13 @@ def test_plugin_appears_in_bench_codecs(tmp_path):
     assert xor[0]["params"] == {"key": 90}
     assert xor[0]["bytes"] == 4096 and xor[0]["roundtrip"] is True
     assert {"zstd", "ans", "lzma"} <= {r["codec"] for r in rows}
+
+
+def test_parse_codec_keeps_json_values_with_commas():
+    from qpack.codecs import parse_codec
+
+    c = parse_codec('lzma:format=raw,filters=[{"id":"delta","dist":1},{"id":"lzma2","preset":9}]')
+    assert c.params["format"] == "raw"
+    assert c.params["filters"] == [{"id": "delta", "dist": 1}, {"id": "lzma2", "preset": 9}]
+    data = bytes(range(256)) * 40
+    assert c.decode(c.encode(data), len(data)) == data

@@ -76,7 +76,10 @@ def register_codec(name: str):
 
 
 def load_plugins() -> list[str]:
-    """Register codecs installed under the `qpack.codecs` entry-point group; returns the names added."""
+    """Register codecs installed under the `qpack.codecs` entry-point group; returns the names added.
+
+    A plugin class is registered here under its entry-point name: it must not also use @register_codec.
+    """
     global _plugins_loaded
     if _plugins_loaded:
         return []
@@ -125,7 +128,7 @@ def parse_codec(text: str) -> Codec:
     """Parse a CLI codec spec such as "zstd", "zstd:level=22" or "lzma:preset=9,extreme=true"."""
     name, _, rest = text.partition(":")
     params: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, _split_top_level(rest)):
         key, eq, value = item.partition("=")
         if not eq:
             raise QpackInputError(f"codec spec {text!r}: expected key=value, got {item!r}")
@@ -134,3 +137,20 @@ def parse_codec(text: str) -> Codec:
         except json.JSONDecodeError:
             params[key.strip()] = value
     return make_codec(name.strip(), params)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets or braces (JSON values may hold commas)."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
