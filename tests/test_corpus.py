@@ -359,6 +359,8 @@ def test_cli_build_json_and_errors(tmp_path):
                        (["--vocab", "10"], "--vocab")):
         res = runner.invoke(main, [*args, *bad, "--force"])
         assert res.exit_code == 2 and words in res.stderr and "Traceback" not in res.output
+    with pytest.raises(QpackInputError, match="cannot use as a data directory"):
+        build_data(files[0], corpus=files, vocab=400, progress=False)  # the out dir is a file
     one = tmp_path / "one.txt"
     one.write_text("just one document")
     res = runner.invoke(main, ["data", "build", "--corpus", str(one), "--out", str(tmp_path / "o1")])

@@ -135,8 +135,12 @@ def _paths_from_manifest(out_dir: Path, manifest: dict) -> DataPaths:
 @contextlib.contextmanager
 def _build_lock(out_dir: Path):
     """One builder per data dir at a time (torchrun ranks may all call ensure_data)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".build.lock", "w") as f:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(out_dir / ".build.lock", "w")
+    except OSError as exc:
+        raise QpackInputError(f"{out_dir}: cannot use as a data directory: {exc.strerror or exc}") from None
+    with f:
         try:
             import fcntl
 
@@ -186,7 +190,10 @@ def build_data(out_dir: str | os.PathLike = "data", corpus: Sequence[str | os.Pa
         if foreign:
             raise QpackInputError(f"{out} holds shards that qpack did not build ({foreign[0].name}, ...); "
                                   "use another --out so they are not mixed or overwritten")
-        return _build(out, settings, corpus, Path(cache_dir) if cache_dir else out / "cache", progress, log)
+        try:
+            return _build(out, settings, corpus, Path(cache_dir) if cache_dir else out / "cache", progress, log)
+        except OSError as exc:  # disk full, permissions: the staged files are gone, the old build is untouched
+            raise QpackFormatError(out, Reason.IO, f"data build failed: {exc.strerror or exc}") from None
 
 
 def _build(out: Path, settings: dict, corpus, cache: Path, progress: bool, log: Log) -> BuildResult:
