@@ -187,6 +187,16 @@ def test_dedupe_and_cap():
     assert C.cap_bytes(docs, None) == docs
 
 
+def test_cap_does_not_skew_the_val_share():
+    docs = [C.Document(t, "x") for t in make_texts(1000, seed=4)]
+    total = sum(len(d.text.encode()) for d in docs)
+    capped = C.cap_bytes(docs, total // 4)
+    assert total // 4 - 2000 < sum(len(d.text.encode()) for d in capped) <= total // 4
+    assert [d.text for d in capped] == [d.text for d in docs if d in capped]  # input order kept
+    _, val = C.split_train_val(capped, 0.05)
+    assert 0.02 < len(val) / len(capped) < 0.09
+
+
 # --- fallback and Debian extraction (no network) ---------------------------------------------------------------
 
 def test_python_fallback_is_fast_and_says_so():

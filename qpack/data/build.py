@@ -207,7 +207,7 @@ def _build(out: Path, settings: dict, corpus, cache: Path, progress: bool, log: 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         t = time.perf_counter()
-        # train_docs are in hash order, so this prefix is a deterministic sample of the training split
+        # a deterministic sample of the training split, kept in its order
         sample = corpus_mod.cap_bytes(train_docs, settings["tokenizer_train_bytes"])
         log(f"training a {settings['vocab']}-piece BPE tokenizer on {len(sample)} of {len(train_docs)} "
             "training documents")

@@ -29,7 +29,7 @@ DEBIAN_SOURCES: dict[str, tuple[list[str], str, str]] = {
                       "usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt", "rst"),
     "python3.11-doc": (["./usr/share/info/python3.11.info.gz"], "usr/share/info/python3.11.info.gz", "info"),
 }
-CLEANER_VERSION = 2  # bump when a cleaner changes, so `ensure_data` rebuilds instead of reusing
+CLEANER_VERSION = 3  # bump when cleaning or document selection changes, so builds are redone, not reused
 MIN_DOC_CHARS = 64  # shorter leftovers are menus, headings or labels, not prose
 FALLBACK_MAX_BYTES = 12_000_000
 _SUBPROCESS_TIMEOUT = 600
@@ -421,9 +421,9 @@ def _jsonl_texts(path: Path, text: str) -> list[str]:
 
 # --- choosing and splitting ------------------------------------------------------------------------------
 
-def doc_hash(text: str) -> int:
-    """A 64-bit hash of a document's text: the split and the document order both come from it."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+def doc_hash(text: str, salt: bytes = b"") -> int:
+    """A 64-bit hash of a document's text: the split and the document order come from it (salt b"")."""
+    return int.from_bytes(hashlib.sha256(salt + text.encode("utf-8")).digest()[:8], "big")
 
 
 def dedupe(docs: Sequence[Document]) -> list[Document]:
@@ -438,17 +438,21 @@ def dedupe(docs: Sequence[Document]) -> list[Document]:
 
 
 def cap_bytes(docs: Sequence[Document], max_bytes: int | None) -> list[Document]:
-    """A deterministic sample of whole documents, in hash order, totalling at most `max_bytes` (at least one)."""
+    """A deterministic sample of whole documents totalling at most `max_bytes` (at least one), in input order.
+
+    The sample follows a salted hash, independent of the split's: with the split's own order a cap would
+    pick the val documents (the lowest hashes) first and the val share would balloon.
+    """
     if max_bytes is None:
         return list(docs)
-    out, total = [], 0
-    for d in sorted(docs, key=lambda d: doc_hash(d.text)):
+    chosen, total = set(), 0
+    for k, d in sorted(enumerate(docs), key=lambda kd: doc_hash(kd[1].text, b"sample:")):
         size = len(d.text.encode("utf-8"))
-        if out and total + size > max_bytes:
+        if chosen and total + size > max_bytes:
             continue
-        out.append(d)
+        chosen.add(k)
         total += size
-    return out
+    return [d for k, d in enumerate(docs) if k in chosen]
 
 
 def split_train_val(docs: Sequence[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
