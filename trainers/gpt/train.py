@@ -638,7 +638,7 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path, opts, ema, stream) -> tuple[int, float, int]:
         try:
-            ck = torch.load(path, map_location=self.device, weights_only=True)
+            ck = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         except Exception as exc:  # noqa: BLE001  (any unpickling failure means the file is not ours)
             raise QpackFormatError(path, Reason.BAD_HEADER, f"cannot resume from this checkpoint ({exc}); "
                                    "delete it or choose another --out") from None
