@@ -500,42 +500,15 @@ class Trainer:
             scale = lr_scale(step, elapsed, cfg)
             if cfg.qat_bits and not qat_on and step >= cfg.warmup_steps and scale < cfg.qat_threshold:
                 qat_on = self._enable_qat(step)
-            momentum_frac = min(step / cfg.muon_momentum_warmup, 1.0) if cfg.muon_momentum_warmup else 1.0
-            for opt in opts:
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * scale
-                    if isinstance(opt, Muon):
-                        g["momentum"] = (1 - momentum_frac) * cfg.muon_momentum_start + momentum_frac * cfg.muon_momentum
+            self._set_schedule(opts, step, scale)
             penalize = self.crownq is not None and in_warmdown(step, elapsed, cfg)
-            loss_sum = torch.zeros((), device=self.device)
-            for micro in range(self.accum):
-                x, y = next_batch(stream, cfg.batch_size, cfg.seq_len, self.rank, self.world, self.device)
-                if self.world > 1:  # all-reduce only on the last micro-batch
-                    model.require_backward_grad_sync = micro == self.accum - 1
-                with self.autocast():
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-                total = loss / self.accum
-                if penalize and micro == self.accum - 1:
-                    total = total + self._crownq_penalty()
-                total.backward()
-                loss_sum += loss.detach()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
-            for opt in opts:
-                opt.step()
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
+            step_loss = self._train_step(model, stream, opts, penalize)
             if ema is not None:
                 with torch.no_grad():
                     for k, v in self.raw.state_dict().items():
                         ema[k].lerp_(v.float(), 1.0 - cfg.ema_decay)
             step += 1
             tokens_seen += self.per_step_tokens * self.accum
-            step_loss = loss_sum / self.accum
-            if self.world > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= self.world
             pending.append((step, step_loss))
 
             if step % cfg.log_every == 0 or step == stop_at:
@@ -584,6 +557,45 @@ class Trainer:
         return summary
 
     # -- pieces of the run
+    def _set_schedule(self, opts: list[torch.optim.Optimizer], step: int, scale: float) -> None:
+        """Scale every group's LR; ramp Muon's momentum from muon_momentum_start over its warmup."""
+        cfg = self.cfg
+        frac = min(step / cfg.muon_momentum_warmup, 1.0) if cfg.muon_momentum_warmup else 1.0
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    g["momentum"] = (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+
+    def _train_step(self, model: torch.nn.Module, stream: TokenStream, opts: list[torch.optim.Optimizer],
+                    penalize: bool) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss over every rank (on device)."""
+        cfg = self.cfg
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = next_batch(stream, cfg.batch_size, cfg.seq_len, self.rank, self.world, self.device)
+            if self.world > 1:  # all-reduce the gradients only on the last micro-batch
+                model.require_backward_grad_sync = micro == self.accum - 1
+            with self.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            total = loss / self.accum
+            if penalize and micro == self.accum - 1:
+                total = total + self._crownq_penalty()
+            total.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+        for opt in opts:
+            opt.step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        mean = loss_sum / self.accum
+        if self.world > 1:
+            dist.all_reduce(mean)
+            mean /= self.world
+        return mean
+
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         cfg = self.cfg
         parts = split_params(self.raw)
