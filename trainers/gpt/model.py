@@ -224,7 +224,8 @@ class Attention(nn.Module):
         if v_first is None:
             v_first = v
         elif hasattr(self, "v_lambda"):
-            v = self.v_lambda * v + (1 - self.v_lambda) * v_first
+            lam = self.v_lambda.to(v.dtype)  # keep bf16 values bf16 under autocast (flash-attn needs it)
+            v = lam * v + (1 - lam) * v_first.to(v.dtype)
         if cfg.qk_norm:
             q, k = rms_norm(q, cfg.norm_eps), rms_norm(k, cfg.norm_eps)
         q, k = self.rotary(q), self.rotary(k)
