@@ -179,3 +179,23 @@ def test_fake_quant_forward_uses_quantized_weights_and_passes_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.blocks.parameters() if p.ndim == 2)
     set_fake_quant(model, None)
     assert not torch.allclose(model(idx), reference(idx))
+
+
+def test_attention_inputs_stay_bf16_under_autocast(monkeypatch):
+    """On CUDA flash-attn is taken only for half-precision q, k, v: every option must keep them bf16."""
+    import trainers.gpt.model as model_module
+
+    seen = []
+    real = model_module.attend
+
+    def spy(q, k, v):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v)
+
+    monkeypatch.setattr(model_module, "attend", spy)
+    model = _randomized(GPT(GPTConfig(**TINY, **OPTIONS["everything"])))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 61, (2, 8)))
+    assert logits.dtype == torch.float32
+    assert len(seen) == len(model.cfg.schedule)
+    assert set(seen) == {(torch.bfloat16,) * 3}
