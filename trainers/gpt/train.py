@@ -525,6 +525,8 @@ class Trainer:
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
                 val_loss, val_bpb = evaluate(self.raw, val, cfg, self.device, self.autocast, luts, self.rank, self.world)
                 self.log(f"step {step} val_loss {val_loss:.4f}" + (f" val_bpb {val_bpb:.4f}" if val_bpb else ""))
+                self._flush_metrics(pending, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+                pending.clear()
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 self._flush_metrics(pending)
                 pending.clear()
@@ -541,6 +543,7 @@ class Trainer:
         if ema is not None:
             self.raw.load_state_dict({k: v.to(self.raw.state_dict()[k].dtype) for k, v in ema.items()})
         val_loss, val_bpb = evaluate(self.raw, val, cfg, self.device, self.autocast, luts, self.rank, self.world)
+        self._flush_metrics([], {"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "final": True})
         final = self.out / "final.pt"
         tok_path = self.data / "tokenizer.model"
         if self.rank == 0:
@@ -631,11 +634,14 @@ class Trainer:
             return max(0.0, min(by_steps, self.cfg.max_seconds - elapsed))
         return by_steps
 
-    def _flush_metrics(self, pending: list[tuple[int, torch.Tensor]]) -> None:
-        if self.rank == 0 and pending:
+    def _flush_metrics(self, pending: list[tuple[int, torch.Tensor]], extra: dict[str, Any] | None = None) -> None:
+        """Append the pending per-step train losses (and an eval record) to metrics.jsonl."""
+        if self.rank == 0 and (pending or extra):
             with open(self.out / "metrics.jsonl", "a") as f:
                 for s, loss in pending:
                     f.write(json.dumps({"step": s, "loss": float(loss)}) + "\n")
+                if extra:
+                    f.write(json.dumps(extra) + "\n")
 
     def _save_checkpoint(self, path: Path, step: int, elapsed: float, tokens: int, opts, ema, stream) -> None:
         if self.rank != 0:
@@ -703,7 +709,7 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-step losses a run wrote to OUT/metrics.jsonl."""
+    """What a run wrote to OUT/metrics.jsonl: {"step", "loss"} per step, {"step", "val_loss", "val_bpb"} per eval."""
     text = (Path(out) / "metrics.jsonl").read_text()
     return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
