@@ -738,12 +738,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rest.append(a)
     try:
-        summary = train(config_from_args(preset, None, None, rest))
+        train(config_from_args(preset, None, None, rest))  # the log's last line is the summary as JSON
     except QpackError as exc:
         print(f"qpack: error: {exc}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, sort_keys=True))
     return 0
 
 
