@@ -1,4 +1,4 @@
-"""Part 2: exhaustive corruption of reference artifacts (ANS, zstd, brotli; lzma in the long pass).
+"""Part 2: exhaustive corruption of small reference artifacts (ANS, zstd, brotli, lzma; golden files: long pass).
 
 Every byte flipped two ways (lowest bit, all bits), every truncation, and 1, 7 and 4,096 trailing junk
 bytes: each variant must raise QpackFormatError, from parsing or from decoding every tensor. Anything else

@@ -1,0 +1,146 @@
+"""Coverage-guided fuzzing (atheris / libFuzzer) of the .qpk reader and every codec decoder.
+
+    python tests/reliability/fuzz.py TARGET [libFuzzer flags...] [CORPUS_DIR...]
+    python tests/reliability/fuzz.py container_sealed -max_total_time=600 -artifact_prefix=/tmp/crash-
+
+Targets:
+  container         the input is a whole file: loads_artifact(data).tensors()
+  container_sealed  the input is manifest JSON + payload; the harness re-frames it with correct CRCs and
+                    SHA-256 (and fixes each section's crc32), so mutations reach the checks behind them
+  codecs            first byte picks a built-in codec (and params), next two bytes the promised size, the
+                    rest is a frame to decode; small inputs are also round-tripped through encode
+  safetensors       the input is a .safetensors file for qpack.checkpoint.read_safetensors_header
+Every exception other than QpackFormatError (CodecError for a bare codec) is a finding: libFuzzer stops
+and writes the input under -artifact_prefix. With no CORPUS_DIR a seed corpus is made from the golden files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import atheris
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+with atheris.instrument_imports(include=["qpack"]):
+    from qpack.artifact import loads_artifact
+    from qpack.checkpoint import read_safetensors_header
+    from qpack.codecs import CodecError, make_codec
+    from qpack.errors import QpackFormatError
+
+from relhelp import GOLDEN, seal, split  # noqa: E402
+
+CODEC_SPECS = [("raw", {}), ("zlib", {}), ("zstd", {"level": 3}), ("lzma", {"preset": 1}),
+               ("lzma", {"format": "raw", "preset": 1}), ("brotli", {"quality": 5}), ("ans", {}),
+               ("ans", {"group": 7})]
+_TMP = Path(tempfile.mkdtemp(prefix="qpack-fuzz-"))
+
+
+def container(data: bytes) -> None:
+    try:
+        loads_artifact(data, "fuzz.qpk").tensors()
+    except QpackFormatError:
+        pass
+
+
+def _fix_section_crcs(manifest: bytes, payload: bytes) -> bytes:
+    try:
+        m = json.loads(manifest)
+    except (ValueError, RecursionError):
+        return manifest
+    if not isinstance(m, dict) or not isinstance(m.get("sections"), list):
+        return manifest
+    for rec in m["sections"]:
+        if isinstance(rec, dict) and type(rec.get("offset")) is int and type(rec.get("length")) is int \
+                and 0 <= rec["offset"] <= len(payload):
+            rec["crc32"] = zlib.crc32(payload[rec["offset"]: rec["offset"] + rec["length"]])
+    return json.dumps(m, sort_keys=True, separators=(",", ":")).encode()
+
+
+def container_sealed(data: bytes) -> None:
+    if len(data) < 2:
+        return
+    (mlen,) = struct.unpack_from("<H", data)
+    manifest, payload = data[2: 2 + mlen], data[2 + mlen:]
+    container(seal(_fix_section_crcs(manifest, payload), payload))
+
+
+def sealed_seed(artifact: bytes) -> bytes:
+    """A real artifact in container_sealed's input form: u16 manifest length, manifest JSON, payload."""
+    m, payload = split(artifact)
+    body = json.dumps(m, sort_keys=True, separators=(",", ":")).encode()
+    return struct.pack("<H", len(body)) + body + payload
+
+
+def codecs(data: bytes) -> None:
+    if len(data) < 3:
+        return
+    name, params = CODEC_SPECS[data[0] % len(CODEC_SPECS)]
+    size = int.from_bytes(data[1:3], "little")
+    codec = make_codec(name, params)
+    frame = data[3:]
+    try:
+        out = codec.decode(frame, size)
+        if len(out) != size:
+            raise AssertionError(f"{name} returned {len(out)} bytes, {size} promised")
+    except CodecError:
+        pass
+    if len(frame) <= 2048:
+        if codec.decode(codec.encode(frame), len(frame)) != frame:
+            raise AssertionError(f"{name} does not round-trip {len(frame)} bytes")
+
+
+def safetensors(data: bytes) -> None:
+    path = _TMP / "x.safetensors"
+    path.write_bytes(data)
+    try:
+        read_safetensors_header(path)
+    except QpackFormatError:
+        pass
+
+
+TARGETS = {"container": container, "container_sealed": container_sealed, "codecs": codecs,
+           "safetensors": safetensors}
+
+
+def seed_corpus(target: str, folder: Path) -> None:
+    """A few real inputs per target, so mutations start from valid files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    goldens = sorted(GOLDEN.glob("*.qpk"))
+    for p in goldens:
+        data = p.read_bytes()
+        if target == "container":
+            (folder / p.name).write_bytes(data)
+        elif target == "container_sealed":
+            (folder / p.name).write_bytes(sealed_seed(data))
+    if target == "codecs":
+        sample = bytes(range(7, 64)) * 3
+        for i, (name, params) in enumerate(CODEC_SPECS):
+            frame = make_codec(name, params).encode(sample)
+            (folder / f"{i}_{name}").write_bytes(bytes([i]) + len(sample).to_bytes(2, "little") + frame)
+    if target == "safetensors":
+        hdr = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                          "__metadata__": {"qpack_config": "{}"}}).encode()
+        (folder / "st").write_bytes(struct.pack("<Q", len(hdr)) + hdr + bytes(16))
+
+
+def main() -> None:
+    target = sys.argv[1]
+    rest = sys.argv[2:]
+    if not any(not a.startswith("-") for a in rest):
+        corpus = _TMP / f"corpus-{target}"
+        seed_corpus(target, corpus)
+        rest.append(str(corpus))
+    atheris.Setup([sys.argv[0], *rest], TARGETS[target])
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

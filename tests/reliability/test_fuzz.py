@@ -1,0 +1,138 @@
+"""Part 1: a bounded atheris pass per target (fuzz.py) and a Hypothesis round-trip property.
+
+Normal run: each atheris target for a few seconds (FUZZ_SECONDS), the property for PROPERTY_EXAMPLES examples.
+Long pass (`pytest -m slow tests/reliability`): each target for LONG_SECONDS.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qpack.artifact import DTYPES, FLOAT_DTYPES, TensorEntry, build_artifact, loads_artifact
+from qpack.codecs import make_codec
+from qpack.quant.base import Quantized, n_groups, qmax
+from relhelp import HERE, run_py
+
+#: Seconds of fuzzing per target in the normal run (each process also spends ~5-10 s importing torch). The raw
+#: `container` target rarely gets past the SHA-256 trailer, so it runs in the long pass only.
+FUZZ_SECONDS = {"container_sealed": 8, "codecs": 6, "safetensors": 3}
+LONG_TARGETS = ["container", "container_sealed", "codecs", "safetensors"]
+LONG_SECONDS = 240
+PROPERTY_EXAMPLES = int(os.environ.get("QPACK_PROPERTY_EXAMPLES", "1000"))
+CODECS = [("raw", {}), ("zlib", {}), ("zstd", {"level": 3}), ("zstd", {}), ("lzma", {}),
+          ("lzma", {"format": "raw"}), ("brotli", {}), ("ans", {}), ("ans", {"group": 5})]
+
+
+def _fuzz(target: str, seconds: int, tmp_path) -> int:
+    code = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    res = run_py(code, str(HERE / "fuzz.py"), target, f"-max_total_time={seconds}", "-print_final_stats=1",
+                 f"-artifact_prefix={tmp_path}/", "-max_len=16384", timeout=seconds + 120)
+    crashes = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-", "leak-"))]
+    assert res.returncode == 0 and not crashes, f"finding in {target}: {crashes}\n{res.stderr[-4000:]}"
+    runs = re.search(r"Done (\d+) runs in (\d+) second", res.stderr)
+    assert runs, res.stderr[-2000:]
+    return int(runs.group(1))
+
+
+@pytest.mark.parametrize("target", sorted(FUZZ_SECONDS))
+def test_atheris_bounded_pass(target, tmp_path):
+    runs = _fuzz(target, FUZZ_SECONDS[target], tmp_path)
+    assert runs >= 100, f"only {runs} inputs in {FUZZ_SECONDS[target]} s"
+    print(f"{target}: {runs} inputs in {FUZZ_SECONDS[target]} s, no findings")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", LONG_TARGETS)
+def test_atheris_long_pass(target, tmp_path):
+    runs = _fuzz(target, LONG_SECONDS, tmp_path)
+    print(f"{target}: {runs} inputs in {LONG_SECONDS} s, no findings")
+
+
+# ------------------------------------------------------------------------------------------ property
+@st.composite
+def quant_entries(draw, name: str):
+    bits = draw(st.integers(2, 8))
+    layout = draw(st.sampled_from(["byte", "packed"] + (["trit"] if bits == 2 else [])))
+    rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 40))
+    group = draw(st.one_of(st.none(), st.integers(1, cols + 3)))
+    m = qmax(bits)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-m, m + 1, size=(rows, cols)).astype(np.int8)
+    scales = (rng.standard_normal((rows, n_groups(cols, group))) * 0.1).astype(np.float16)
+    rank = draw(st.one_of(st.none(), st.integers(1, min(rows, cols))))
+    lowrank = None
+    if rank:
+        fb = 2 if layout == "trit" else 4  # factors share the tensor's code layout (artifact.py)
+        fm = qmax(fb)
+        a = Quantized(rng.integers(-fm, fm + 1, size=(rows, rank)).astype(np.int8),
+                      np.full((rows, 1), 0.5, np.float16), (rows, rank), fb, "rtn")
+        b = Quantized(rng.integers(-fm, fm + 1, size=(rank, cols)).astype(np.int8),
+                      np.full((rank, 1), 0.25, np.float16), (rank, cols), fb, "rtn")
+        lowrank = (a, b)
+    shape = draw(st.sampled_from([(rows, cols), (rows, 1, cols)] + ([(cols,)] if rows == 1 else [])))
+    codec = make_codec(*draw(st.sampled_from(CODECS)))
+    scale_codec = make_codec(*draw(st.sampled_from(CODECS)))
+    return TensorEntry(name, Quantized(q, scales, shape, bits, "rtn", group), layout=layout, codec=codec,
+                       scale_codec=scale_codec, lowrank=lowrank, dtype=draw(st.sampled_from(FLOAT_DTYPES)),
+                       scale_layout=draw(st.sampled_from(["auto", "plain", "shuffled"])))
+
+
+@st.composite
+def raw_entries(draw, name: str):
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+    n = math.prod(shape)
+    raw = draw(st.binary(min_size=n * 8, max_size=n * 8))
+    torch_dtype = DTYPES[dtype][0]
+    if torch_dtype == torch.bool:
+        t = torch.tensor([b & 1 for b in raw[:n]], dtype=torch.bool).reshape(shape)
+    else:
+        itemsize = torch.empty(0, dtype=torch_dtype).element_size()
+        t = torch.frombuffer(bytearray(raw[: n * itemsize]) or bytearray(itemsize), dtype=torch_dtype)[:n]
+        t = t.clone().reshape(shape)
+    return TensorEntry(name, t, codec=make_codec(*draw(st.sampled_from(CODECS))))
+
+
+@st.composite
+def artifacts(draw):
+    k = draw(st.integers(1, 3))
+    return [draw(st.one_of(quant_entries(f"t{i}"), raw_entries(f"t{i}"))) for i in range(k)]
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+
+
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(artifacts())
+def test_round_trip_property(entries):
+    art = loads_artifact(build_artifact(entries, {"libraries": {}}))
+    assert art.names() == [e.name for e in entries]
+    for e in entries:
+        got = art.quantized(e.name)
+        if isinstance(e.payload, torch.Tensor):
+            assert got.dtype == e.payload.dtype and got.shape == e.payload.shape
+            assert _bits(got) == _bits(e.payload)
+            continue
+        want = e.payload
+        assert (got.bits, got.group_size, tuple(got.shape)) == (want.bits, want.group_size, tuple(want.shape))
+        assert np.array_equal(got.q, want.q)
+        assert got.scales.tobytes() == want.scales.tobytes()
+        if e.lowrank:
+            a, b = art.lowrank(e.name)
+            assert np.array_equal(a.q, e.lowrank[0].q) and np.array_equal(b.q, e.lowrank[1].q)
+        deq = want.dequantize()
+        if e.lowrank:
+            deq = deq + (e.lowrank[0].dequantize() @ e.lowrank[1].dequantize()).reshape(deq.shape)
+        assert _bits(art.tensor(e.name)) == _bits(deq)
