@@ -25,17 +25,17 @@ def command(preset, data, out, as_json, overrides):
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
         return
-    rows = [[k, _fmt(summary[k])] for k in ("steps", "tokens", "seconds", "tokens_per_s", "val_loss", "val_bpb",
-                                            "params", "checkpoint") if k in summary]
+    rows = [[k, _fmt(k, summary[k])] for k in ("steps", "tokens", "seconds", "tokens_per_s", "val_loss", "val_bpb",
+                                               "params", "checkpoint") if k in summary]
     print_table(["metric", "value"], rows)
     sys.stdout.flush()
 
 
-def _fmt(v) -> str:
+def _fmt(key: str, v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+        return f"{v:.4f}" if key.startswith("val_") else f"{v:,.1f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
