@@ -538,8 +538,9 @@ class Trainer:
         self._save_checkpoint(ckpt_path, step, elapsed, tokens_seen, opts, ema, stream)
         if step < cfg.max_steps and cfg.stop_after and step >= cfg.stop_after:
             self.log(f"stopped after step {step} (stop_after); resume with the same config")
-            return {"steps": step, "tokens": tokens_seen, "seconds": elapsed, "stopped": True,
-                    "checkpoint": str(ckpt_path)}
+            return {"steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 3),
+                    "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1), "val_loss": None, "val_bpb": None,
+                    "params": self.raw.num_params(), "checkpoint": str(ckpt_path), "stopped": True}
         if ema is not None:
             self.raw.load_state_dict({k: v.to(self.raw.state_dict()[k].dtype) for k, v in ema.items()})
         val_loss, val_bpb = evaluate(self.raw, val, cfg, self.device, self.autocast, luts, self.rank, self.world)
@@ -553,7 +554,7 @@ class Trainer:
         summary = {"steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 3),
                    "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1), "val_loss": val_loss,
                    "val_bpb": val_bpb, "params": self.raw.num_params(), "checkpoint": str(final),
-                   "ema": bool(ema is not None), "qat": qat_on}
+                   "ema": bool(ema is not None), "qat": qat_on, "stopped": False}
         self.log(f"final val_loss {val_loss:.4f}" + (f" val_bpb {val_bpb:.4f}" if val_bpb else "")
                  + f" after {step} steps, {tokens_seen:,} tokens, {elapsed:.1f}s")
         self.log("summary " + json.dumps(summary, sort_keys=True))
