@@ -114,3 +114,11 @@ def run_py(code: str, *args: str, cwd: str | os.PathLike | None = None, timeout:
 
 def load_index(folder: Path) -> dict[str, dict]:
     return json.loads((folder / "index.json").read_text())
+
+
+def record(part: str, **figures) -> None:
+    """Append one JSON line of figures to $QPACK_RELIABILITY_LOG (how the long pass's README numbers are kept)."""
+    log = os.environ.get("QPACK_RELIABILITY_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"part": part, **figures}, sort_keys=True) + "\n")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from relhelp import ATTACKS, ROOT, load_index, run_py
+from relhelp import ATTACKS, ROOT, load_index, record, run_py
 
 FOLDER = ATTACKS / "bombs"
 INDEX = load_index(FOLDER)
@@ -38,6 +38,7 @@ def _probe(name: str) -> dict:
                                   if n in KNOWN else n for n in sorted(INDEX)])
 def test_bomb_stops_at_declared_size(name):
     row = _probe(name)
+    record("4 bomb", **row)
     declared = INDEX[name]["raw_length"]
     assert row["outcome"] == "refused", row
     assert row["reason"] in ("codec", "bomb") and "out of memory" not in row["message"], row

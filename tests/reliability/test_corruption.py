@@ -10,7 +10,7 @@ import pytest
 
 from qpack.artifact import loads_artifact
 from qpack.errors import QpackFormatError
-from relhelp import GOLDEN
+from relhelp import GOLDEN, record
 
 
 def variants(data: bytes):
@@ -61,6 +61,7 @@ def test_every_corruption_is_detected(codec):
     assert loads_artifact(data).tensors()["w"].shape == (8, 24)  # the reference itself is valid
     tried, bad = sweep(data)
     assert tried == 3 * len(data) + 3
+    record("2 corruption", artifact=f"{codec} reference", bytes=len(data), variants=tried, undetected=len(bad))
     assert bad == [], f"{len(bad)} of {tried} variants not refused cleanly, e.g. {bad[:5]}"
 
 
@@ -69,4 +70,5 @@ def test_every_corruption_is_detected(codec):
 def test_every_corruption_of_golden_files_is_detected(name):
     data = (GOLDEN / name).read_bytes()
     tried, bad = sweep(data)
+    record("2 corruption", artifact=f"golden {name}", bytes=len(data), variants=tried, undetected=len(bad))
     assert bad == [], f"{len(bad)} of {tried} variants not refused cleanly, e.g. {bad[:5]}"

@@ -23,7 +23,7 @@ from qpack import container
 from qpack.container import build_container, encode_section, parse_container, write_container
 from qpack.codecs import make_codec
 from qpack.errors import QpackFormatError, Reason
-from relhelp import HERE, PY, ROOT
+from relhelp import HERE, PY, ROOT, record
 
 STEPS = ["temp_created", "data_written", "fsynced", "replaced", "dir_fsynced"]
 CI_WRITER_KILLS, LONG_WRITER_KILLS = 30, 200
@@ -138,7 +138,9 @@ def _random_kills(tmp_path, job: dict, reference_of, old: bytes, n: int, seed: i
                 open(target, "wb").write(old)
             elif os.path.exists(target):
                 os.unlink(target)
-            zygote.run(job, kill_after=rng.uniform(0, 1.1 * span))
+            # Half the kills anywhere in the run, half near its end, where the file is written.
+            moment = rng.uniform(0, 1.1) if rng.random() < 0.5 else rng.uniform(0.8, 1.05)
+            zygote.run(job, kill_after=moment * span)
             seen[_state(target, old if with_old else None, new)] += 1
     finally:
         zygote.close()
@@ -160,13 +162,13 @@ def _writer_kills(tmp_path, n: int, seed: int) -> dict[str, int]:
 def test_random_sigkill_of_a_writer(tmp_path):
     seen = _writer_kills(tmp_path, CI_WRITER_KILLS, seed=7)
     assert sum(seen.values()) == CI_WRITER_KILLS
-    print(f"writer killed {CI_WRITER_KILLS} times: {seen}")
+    record("6 kills", what="container writer", **seen)
 
 
 @pytest.mark.slow
 def test_random_sigkill_of_a_writer_long(tmp_path):
     seen = _writer_kills(tmp_path, LONG_WRITER_KILLS, seed=11)
-    print(f"writer killed {LONG_WRITER_KILLS} times: {seen}")
+    record("6 kills long", what="container writer", **seen)
 
 
 # ------------------------------------------------------------------------------------------ qpack compress
@@ -201,13 +203,13 @@ def _compress_kills(tmp_path, ckpt, n: int, seed: int) -> dict[str, int]:
 def test_sigkill_qpack_compress(tmp_path, tiny_checkpoint):
     seen = _compress_kills(tmp_path, tiny_checkpoint, CI_COMPRESS_KILLS, seed=3)
     assert sum(seen.values()) == CI_COMPRESS_KILLS
-    print(f"qpack compress killed {CI_COMPRESS_KILLS} times: {seen}")
+    record("6 kills", what="qpack compress", **seen)
 
 
 @pytest.mark.slow
 def test_sigkill_qpack_compress_long(tmp_path, tiny_checkpoint):
     seen = _compress_kills(tmp_path, tiny_checkpoint, LONG_COMPRESS_KILLS, seed=5)
-    print(f"qpack compress killed {LONG_COMPRESS_KILLS} times: {seen}")
+    record("6 kills long", what="qpack compress", **seen)
 
 
 @pytest.mark.slow
@@ -228,6 +230,7 @@ def test_sigkill_fresh_qpack_compress_processes(tmp_path, tiny_checkpoint):
         p.kill()
         p.wait(60)
         _state(out, None, reference)
+    record("6 kills long", what="fresh qpack compress processes", kills=20)
 
 
 # ------------------------------------------------------------------------------------------ disk full

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 from qpack.artifact import DTYPES, FLOAT_DTYPES, TensorEntry, build_artifact, loads_artifact
 from qpack.codecs import make_codec
 from qpack.quant.base import Quantized, n_groups, qmax
-from relhelp import HERE, run_py
+from relhelp import HERE, record, run_py
 
 #: Seconds of fuzzing per target in the normal run (each process also spends ~5-10 s importing torch). The raw
 #: `container` target rarely gets past the SHA-256 trailer, so it runs in the long pass only.
 FUZZ_SECONDS = {"container_sealed": 8, "codecs": 6, "safetensors": 3}
 LONG_TARGETS = ["container", "container_sealed", "codecs", "safetensors"]
-LONG_SECONDS = 240
+LONG_SECONDS = int(os.environ.get("QPACK_FUZZ_SECONDS", "240"))
 PROPERTY_EXAMPLES = int(os.environ.get("QPACK_PROPERTY_EXAMPLES", "1000"))
 CODECS = [("raw", {}), ("zlib", {}), ("zstd", {"level": 3}), ("zstd", {}), ("lzma", {}),
           ("lzma", {"format": "raw"}), ("brotli", {}), ("ans", {}), ("ans", {"group": 5})]
@@ -46,6 +46,7 @@ def _fuzz(target: str, seconds: int, tmp_path) -> int:
 def test_atheris_bounded_pass(target, tmp_path):
     runs = _fuzz(target, FUZZ_SECONDS[target], tmp_path)
     assert runs >= 100, f"only {runs} inputs in {FUZZ_SECONDS[target]} s"
+    record("1 atheris", target=target, inputs=runs, seconds=FUZZ_SECONDS[target], findings=0)
     print(f"{target}: {runs} inputs in {FUZZ_SECONDS[target]} s, no findings")
 
 
@@ -53,6 +54,7 @@ def test_atheris_bounded_pass(target, tmp_path):
 @pytest.mark.parametrize("target", LONG_TARGETS)
 def test_atheris_long_pass(target, tmp_path):
     runs = _fuzz(target, LONG_SECONDS, tmp_path)
+    record("1 atheris long", target=target, inputs=runs, seconds=LONG_SECONDS, findings=0)
     print(f"{target}: {runs} inputs in {LONG_SECONDS} s, no findings")
 
 
@@ -117,6 +119,7 @@ def _bits(t: torch.Tensor) -> bytes:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(artifacts())
 def test_round_trip_property(entries):
+    record("1 hypothesis example", n=1)
     art = loads_artifact(build_artifact(entries, {"libraries": {}}))
     assert art.names() == [e.name for e in entries]
     for e in entries:
