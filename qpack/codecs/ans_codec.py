@@ -12,6 +12,8 @@ promised size before anything is decoded. Groups are pushed on one ANS stack in 
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import struct
 import zlib
 
@@ -48,13 +50,18 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     raise CodecError("ans: varint longer than 10 bytes")
 
 
-def _group_lengths(size: int, group: int) -> list[int]:
+def _n_groups(size: int, group: int) -> int:
+    """How many frequency tables a stream of `size` symbols has."""
     if size == 0:
-        return []
-    if group == 0 or group >= size:
-        return [size]
-    full, rest = divmod(size, group)
-    return [group] * full + ([rest] if rest else [])
+        return 0
+    return 1 if group == 0 or group >= size else -(-size // group)
+
+
+def _group_lengths(size: int, group: int) -> Iterator[int]:
+    """Symbols in each group, lazily: a hostile header may claim billions of groups."""
+    n = _n_groups(size, group)
+    for i in range(n):
+        yield size - group * i if i == n - 1 and n > 1 else (group if n > 1 else size)
 
 
 def _model(counts: np.ndarray):
@@ -104,6 +111,10 @@ class Ans(Codec):
             raise CodecError("ans: truncated frame (no checksum)")
         (crc,) = struct.unpack_from("<I", buf, pos)
         pos += 4
+        # Every table takes at least 3 bytes; a frame too short for its tables is refused before any work.
+        if _n_groups(size, group) * 3 > len(buf) - pos:
+            raise CodecError(f"ans: {_n_groups(size, group):,} groups of {group} symbols cannot fit in a "
+                             f"{len(buf):,}-byte frame")
         plan = []
         for length in _group_lengths(size, group):
             if pos + 2 > len(buf):

@@ -91,7 +91,11 @@ class Lzma(Codec):
     def decode(self, data: bytes, size: int) -> bytes:
         try:
             if self.params["format"] == "raw":
-                d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=self._chain)
+                # The raw decoder allocates the dictionary the filter names; matches never reach back further
+                # than the output, so a dictionary of `size` bytes decodes the same stream without the bomb.
+                chain = [dict(f) for f in self._chain]
+                chain[-1]["dict_size"] = max(4096, min(self._dict_size(), size))
+                d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=chain)
             else:
                 # A hostile header may ask for a huge dictionary; allow only what this codec's params need.
                 d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=2 * self._dict_size() + (1 << 24))
