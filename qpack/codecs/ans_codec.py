@@ -125,9 +125,10 @@ class Ans(Codec):
                 raise CodecError(f"ans: frequency table covers symbols {lo}..{lo + span - 1}, past 255")
             counts = np.zeros(span, dtype=np.int64)
             for i in range(span):
-                counts[i], pos = _read_varint(buf, pos)
-                if counts[i] > length:
-                    break
+                count, pos = _read_varint(buf, pos)
+                if count > length:  # checked on the Python int: a huge varint must not reach int64
+                    raise CodecError(f"ans: frequency table claims {count} symbols, the group holds {length}")
+                counts[i] = count
             # Checked before decoding: the table must account for exactly this group's share of `size`.
             if int(counts.sum()) != length:
                 raise CodecError(f"ans: frequency table counts {int(counts.sum())} symbols, the group holds {length}")

@@ -86,16 +86,20 @@ class Lzma(Codec):
     def encode(self, data: bytes) -> bytes:
         if self.params["format"] == "raw":
             return lzma.compress(bytes(data), format=lzma.FORMAT_RAW, filters=self._chain)
-        return lzma.compress(bytes(data), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=self._chain)
+        return lzma.compress(bytes(data), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=self._fitted(len(data)))
+
+    def _fitted(self, n: int) -> list[dict[str, Any]]:
+        """The filter chain with the dictionary no larger than the data, so decoders reserve no more than needed."""
+        chain = [dict(f) for f in self._chain]
+        chain[-1]["dict_size"] = max(4096, min(self._dict_size(), n))
+        return chain
 
     def decode(self, data: bytes, size: int) -> bytes:
         try:
             if self.params["format"] == "raw":
                 # The raw decoder allocates the dictionary the filter names; matches never reach back further
                 # than the output, so a dictionary of `size` bytes decodes the same stream without the bomb.
-                chain = [dict(f) for f in self._chain]
-                chain[-1]["dict_size"] = max(4096, min(self._dict_size(), size))
-                d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=chain)
+                d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=self._fitted(size))
             else:
                 # A hostile header may ask for a huge dictionary; allow only what this codec's params need.
                 d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=2 * self._dict_size() + (1 << 24))
