@@ -91,10 +91,13 @@ def test_mixer_helps_a_weak_model_on_repetitive_text():
     phrase = rng.integers(0, V, 20)
     tokens = np.tile(phrase, 50)
     uniform_nll = np.full(tokens.size - 1, np.log(V))
-    res = mix_nll(uniform_nll, tokens, V, MixerConfig())
+    res = mix_nll(uniform_nll, tokens, V, MixerConfig(orders=(1, 2, 3), eta=1.0, decay=1.0))
     assert res.nll.mean() < 0.3 * np.log(V)
     assert res.expert_names == ["model", "unigram", "bigram", "trigram"]
     assert res.final_weights[0] < 1e-6  # the uniform model lost
+    short_memory = mix_nll(uniform_nll, tokens, V, MixerConfig())
+    assert short_memory.expert_names[-1] == "5-gram"
+    assert short_memory.nll.mean() < 0.3 * np.log(V)
 
 
 def test_mixer_is_fast_on_100k_tokens():
