@@ -86,10 +86,11 @@ class Lzma(Codec):
     def encode(self, data: bytes) -> bytes:
         if self.params["format"] == "raw":
             return lzma.compress(bytes(data), format=lzma.FORMAT_RAW, filters=self._chain)
-        return lzma.compress(bytes(data), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=self._fitted(len(data)))
+        # The xz stream keeps the preset's dictionary size: artifacts stay byte-identical across qpack versions.
+        return lzma.compress(bytes(data), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=self._chain)
 
     def _fitted(self, n: int) -> list[dict[str, Any]]:
-        """The filter chain with the dictionary no larger than the data, so decoders reserve no more than needed."""
+        """The filter chain with the dictionary no larger than `n` bytes (what a raw decoder of n bytes needs)."""
         chain = [dict(f) for f in self._chain]
         chain[-1]["dict_size"] = max(4096, min(self._dict_size(), n))
         return chain
