@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qpack demo
+	$(BIN)/qpack record --preset cpu-smoke --budget 350KB --out records/cpu-smoke --mixer --ttt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
