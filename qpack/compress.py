@@ -127,6 +127,17 @@ class CompressResult:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+def _jsonable(value: Any) -> bool:
+    """Plain JSON data (what a checkpoint's extra keys may carry into the artifact's meta)."""
+    import json
+
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def find_aliases(sd: dict[str, torch.Tensor]) -> dict[str, str]:
     """Names whose tensor is the same storage as (or bit-identical to) an earlier name: {alias: original}."""
     aliases: dict[str, str] = {}
@@ -251,7 +262,7 @@ def compress(
 
         sd, ckpt_config, extra = load_state_dict(source)
         model_config = model_config if model_config is not None else ckpt_config
-        extra_meta = {**(extra_meta or {}), **{k: v for k, v in extra.items() if isinstance(v, (str, int, float))}}
+        extra_meta = {**(extra_meta or {}), **{k: v for k, v in extra.items() if _jsonable(v)}}
     else:
         sd = dict(source)
     if not sd:

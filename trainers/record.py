@@ -166,6 +166,7 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     }
     (work / "submission.json").write_text(json.dumps(submission, indent=2, sort_keys=True) + "\n")
     _plots(work, read_metrics(run_dir), result)
+    (run_dir / "ckpt.pt").unlink(missing_ok=True)  # the resumable state is not part of a record
     _readme(work, cfg, submission, result, ev)
     log(f"record done in {time.perf_counter() - t_all:.0f}s")
     # Swap the finished folder in; a crash before this line leaves any previous record untouched.
@@ -248,7 +249,7 @@ def _readme(folder: Path, cfg: RecordConfig, sub: dict, result, ev: dict) -> Non
     ]
     for name, m in ev["modes"].items():
         lines.append(f"| {name} | {m['val_loss']:.4f} | {m['val_bpb']:.4f} |")
-    eval_cmd = f"qpack eval {folder.name}/model.qpk --data {cfg.data}"
+    eval_cmd = f"qpack eval {Path(cfg.out) / 'model.qpk'} --data {cfg.data}"
     if cfg.window:
         eval_cmd += f" --window {cfg.window}"
     if cfg.stride:

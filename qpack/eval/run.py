@@ -78,11 +78,14 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         from ..artifact import read_artifact
 
         art = read_artifact(path)
-        config, kind, extra = art.meta.get("model_config"), "artifact", {}
+        source = art.meta.get("source")
+        config, kind, extra = art.meta.get("model_config"), "artifact", source if isinstance(source, dict) else {}
         if config is None:
             raise QpackInputError(f"{path}: the artifact carries no model config, so eval cannot rebuild the model; "
                                   "compress a checkpoint that has one (as `qpack train` writes)")
-        tensors = art.tensors("cpu")
+        from ..statedict import assemble
+
+        tensors = assemble(art)  # row blocks re-joined, tied names restored
     else:
         from ..checkpoint import load_state_dict
 
