@@ -1,0 +1,59 @@
+"""The record pipeline end to end on a tiny corpus: the folder is complete, the artifact fits the budget, and a
+separate `qpack eval` of the artifact reproduces the recorded val_bpb exactly."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from qpack.cli import main
+from qpack.data.build import build_data
+from trainers.record import RecordConfig, code_files, run_record
+
+WORDS = ("model weight budget byte token quantize entropy layer matrix codec scale row column sliding window "
+         "the of and to in is that for with as on by this are be from").split()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rec")
+    rng = random.Random(0)
+    docs = []
+    for i in range(40):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(150, 400)))
+        p = root / f"doc{i:02d}.txt"
+        p.write_text(text.capitalize() + ".\n")
+        docs.append(p)
+    out = root / "data"
+    build_data(out, corpus=docs, vocab=300, val_fraction=0.2, progress=False, log=lambda m: None)
+    return out
+
+
+def test_record_folder_and_independent_eval(data_dir, tmp_path):
+    out = tmp_path / "record"
+    budget = 120_000
+    sub = run_record(RecordConfig(
+        preset="cpu-smoke", budget=budget, out=str(out), data=str(data_dir), seed=1, progress=False,
+        overrides=("--max_steps=6", "--vocab_size=300", "--n_layer=2", "--val_tokens=2048", "--val_every=0",
+                   "--threads=1", "--log_every=3"),
+        calib_tokens=2048, eval_tokens=1500, window=128, stride=64, mixer=True,
+    ))
+    for name in ("README.md", "submission.json", "record.log", "model.qpk", "compress.json", "eval.json",
+                 "training_curve.png", "bit_allocation.png", "train/train.log", "train/metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert not (out / "train" / "ckpt.pt").exists()
+    saved = json.loads((out / "submission.json").read_text())
+    assert saved == json.loads(json.dumps(sub))
+    assert sub["bytes_total"] == sub["bytes_model"] + sub["bytes_code"] <= budget
+    assert sub["bytes_model"] == (out / "model.qpk").stat().st_size
+    assert sub["bytes_code"] > 0 and len(code_files()) >= 3
+    assert set(sub["modes"]) >= {"plain", "sliding", "mixer"}
+
+    r = CliRunner().invoke(main, ["eval", str(out / "model.qpk"), "--data", str(data_dir), "--window", "128",
+                                  "--stride", "64", "--max-tokens", "1500", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.output)
+    assert ev["modes"]["sliding"]["val_bpb"] == sub["val_bpb"]
+    assert ev["modes"]["sliding"]["val_loss"] == sub["val_loss"]
