@@ -11,14 +11,9 @@ from relhelp import ATTACKS, ROOT, load_index, record, run_py
 FOLDER = ATTACKS / "bombs"
 INDEX = load_index(FOLDER)
 MIB = 2**20
-#: Bombs that currently break a limit, with where the fix belongs (see the reliability README).
-KNOWN = {
-    "ans_group1_64mib.qpk": "qpack/codecs/ans_codec.py: _group_lengths() builds a list of size/group entries "
-                            "before the first table is read (about 8 s and 1 GiB for a 415-byte file)",
-    "ans_group1_4gib.qpk": "qpack/codecs/ans_codec.py: same list, 2^32 entries (32 GiB) for a 419-byte file",
-    "lzma_raw_1gib_dict.qpk": "qpack/codecs/lzma_codec.py: raw LZMA2 decoder allocates the params' 1 GiB "
-                              "dict_size for a 1 MiB section",
-}
+#: Bombs that break a limit, with where the fix belongs. All three found so far (ANS group tables, raw LZMA2
+#: dictionary) were fixed in qpack/codecs (commits 16b68ac, 4fcaacc); add new ones here as xfail.
+KNOWN: dict[str, str] = {}
 
 
 def test_enough_bombs():
