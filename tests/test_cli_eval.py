@@ -68,6 +68,23 @@ def test_checkpoint_eval_json_and_table(data_dir, checkpoint):
     assert "val_bpb" in table.output and "mixer" in table.output and "sliding" in table.output
 
 
+def test_a_model_trained_on_other_data_gets_a_warning(data_dir, checkpoint, tmp_path):
+    import hashlib
+
+    from qpack.checkpoint import load_state_dict, save_state_dict
+
+    sd, cfg, _ = load_state_dict(checkpoint)
+    (data_dir / "manifest.json").write_text('{"name": "tiny"}')
+    for recorded, warned in ((hashlib.sha256(b'{"name": "tiny"}').hexdigest(), False), ("0" * 64, True)):
+        path = tmp_path / f"{warned}.pt"
+        torch.save({"model": sd, "config": cfg, "data_manifest_hash": recorded}, path)
+        out = evaluate(path, data_dir, options=EvalOptions(window=64, stride=64, max_tokens=50))
+        assert bool(out["warnings"]) == warned
+    res = CliRunner().invoke(main, ["eval", str(path), "--data", str(data_dir), "--max-tokens", "50", "--json"])
+    assert res.exit_code == 0 and "warning: " in res.stderr and json.loads(res.stdout)["warnings"]
+    (data_dir / "manifest.json").unlink()
+
+
 def test_bytes_match_the_decoded_val_text(data_dir, checkpoint):
     out = evaluate(checkpoint, data_dir, options=EvalOptions(window=64, stride=64))
     sp = tok.load_tokenizer(data_dir / "tokenizer.model")

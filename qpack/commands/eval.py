@@ -80,6 +80,8 @@ def command(model: Path, data_dir: Path, tokenizer: Path | None, window: int | N
     finally:
         for b in bars:
             b.close()
+    for w in result["warnings"]:
+        click.echo(f"qpack: warning: {w}", err=True)
     if as_json:
         click.echo(json.dumps(result))  # insertion order: modes stay in plain, sliding, mixer, ttt order
         return

@@ -140,6 +140,25 @@ def load_val(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     return ValData(tokens, nbytes, str(tok_path), vocab)
 
 
+def data_warnings(extra: dict, data_dir: str | os.PathLike) -> list[str]:
+    """A warning when the checkpoint records the data manifest it was trained on and DIR holds another one."""
+    want = extra.get("data_manifest_hash")
+    manifest = Path(data_dir) / "manifest.json"
+    if not isinstance(want, str) or not manifest.is_file():
+        return []
+    import hashlib
+    import json
+
+    raw = manifest.read_bytes()
+    try:
+        field_hash = json.loads(raw).get("manifest_hash")
+    except (ValueError, AttributeError):
+        field_hash = None
+    if want in (hashlib.sha256(raw).hexdigest(), field_hash):
+        return []
+    return [f"{manifest}: not the data manifest the model was trained with (its tokenizer or split may differ)"]
+
+
 def resolve_window(options: EvalOptions, max_seq_len: int | None, default: int | None = None) -> tuple[int, int]:
     """(window, stride) after defaults; QpackInputError when they make no sense for this model."""
     window = options.window if options.window is not None else (default or max_seq_len or 1024)
@@ -242,5 +261,5 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
     except torch.cuda.OutOfMemoryError:
         raise QpackInputError(f"out of GPU memory at --batch {options.batch} --window {window}; lower them") from None
     result.update({"model": str(model_path), "model_kind": loaded.kind, "data": str(data_dir),
-                   "tokenizer": data.tokenizer})
+                   "tokenizer": data.tokenizer, "warnings": data_warnings(loaded.extra, data_dir)})
     return result
