@@ -32,8 +32,8 @@ def _orders(text: str) -> tuple[int, ...]:
 @click.option("--mixer-decay", default=0.8, show_default=True, type=float,
               help="per-token discount of past losses (1 = plain cumulative Hedge)")
 @click.option("--ttt", is_flag=True, help="add score-first test-time training")
-@click.option("--ttt-chunk", default=4096, show_default=True, type=int, help="targets per TTT chunk")
-@click.option("--ttt-lr", default=1e-4, show_default=True, type=float)
+@click.option("--ttt-chunk", default=2048, show_default=True, type=int, help="targets per TTT chunk")
+@click.option("--ttt-lr", default=1e-3, show_default=True, type=float)
 @click.option("--ttt-epochs", default=1, show_default=True, type=int)
 @click.option("--ttt-optimizer", default="adamw", show_default=True, type=click.Choice(["sgd", "adamw"]))
 @click.option("--ttt-params", default="all", show_default=True, help="all, last:K (blocks) or lora:R")
