@@ -168,8 +168,9 @@ def _refuse_unsafe_pickles(path: Path) -> None:
                 _scan_pickles(path, f, allowed, max_pickles=MAX_LEGACY_PICKLES)
     except QpackError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError) as exc:
-        raise QpackFormatError(path, Reason.NOT_A_MODEL, f"not a readable PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # zipfile and pickletools raise many types on damaged input (found by fuzzing)
+        raise QpackFormatError(path, Reason.NOT_A_MODEL, f"not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                               f"{_first_line(str(exc))})") from None
 
 
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",

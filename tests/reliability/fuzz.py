@@ -10,6 +10,8 @@ Targets:
   codecs            first byte picks a built-in codec (and params), next two bytes the promised size, the
                     rest is a frame to decode; small inputs are also round-tripped through encode
   safetensors       the input is a .safetensors file for qpack.checkpoint.read_safetensors_header
+  checkpoint        the input is a .pt file for qpack.checkpoint.load_state_dict (opcode scan, then
+                    torch.load(weights_only=True)); seeds are torch.save outputs and the attack pickles
 Every exception other than QpackFormatError (CodecError for a bare codec) is a finding: libFuzzer stops
 and writes the input under -artifact_prefix. With no CORPUS_DIR a seed corpus is made from the golden files.
 QPACK_FUZZ_KNOWN="OverflowError,..." tolerates findings already filed (attacks/fuzz_findings/ replays them),
@@ -32,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 with atheris.instrument_imports(include=["qpack"]):
     from qpack.artifact import loads_artifact
-    from qpack.checkpoint import read_safetensors_header
+    from qpack.checkpoint import load_state_dict, read_safetensors_header
     from qpack.codecs import CodecError, make_codec
     from qpack.errors import QpackFormatError
 
@@ -111,8 +113,17 @@ def safetensors(data: bytes) -> None:
         pass
 
 
+def checkpoint(data: bytes) -> None:
+    path = _TMP / "x.pt"
+    path.write_bytes(data)
+    try:
+        load_state_dict(path)
+    except QpackFormatError:
+        pass
+
+
 TARGETS = {"container": container, "container_sealed": container_sealed, "codecs": codecs,
-           "safetensors": safetensors}
+           "safetensors": safetensors, "checkpoint": checkpoint}
 
 
 def seed_corpus(target: str, folder: Path) -> None:
@@ -130,6 +141,18 @@ def seed_corpus(target: str, folder: Path) -> None:
         for i, (name, params) in enumerate(CODEC_SPECS):
             frame = make_codec(name, params).encode(sample)
             (folder / f"{i}_{name}").write_bytes(bytes([i]) + len(sample).to_bytes(2, "little") + frame)
+    if target == "checkpoint":
+        import io
+
+        import torch
+
+        for i, obj in enumerate(({"w": torch.ones(2, 3)}, {"model": {"a": torch.arange(4)}, "config": {"x": 1}})):
+            for legacy in (False, True):
+                buf = io.BytesIO()
+                torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
+                (folder / f"torch{i}{legacy:d}").write_bytes(buf.getvalue())
+        for p in sorted((HERE / "attacks" / "checkpoints").glob("*.p*")):
+            (folder / p.name).write_bytes(p.read_bytes())
     if target == "safetensors":
         hdr = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
                           "__metadata__": {"qpack_config": "{}"}}).encode()

@@ -22,8 +22,8 @@ from relhelp import HERE, record, run_py
 
 #: Seconds of fuzzing per target in the normal run (each process also spends ~5-10 s importing torch). The raw
 #: `container` target rarely gets past the SHA-256 trailer, so it runs in the long pass only.
-FUZZ_SECONDS = {"container_sealed": 8, "codecs": 6, "safetensors": 3}
-LONG_TARGETS = ["container", "container_sealed", "codecs", "safetensors"]
+FUZZ_SECONDS = {"container_sealed": 8, "codecs": 6, "safetensors": 3, "checkpoint": 4}
+LONG_TARGETS = ["container", "container_sealed", "codecs", "safetensors", "checkpoint"]
 LONG_SECONDS = int(os.environ.get("QPACK_FUZZ_SECONDS", "240"))
 PROPERTY_EXAMPLES = int(os.environ.get("QPACK_PROPERTY_EXAMPLES", "1000"))
 CODECS = [("raw", {}), ("zlib", {}), ("zstd", {"level": 3}), ("zstd", {}), ("lzma", {}),
