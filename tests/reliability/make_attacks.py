@@ -425,18 +425,6 @@ def _zstd_stream(total: int, content_size: bool) -> bytes:
     return b"".join(parts)
 
 
-def _ans_frame(group: int, tables: bytes, words: bytes = b"") -> bytes:
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            byte = n & 0x7F
-            n >>= 7
-            out.append(byte | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-    return bytes([1]) + varint(group) + struct.pack("<I", 0) + tables + words
-
-
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -445,6 +433,11 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def _ans_frame(group: int, tables: bytes, words: bytes = b"") -> bytes:
+    """An ANS frame as qpack/codecs/ans_codec.py lays it out: version, group varint, CRC-32, tables, words."""
+    return bytes([1]) + _varint(group) + struct.pack("<I", 0) + tables + words
 
 
 def bombs() -> dict[str, tuple[bytes, str, int, str]]:
@@ -492,10 +485,8 @@ def bombs() -> dict[str, tuple[bytes, str, int, str]]:
     xz_data = b"".join(xz.compress(bytes(16 * MIB)) for _ in range(GIB // (16 * MIB))) + xz.flush()
     lz = {"name": "lzma", "params": {"extreme": False, "filters": None, "format": "xz", "preset": 6}}
     put("lzma_1gib.qpk", lz, xz_data, MIB, "codec", "lzma/xz: 1 GiB of zeros, 1 MiB promised")
-    raw_filters = [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 30}]
     lzr = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 0}])
     lzr_data = b"".join(lzr.compress(bytes(16 * MIB)) for _ in range(16)) + lzr.flush()
-    del raw_filters
     put("lzma_raw_1gib_dict.qpk", {"name": "lzma", "params": {"extreme": False, "format": "raw", "preset": 6,
                                                               "filters": [{"id": "lzma2", "dict_size": 1 << 30}]}},
         lzr_data, MIB, "codec", "raw LZMA2 with a 1 GiB dictionary in the params, 256 MiB of zeros, 1 MiB promised")

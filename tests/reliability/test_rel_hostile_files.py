@@ -84,3 +84,17 @@ def test_cli_one_line_exit_2(verb, tmp_path):
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("qpack: error: "), (name, result.stderr)
         assert os.listdir(tmp_path) == [], name
+
+
+@pytest.mark.slow
+def test_generator_reproduces_the_committed_files(tmp_path, monkeypatch):
+    """make_attacks.py still writes exactly the committed attack files (same torch and codec versions)."""
+    import make_attacks
+
+    monkeypatch.setattr(make_attacks, "ATTACKS", tmp_path)
+    make_attacks.main()
+    for folder in ("checkpoints", "qpk", "bombs"):
+        made = {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()}
+        kept = {p.name: p.read_bytes() for p in (ATTACKS / folder).iterdir()}
+        assert sorted(made) == sorted(kept), folder
+        assert [n for n in made if made[n] != kept[n]] == [], folder
