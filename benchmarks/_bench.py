@@ -1,8 +1,10 @@
 """Shared pieces of the compression benchmarks: scoring an artifact, symbol entropy, plots, markdown tables."""
 from __future__ import annotations
 
+import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,6 +12,43 @@ import numpy as np
 
 from qpack.artifact import read_artifact
 from qpack.quant.base import Quantized
+
+
+@dataclass
+class Setup:
+    """A checkpoint ready to benchmark: its parameters, Hessians for GPTQ, and the eval window."""
+
+    params: int
+    hessians: dict
+    calib_seconds: float
+    window: int
+    stride: int
+
+
+def common_args(description: str, out: str) -> argparse.ArgumentParser:
+    """The arguments every compression benchmark takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--ckpt", required=True, help="checkpoint written by qpack train")
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--tokens", type=int, default=65536, help="val tokens scored per artifact")
+    ap.add_argument("--window", type=int, default=512, help="eval window (the model's training length)")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    return ap
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Load the checkpoint, collect its Hessians on the train split, and fix the eval window."""
+    from qpack.calibrate import build_model, collect, load_calibration_tokens
+    from qpack.checkpoint import load_state_dict
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    sd, config, _ = load_state_dict(args.ckpt)
+    t0 = time.perf_counter()
+    tokens = load_calibration_tokens(args.data, args.calib_tokens, vocab_size=config["vocab_size"])
+    hessians = collect(build_model(sd, config, None), tokens, args.window)
+    return Setup(sum(t.numel() for t in sd.values()), hessians, time.perf_counter() - t0, args.window,
+                 args.window // 2)
 
 
 def score(path: str | Path, data: str | Path, tokens: int, window: int, stride: int) -> dict[str, Any]:

@@ -10,7 +10,6 @@ Writes README.md (table), pipelines.png (val_bpb against bytes) and results.json
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import markdown_table, plot_lines, score, symbol_entropy  # noqa: E402
+from _bench import common_args, markdown_table, plot_lines, prepare, score, symbol_entropy  # noqa: E402
 
 PIPELINES = {
     "(a) int8 RTN + zlib-9": dict(scheme="rtn", fixed_bits=8, codecs=("zlib:level=9",)),
@@ -31,27 +30,15 @@ PIPELINES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--data", default="data")
-    ap.add_argument("--out", default="benchmarks/pipelines")
-    ap.add_argument("--tokens", type=int, default=65536, help="val tokens scored per artifact")
-    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap = common_args(__doc__.splitlines()[0], "benchmarks/pipelines")
     args = ap.parse_args()
 
-    from qpack.calibrate import build_model, collect, load_calibration_tokens
-    from qpack.checkpoint import load_state_dict
     from qpack.compress import CompressConfig, compress
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sd, config, _ = load_state_dict(args.ckpt)
-    seq = int(config.get("max_seq_len") or 512)
-    window, stride = seq, seq // 2
-    t0 = time.perf_counter()
-    tokens = load_calibration_tokens(args.data, args.calib_tokens, vocab_size=config["vocab_size"])
-    hessians = collect(build_model(sd, config, None), tokens, seq)
-    calib_s = time.perf_counter() - t0
+    setup = prepare(args)
+    hessians, calib_s = setup.hessians, setup.calib_seconds
+    window, stride = setup.window, setup.stride
     base = score(args.ckpt, args.data, args.tokens, window, stride)
     print(f"unquantized: val_bpb {base['val_bpb']:.4f}", flush=True)
 

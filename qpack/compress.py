@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .budget import Candidate, Choices, min_bytes, solve
 from .codecs import Codec, make_codec, parse_codec
-from .errors import BudgetError, QpackError, QpackInputError
+from .errors import BudgetError, QpackInputError
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -8,19 +8,17 @@ counted against the budget is the trainer's own source (the files a submission w
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import qpack
 from qpack.compress import CompressConfig, code_size, compress
 from qpack.errors import QpackInputError
-from qpack.units import parse_size
 
 CODE_DIR = Path(__file__).resolve().parent / "gpt"
 
