@@ -550,7 +550,8 @@ class Trainer:
         if self.rank == 0:
             atomic_save({"model": _cpu_state(self.raw), "config": mcfg.to_dict(),
                          "tokenizer": str(tok_path.resolve()) if tok_path.is_file() else None,
-                         "data_manifest_hash": manifest_hash(self.data)}, final)
+                         "data_manifest_hash": manifest_hash(self.data),
+                         "seq_len": self.cfg.seq_len}, final)  # eval's default window
         summary = {"steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 3),
                    "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1), "val_loss": val_loss,
                    "val_bpb": val_bpb, "params": self.raw.num_params(), "checkpoint": str(final),
