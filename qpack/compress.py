@@ -42,6 +42,7 @@ class CompressConfig:
     lqer_top: int = 0  # number of tensors (largest error) that get it
     code_bytes: int = 0  # bytes of code shipped beside the artifact (counted against the budget)
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
+    loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
     seed: int = 0
 
@@ -56,6 +57,8 @@ class CompressConfig:
             known = _schemes()
             if self.scheme not in known:
                 raise QpackInputError(f"unknown scheme {self.scheme!r}; known: auto, search, {', '.join(known)}")
+        if self.loss_proxy not in ("mse", "hessian", "relative"):
+            raise QpackInputError(f"loss proxy must be mse, hessian or relative, got {self.loss_proxy!r}")
         if self.passthrough_dtype not in ("fp16", "fp32"):
             raise QpackInputError(f"passthrough dtype must be fp16 or fp32, got {self.passthrough_dtype!r}")
         if self.group_size is not None and self.group_size <= 0:
@@ -308,11 +311,12 @@ def compress(
                 q = make_quantizer(scheme, bits, cfg.group_size, **params_).quantize(w, h)
                 for k, ((r0, r1), part) in enumerate(zip(blocks, parts)):
                     qk = q if len(blocks) == 1 else slice_rows(q, r0, r1)
-                    cands[k].append(_candidate(enc, part, w[r0:r1], qk, h, f"{scheme}/int{bits}", scheme, bits))
+                    cands[k].append(_candidate(enc, part, w[r0:r1], qk, h, f"{scheme}/int{bits}", scheme, bits,
+                                               cfg.loss_proxy))
         if cfg.budget is not None and cfg.fp16_candidate:
             for k, ((r0, r1), part) in enumerate(zip(blocks, parts)):
                 t16 = w[r0:r1].to(torch.float16).contiguous()
-                cands[k].append(_candidate(enc, part, w[r0:r1], t16, h, "fp16", "fp16", None))
+                cands[k].append(_candidate(enc, part, w[r0:r1], t16, h, "fp16", "fp16", None, cfg.loss_proxy))
         choices.extend(Choices(part, c) for part, c in zip(parts, cands))
     stages["quantize"] = time.perf_counter() - t1
     part_names = [ch.name for ch in choices]
@@ -419,12 +423,19 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
                      q.scheme, q.group_size, dict(q.params))
 
 
-def _candidate(enc: "_Encoder", part: str, w: torch.Tensor, payload, h, label: str, scheme: str, bits) -> Candidate:
+def _candidate(enc: "_Encoder", part: str, w: torch.Tensor, payload, h, label: str, scheme: str, bits,
+               proxy: str = "hessian") -> Candidate:
     """Measure one encoding of one block: exact bytes with the primary codec, estimated loss."""
     wq = payload.dequantize() if isinstance(payload, Quantized) else payload.float()
     wq = wq.reshape(w.shape)
     nbytes = enc.entry(part, payload, enc.primary)[3]
-    return Candidate(label, nbytes, estimate_loss(w, wq, h),
+    if proxy == "mse" or h is None:
+        loss = estimate_loss(w, wq, None)
+    elif proxy == "relative":
+        loss = estimate_loss(w, wq, h) / max(estimate_loss(w, torch.zeros_like(w), h), 1e-30) * w.numel()
+    else:
+        loss = estimate_loss(w, wq, h)
+    return Candidate(label, nbytes, loss,
                      data={"q": payload, "rel": _rel_error(w, wq), "scheme": scheme, "bits": bits})
 
 

@@ -25,6 +25,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--bits", default=None, help="with --budget: candidate widths (default 2,3,4,5,6,7,8); without: one width (default 6)")
 @click.option("--scheme", default="auto", show_default=True, help="auto (GPTQ with --calib, else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn")
 @click.option("--sdclip-k", multiple=True, type=float, help="with --scheme search: SDClip k values to try as well")
+@click.option("--loss-proxy", type=click.Choice(["mse", "hessian", "relative"]), default="mse", show_default=True,
+              help="how the solver compares errors across tensors (GPTQ still uses the Hessians)")
 @click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
 @click.option("--codec", "codecs", multiple=True, help="codec spec to try per tensor, repeatable (default: ans and zstd); e.g. zstd:level=22")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration tokens for GPTQ: shard dir, .bin shard, or text file")
@@ -41,7 +43,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--dry-run", is_flag=True, help="print the plan and predicted size; write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
-def command(model, output, budget, bits, scheme, sdclip_k, group_size, codecs, calib, calib_tokens, tokenizer, arch,
+def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
             seq_len, lqer_rank, lqer_top, code_files, code_codec, passthrough, min_numel, dry_run, as_json, quiet):
     """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
     from ..compress import CompressConfig, code_size, compress
@@ -56,7 +58,7 @@ def command(model, output, budget, bits, scheme, sdclip_k, group_size, codecs, c
         raise QpackInputError(f"{output}: is a directory; give the artifact's file name (e.g. model.qpk)")
     output = output or model.with_suffix(".qpk")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
-                lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k))
+                lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy)
     if budget is not None:
         opts["budget"] = parse_size(budget)
         if bits:
