@@ -153,7 +153,8 @@ def test_training_learns_a_repetitive_sequence_and_writes_a_loadable_model(tmp_p
     assert summary["val_loss"] < 0.25 * losses[0]
 
     final = torch.load(summary["checkpoint"], weights_only=True)
-    assert set(final) == {"model", "config", "tokenizer", "data_manifest_hash"}
+    assert set(final) == {"model", "config", "tokenizer", "data_manifest_hash", "seq_len"}
+    assert final["seq_len"] == 16  # tiny()'s sequence length: eval's default window
     assert final["tokenizer"] is None and final["data_manifest_hash"] is None
     model = build_from_config(final["config"])
     model.load_state_dict(final["model"])
