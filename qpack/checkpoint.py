@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import QpackError, QpackFormatError, QpackInputError, Reason
+from .container import fsync_dir
+from .errors import QpackError, QpackFormatError, QpackInputError, Reason, read_error
 
 QPACK_MAGIC = b"QPACK\x00\r\n"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -81,12 +82,8 @@ def _read_head(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read(16)
-    except FileNotFoundError:
-        raise QpackFormatError(path, Reason.IO, "no such file") from None
-    except IsADirectoryError:
-        raise QpackFormatError(path, Reason.IO, "is a directory, not a checkpoint file") from None
     except OSError as exc:
-        raise QpackFormatError(path, Reason.IO, f"cannot read: {exc.strerror or exc}") from None
+        raise read_error(path, exc, "a checkpoint file") from None
 
 
 def _kind(path: Path, head: bytes) -> str:
@@ -535,7 +532,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         raise QpackFormatError(path, Reason.IO, f"cannot write: {exc.strerror or exc}; nothing was written") from None
     finally:
@@ -546,14 +543,3 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
                 pass
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not let a directory be opened; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

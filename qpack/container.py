@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .codecs import Codec, make_codec
-from .errors import QpackError, QpackFormatError, Reason
+from .errors import QpackError, QpackFormatError, Reason, read_error
 
 MAGIC = b"QPACK\x00\r\n"
 VERSION = 1
@@ -148,7 +148,8 @@ def build_container(meta: dict, tensors: list, sections: list[Section], compress
     return b"".join(_chunks(meta, tensors, sections, compress_manifest))
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it survives a crash (best effort where unsupported)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; the rename is still atomic
@@ -198,7 +199,7 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes], _on_step: Ste
         os.replace(tmp, path)
         replaced = True
         step("replaced")
-        _fsync_dir(directory)
+        fsync_dir(directory)
         step("dir_fsynced")
         return written
     except OSError as exc:
@@ -508,10 +509,6 @@ def read_container(path: str | os.PathLike) -> Container:
                 raise QpackFormatError(path, Reason.LIMIT, f"file is {size} bytes; qpack reads at most "
                                        f"{MAX_FILE_BYTES}")
             data = fh.read(size + 1)  # one extra byte notices a file that grew while we read it
-    except FileNotFoundError:
-        raise QpackFormatError(path, Reason.IO, "no such file") from None
-    except IsADirectoryError:
-        raise QpackFormatError(path, Reason.IO, "is a directory, not an artifact") from None
     except OSError as exc:
-        raise QpackFormatError(path, Reason.IO, f"cannot read: {exc.strerror or exc}") from None
+        raise read_error(path, exc, "an artifact") from None
     return parse_container(data, path)

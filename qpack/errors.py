@@ -51,3 +51,12 @@ class BudgetError(QpackError):
     def __init__(self, message: str, min_bytes: int | None = None):
         self.min_bytes = min_bytes
         super().__init__(message)
+
+
+def read_error(path: str | os.PathLike, exc: OSError, kind: str) -> QpackFormatError:
+    """The one-line error for a file that cannot be opened or read; `kind` names what was expected."""
+    if isinstance(exc, FileNotFoundError):
+        return QpackFormatError(path, Reason.IO, "no such file")
+    if isinstance(exc, IsADirectoryError):
+        return QpackFormatError(path, Reason.IO, f"is a directory, not {kind}")
+    return QpackFormatError(path, Reason.IO, f"cannot read: {exc.strerror or exc}")
