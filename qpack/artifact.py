@@ -7,26 +7,22 @@ range, dtype allowlist) before decoding anything. Field meanings are specified i
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from . import __version__
 from .codecs import Codec, make_codec
 from .container import (
     Container,
     Section,
     build_container,
-    canonical_json,
     check_name,
     check_uint,
-    container_size,
     encode_section,
     is_int,
     parse_container,
@@ -35,6 +31,7 @@ from .container import (
 )
 from .errors import QpackError, QpackFormatError, QpackInputError, Reason
 from .pack import LAYOUTS, decode_codes, encode_codes, layout_size
+from .provenance import complete_meta
 from .quant.base import MAX_BITS, MIN_BITS, Quantized, n_groups
 
 #: dtype name -> (torch dtype, little-endian numpy dtype used on disk). bfloat16 travels as its raw 16 bits.
@@ -79,50 +76,10 @@ def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
     return int(shape[0]), math.prod(int(d) for d in shape[1:])
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries whose output bytes depend on them (recorded for determinism)."""
-    return dict(_library_versions())
-
-
-@functools.lru_cache(maxsize=1)
-def _library_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-    import zlib
-
-    out: dict[str, str | None] = {}
-    for pkg in ("zstandard", "brotli", "constriction", "numpy", "torch"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    out["liblzma"] = _liblzma_version()
-    out["zlib"] = zlib.ZLIB_RUNTIME_VERSION
-    return out
-
-
-def _liblzma_version() -> str | None:
-    # Python's lzma module does not expose liblzma's version; ask the shared library itself.
-    import ctypes
-    import ctypes.util
-
-    for name in ("liblzma.so.5", ctypes.util.find_library("lzma")):
-        if not name:
-            continue
-        try:
-            fn = ctypes.CDLL(name).lzma_version_string
-        except (OSError, AttributeError):
-            continue
-        fn.restype = ctypes.c_char_p
-        return fn().decode("ascii", "replace")
-    return None
-
-
-def default_meta(model_config: dict | None = None) -> dict[str, Any]:
-    """The meta every artifact carries: qpack version, model config (or null), library versions."""
-    return {"qpack_version": __version__, "model_config": model_config, "libraries": library_versions()}
-
-
 # ----------------------------------------------------------------------------------------------- encoding
+
+
+CodecChoice = Codec | Sequence[Codec] | None  # one codec, or several: each section takes the smallest
 
 
 @dataclass
@@ -132,15 +89,63 @@ class TensorEntry:
     name: str
     payload: Quantized | torch.Tensor
     layout: str = "byte"  # code layout (qpack.pack): "byte", "packed" or "trit"
-    codec: Codec | None = None  # codec of the codes (or of a passthrough tensor); None means raw
-    scale_codec: Codec | None = None  # codec of the fp16 scales; None means raw
+    codec: CodecChoice = None  # codec(s) of the codes (or of a passthrough tensor); None means raw
+    scale_codec: CodecChoice = None  # codec(s) of the fp16 scales; None means raw
     lowrank: tuple[Quantized, Quantized] | None = None  # LQER factors A (rows, r), B (r, cols)
-    dtype: str | None = None  # original dtype of a quantized tensor, recorded for decompress; default float32
+    dtype: str | None = None  # original dtype of a quantized tensor (compress records it); default float32
     scale_layout: str = "auto"  # "plain", "shuffled" (high bytes, then low bytes) or "auto" (the smaller)
+
+
+@dataclass(frozen=True)
+class EncodedEntry:
+    """One tensor encoded: its manifest entry and its sections, ready to assemble into an artifact."""
+
+    manifest: dict
+    sections: tuple[Section, ...]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes this entry adds to the file (its sections, encoded)."""
+        return sum(len(sec.data) for sec in self.sections)
+
+    def codec_label(self) -> str:
+        """Label of the codec of the entry's main section (codes, or a passthrough tensor's data)."""
+        spec = self.sections[0].codec
+        inner = ",".join(f"{k}={v}" for k, v in sorted(spec["params"].items()))
+        return f"{spec['name']}({inner})" if inner else spec["name"]
 
 
 def _raw() -> Codec:
     return make_codec("raw", {})
+
+
+def _codecs(choice: CodecChoice) -> list[Codec]:
+    if choice is None:
+        return [_raw()]
+    if isinstance(choice, Codec):
+        return [choice]
+    out = list(choice)
+    if not out or not all(isinstance(c, Codec) for c in out):
+        raise QpackInputError("a codec choice must be a Codec or a non-empty sequence of Codecs")
+    return out
+
+
+def encode_smallest(name: str, codecs: Sequence[Codec], raws: Sequence[bytes], verify: bool = False
+                    ) -> tuple[Section, int]:
+    """The smallest encoding of any of `raws` (alternative layouts of one section) with any of `codecs`;
+    returns the section and the index of the layout used. Ties keep the first codec, then the first layout."""
+    best: tuple[Section, int] | None = None
+    for codec in codecs:
+        for i, raw in enumerate(raws):
+            sec = encode_section(name, codec, raw, verify)
+            if best is None or len(sec.data) < len(best[0].data):
+                best = (sec, i)
+    assert best is not None
+    return best
 
 
 def scales_to_bytes(scales: np.ndarray, layout: str) -> bytes:
@@ -199,20 +204,17 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def _encode_quant(
-    prefix: str, q: Quantized, layout: str, codec: Codec, scale_codec: Codec, scale_layout: str, verify: bool
+    prefix: str, q: Quantized, layout: str, codecs: list[Codec], scale_codecs: list[Codec], scale_layout: str,
+    verify: bool
 ) -> tuple[dict, list[Section]]:
     try:
         codes = encode_codes(q.q, q.bits, layout)
     except ValueError as exc:
         raise QpackInputError(f"tensor {prefix!r}: {exc}") from None
-    code_sec = encode_section(f"{prefix}codes", codec, codes, verify)
-    if scale_layout == "auto":
-        options = [encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(q.scales, lay), verify)
-                   for lay in SCALE_LAYOUTS]
-        best = min(range(len(options)), key=lambda i: (len(options[i].data), i))  # ties keep "plain"
-        scale_sec, scale_layout = options[best], SCALE_LAYOUTS[best]
-    else:
-        scale_sec = encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(q.scales, scale_layout), verify)
+    code_sec, _ = encode_smallest(f"{prefix}codes", codecs, [codes], verify)
+    layouts = SCALE_LAYOUTS if scale_layout == "auto" else (scale_layout,)
+    scale_sec, which = encode_smallest(f"{prefix}scales", scale_codecs,
+                                       [scales_to_bytes(q.scales, lay) for lay in layouts], verify)
     entry = {
         "shape": [int(d) for d in q.shape],
         "scheme": q.scheme,
@@ -221,18 +223,18 @@ def _encode_quant(
         "params": _plain(q.params, prefix),
         "layout": layout,
         "codes": {"section": code_sec.name, "codec": code_sec.codec},
-        "scales": {"section": scale_sec.name, "codec": scale_sec.codec, "layout": scale_layout},
+        "scales": {"section": scale_sec.name, "codec": scale_sec.codec, "layout": layouts[which]},
     }
     return entry, [code_sec, scale_sec]
 
 
-def encode_entry(entry: TensorEntry, verify: bool = False) -> tuple[dict, list[Section]]:
+def encode_entry(entry: TensorEntry, verify: bool = False) -> EncodedEntry:
     """One tensor's manifest entry and encoded sections: its exact payload bytes, without writing a file."""
     name = entry.name
     if not isinstance(name, str) or not name or len(name) > 1024 or not name.isprintable():
         raise QpackInputError(f"tensor name {name!r:.80} must be a printable string of 1 to 1024 characters")
-    codec = entry.codec or _raw()
-    scale_codec = entry.scale_codec or _raw()
+    codec = _codecs(entry.codec)
+    scale_codec = _codecs(entry.scale_codec)
     if entry.scale_layout not in (*SCALE_LAYOUTS, "auto"):
         raise QpackInputError(f"tensor {name!r}: unknown scale layout {entry.scale_layout!r}")
     payload = entry.payload
@@ -244,10 +246,10 @@ def encode_entry(entry: TensorEntry, verify: bool = False) -> tuple[dict, list[S
         if dname == "bfloat16":
             t = t.view(torch.int16)
         raw = t.numpy().astype(DTYPES[dname][1], copy=False).tobytes()
-        sec = encode_section(f"{name}:data", codec, raw, verify)
+        sec, _ = encode_smallest(f"{name}:data", codec, [raw], verify)
         manifest = {"name": name, "kind": "raw", "shape": [int(d) for d in payload.shape], "dtype": dname,
                     "data": {"section": sec.name, "codec": sec.codec}}
-        return manifest, [sec]
+        return EncodedEntry(manifest, (sec,))
     q = _check_quantized(name, payload)
     if entry.layout not in LAYOUTS:
         raise QpackInputError(f"tensor {name!r}: unknown code layout {entry.layout!r}; known: {', '.join(LAYOUTS)}")
@@ -270,60 +272,27 @@ def encode_entry(entry: TensorEntry, verify: bool = False) -> tuple[dict, list[S
             lowrank[key] = fb
             sections += fs
     manifest = {"name": name, "kind": "quant", "dtype": dtype, "lowrank": lowrank, **body}
-    return manifest, sections
+    return EncodedEntry(manifest, tuple(sections))
 
 
-def entry_nbytes(manifest_entry: dict, sections: list[Section]) -> int:
-    """Bytes one encoded tensor adds to an artifact: its payload (exact) plus an upper bound on its share of the
-    zlib-compressed manifest (its own text compressed alone). artifact_size() gives the exact total."""
-    import zlib
-
-    records = [{"name": s.name, "codec": s.codec, "offset": 0, "length": len(s.data), "raw_length": s.raw_length,
-                "crc32": 0} for s in sections]
-    text = canonical_json([manifest_entry, records])
-    return sum(len(s.data) for s in sections) + len(zlib.compress(text, 9))
-
-
-def _full_meta(meta: dict | None) -> dict:
-    full = default_meta()
-    if meta:
-        if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
-            raise QpackInputError("artifact meta must be a dict with string keys")
-        full.update(meta)
-    cfg = full.get("model_config")
-    if cfg is not None and not isinstance(cfg, dict):
-        raise QpackInputError("meta model_config must be a dict or None")
-    return full
-
-
-def _assemble_encoded(encoded: list[tuple[dict, list[Section]]], meta: dict | None) -> tuple[dict, list, list]:
-    names = [m["name"] for m, _ in encoded]
+def _assemble(entries: Sequence[TensorEntry | EncodedEntry], meta: dict | None, verify: bool
+              ) -> tuple[dict, list, list[Section]]:
+    encoded = [e if isinstance(e, EncodedEntry) else encode_entry(e, verify) for e in entries]
+    names = [e.name for e in encoded]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise QpackInputError(f"duplicate tensor names: {dupes[:5]}")
-    return _full_meta(meta), [m for m, _ in encoded], [s for _, secs in encoded for s in secs]
+    return complete_meta(meta), [e.manifest for e in encoded], [s for e in encoded for s in e.sections]
 
 
-def _assemble(entries: list[TensorEntry], meta: dict | None, verify: bool) -> tuple[dict, list, list[Section]]:
-    return _assemble_encoded([encode_entry(e, verify) for e in entries], meta)
-
-
-def build_artifact(entries: list[TensorEntry], meta: dict | None = None, verify: bool = True) -> bytes:
-    """The artifact as bytes; `meta` adds to (or overrides) default_meta(). Same inputs, same bytes."""
+def build_artifact(entries: Sequence[TensorEntry | EncodedEntry], meta: dict | None = None,
+                   verify: bool = True) -> bytes:
+    """The artifact as bytes, from entries (encoded here) or entries already encoded by encode_entry (what
+    the budget priced); `meta` adds to or overrides qpack.provenance.complete_meta(). Same inputs, same bytes."""
     return build_container(*_assemble(entries, meta, verify))
 
 
-def build_artifact_encoded(encoded: list[tuple[dict, list[Section]]], meta: dict | None = None) -> bytes:
-    """The artifact as bytes from entries already encoded by encode_entry (what the budget solver measured)."""
-    return build_container(*_assemble_encoded(encoded, meta))
-
-
-def artifact_size(encoded: list[tuple[dict, list[Section]]], meta: dict | None = None) -> int:
-    """Exact file size of an artifact made of already-encoded entries, without assembling it."""
-    return container_size(*_assemble_encoded(encoded, meta))
-
-
-def write_artifact(path: str | os.PathLike, entries: list[TensorEntry], meta: dict | None = None,
+def write_artifact(path: str | os.PathLike, entries: Sequence[TensorEntry | EncodedEntry], meta: dict | None = None,
                    verify: bool = True, _on_step=None) -> int:
     """Atomically write the artifact to `path`; returns the number of bytes written."""
     return write_container(path, *_assemble(entries, meta, verify), _on_step=_on_step)
@@ -545,8 +514,3 @@ def loads_artifact(data: bytes, path: str | os.PathLike = "<bytes>") -> Artifact
 def read_artifact(path: str | os.PathLike) -> Artifact:
     """Open and verify the artifact at `path` (sections are decoded on demand)."""
     return Artifact(read_container(path))
-
-
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of the artifact at `path`, dequantized: what qpack.load returns."""
-    return read_artifact(path).tensors(device)

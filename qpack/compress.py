@@ -1,8 +1,13 @@
-"""The compress pipeline: state dict -> candidates per tensor -> budget solver -> .qpk artifact.
+"""The compress pipeline: state dict -> .qpk artifact under a byte budget, in named stages.
 
-Used by `qpack compress` and `qpack.compress()`. Every size that drives a decision is measured by encoding the
-tensor for real (qpack.artifact.encode_entry); the final artifact is built in memory, measured, and only then
-written (atomically), so it can never exceed the budget.
+    load -> plan -> passthrough -> floor -> quantize + price -> solve + build -> write
+
+load reads a checkpoint (path, state dict, or what qpack.checkpoint.load_state_dict returned); plan
+(qpack.statedict) finds tied names and splits big matrices into row blocks; floor prices every block with
+round-to-nearest at the fewest bits and refuses a budget below that before any expensive quantization;
+quantize runs the real scheme only at the widths the budget can use (a round-to-nearest proxy of every width,
+solved, tells which) and prices each candidate by encoding it exactly as it will be stored; solve + build
+(qpack.budget.fit) chooses, builds the artifact in memory and measures it, so it can never exceed the budget.
 """
 from __future__ import annotations
 
@@ -11,18 +16,22 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 import torch
 
-from . import __version__
-from .budget import Candidate, Choices, min_bytes, solve
+from .artifact import EncodedEntry, TensorEntry, encode_entry, build_artifact
+from .budget import Candidate, Choices, Fit, check_floor, fit, realize_lazily
 from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
+from .pack import encode_codes
+from .provenance import provenance
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
+from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,7 @@ class CompressConfig:
     fixed_bits: int = 6  # width for every matrix when no budget is set
     scheme: str = "auto"  # auto: gptq where a Hessian exists, else gptq_lite; "search": several schemes
     group_size: int | None = None  # scale group size in columns; None: one scale per row
-    codecs: tuple[str, ...] = ("ans", "zstd")  # codec specs tried per tensor (first one measures candidates)
+    codecs: tuple[str, ...] = ("ans", "zstd")  # codec specs tried per section (the smallest is stored)
     passthrough_dtype: str = "fp16"  # how small tensors (norms, gains, scalars) are stored: fp16 or fp32
     min_numel: int = 4096  # tensors with fewer elements, or fewer than 2 dims, pass through
     fp16_candidate: bool = True  # let the solver keep a whole matrix in fp16 when the budget allows
@@ -44,7 +53,6 @@ class CompressConfig:
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
     loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
@@ -65,6 +73,10 @@ class CompressConfig:
             raise QpackInputError(f"group size must be positive, got {self.group_size}")
         if self.lqer_rank < 0 or self.lqer_top < 0:
             raise QpackInputError("--lqer-rank and --lqer-top must not be negative")
+        if (self.lqer_rank > 0) != (self.lqer_top > 0):
+            raise QpackInputError("LQER needs both --lqer-rank and --lqer-top (one without the other does nothing)")
+        if self.sdclip_k and self.scheme not in ("search", "sdclip"):
+            raise QpackInputError(f"--sdclip-k applies to --scheme search or sdclip, not {self.scheme!r}")
         if not self.codecs:
             raise QpackInputError("at least one codec is needed")
         for spec in self.codecs:
@@ -101,7 +113,7 @@ class TensorReport:
 
 @dataclass
 class CompressResult:
-    """What compress did: totals, the per-tensor table, and the artifact's bytes (not kept for writing twice)."""
+    """What compress did: totals, the per-tensor table, stage times."""
 
     bytes_total: int
     bytes_model: int
@@ -128,6 +140,340 @@ class CompressResult:
         }
 
 
+@dataclass
+class Option:
+    """One way to store one block, as the solver sees it: the encoded entry plus what the report needs."""
+
+    encoded: EncodedEntry
+    payload: Quantized | torch.Tensor
+    scheme: str
+    bits: int | None
+    rel_error: float
+
+
+@dataclass
+class Loaded:
+    """A state dict with what travels with it into the artifact's meta."""
+
+    sd: dict[str, torch.Tensor]
+    model_config: dict | None
+    source: dict
+
+
+Progress = Callable[[Iterable, str, int], Iterable]
+Source = str | os.PathLike | Mapping[str, torch.Tensor] | tuple
+
+
+def _no_progress(it: Iterable, desc: str, total: int) -> Iterable:
+    return it
+
+
+class _Stages:
+    """Times each named stage of one compress run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[..., _T], *args: Any) -> _T:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------- the pipeline
+
+
+def compress(
+    source: Source,
+    output: str | os.PathLike | None,
+    config: CompressConfig | None = None,
+    *,
+    model_config: dict | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+    extra_meta: dict | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    **options: Any,
+) -> CompressResult:
+    """Compress a checkpoint (path, state dict, or qpack.checkpoint.load_state_dict's result) to `output`.
+
+    Options are CompressConfig fields. `hessians` maps state-dict names to X^T X of that weight's input (see
+    qpack.hessian); with them the default scheme is GPTQ and the solver can weigh errors by curvature.
+    """
+    t0 = time.perf_counter()
+    cfg = replace(config, **options) if config is not None else CompressConfig(**options)
+    stages = _Stages()
+    loaded = stages.run("load", load_source, source, model_config, extra_meta)
+    plan = stages.run("plan", make_plan, loaded.sd, cfg)
+    job = _Job(cfg, loaded, plan, hessians or {}, progress or _no_progress)
+    fixed = stages.run("passthrough", job.passthrough)
+    stages.run("floor", job.refuse_impossible, fixed)
+    choices = stages.run("quantize", job.candidates)
+    choices, result = stages.run("solve", job.fit, fixed, choices)
+    out = None
+    if output is not None and not dry_run:
+        from .container import atomic_write_bytes
+
+        stages.run("write", atomic_write_bytes, output, result.blob)
+        out = os.fspath(output)
+    reports = job.reports(fixed, choices, result.pick, result.extra)
+    return CompressResult(result.total, len(result.blob), cfg.code_bytes, cfg.budget, plan_params(loaded.sd, plan),
+                          reports, time.perf_counter() - t0, out, dry_run, stages.seconds)
+
+
+def load_source(source: Source, model_config: dict | None = None, extra_meta: dict | None = None) -> Loaded:
+    """The state dict to compress, from a checkpoint path, a state dict, or a (state_dict, config, extra)
+    triple as qpack.checkpoint.load_state_dict returns it; checks every entry is a tensor."""
+    extra: dict = {}
+    if isinstance(source, (str, os.PathLike)):
+        from .checkpoint import load_state_dict
+
+        source = load_state_dict(source)
+    if isinstance(source, tuple):
+        if len(source) != 3 or not isinstance(source[0], Mapping):
+            raise QpackInputError("a loaded checkpoint is (state_dict, config, extra), as load_state_dict returns")
+        sd, ckpt_config, extra = dict(source[0]), source[1], dict(source[2] or {})
+        model_config = model_config if model_config is not None else ckpt_config
+    elif isinstance(source, Mapping):
+        sd = dict(source)
+    else:
+        raise QpackInputError(f"cannot compress a {type(source).__name__}: give a path, a state dict, or a checkpoint")
+    if not sd:
+        raise QpackInputError("the state dict holds no tensors")
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise QpackInputError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+    source_meta = {**(extra_meta or {}), **{k: v for k, v in extra.items() if _jsonable(v)}}
+    return Loaded(sd, model_config, source_meta)
+
+
+def make_plan(sd: Mapping[str, torch.Tensor], cfg: CompressConfig) -> Plan:
+    """Tied names, and with a budget the row blocks of every quantizable matrix (each may take its own width)."""
+    def split(name: str, t: torch.Tensor) -> list[tuple[int, int]]:
+        if cfg.budget is None or not is_quantizable(t, cfg.min_numel):
+            return [(0, t.shape[0] if t.ndim else 1)]
+        return row_blocks(t.shape[0], t.numel(), cfg.chunk_numel)
+
+    return plan_state_dict(sd, split)
+
+
+def plan_params(sd: Mapping[str, torch.Tensor], plan: Plan) -> int:
+    """Parameters stored (tied names count once)."""
+    return sum(sd[n].numel() for n in plan.stored)
+
+
+class _Job:
+    """One compress run's state between stages: the config, the state dict, its plan and Hessians."""
+
+    def __init__(self, cfg: CompressConfig, loaded: Loaded, plan: Plan, hessians: dict[str, torch.Tensor],
+                 progress: Progress):
+        self.cfg, self.sd, self.plan, self.hessians, self.progress = cfg, loaded.sd, plan, hessians, progress
+        self.meta = {**provenance(loaded.model_config, loaded.source), **plan.to_meta()}
+        self.enc = _Encoder(cfg)
+        self.quant_names = [n for n in plan.stored if is_quantizable(self.sd[n], cfg.min_numel)]
+        quant = set(self.quant_names)
+        self.pass_names = [n for n in plan.stored if n not in quant]
+        self.blocks = {n: plan.blocks(n, self.sd[n].shape[0]) for n in self.quant_names}
+        self.widths = cfg.bits if cfg.budget is not None else (cfg.fixed_bits,)
+
+    # -- passthrough: small tensors stored as they are (fp16 or fp32 for floats)
+    def passthrough(self) -> dict[str, Option]:
+        out: dict[str, Option] = {}
+        self._fixed = out
+        for n in self.pass_names:
+            t = _passthrough_tensor(self.sd[n], self.cfg.passthrough_dtype)
+            err = _rel_error(self.sd[n].double(), t.double()) if t.is_floating_point() else 0.0
+            out[n] = Option(self.enc.encode(n, t, dtype_name(self.sd[n].dtype)), t, "passthrough", None, err)
+        return out
+
+    # -- floor: refuse a budget below what round-to-nearest at the fewest bits costs, before quantizing
+    def refuse_impossible(self, fixed: dict[str, Option]) -> None:
+        if self.cfg.budget is None:
+            return
+        estimate = self.cfg.code_bytes + sum(o.encoded.nbytes for o in fixed.values())
+        bits = min(self.widths)
+        for n in self.quant_names:
+            q = make_quantizer("rtn", bits, self.cfg.group_size).quantize(self.sd[n].detach().float())
+            for b in self.blocks[n]:
+                estimate += _predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
+        check_floor(self.cfg.budget, estimate)
+
+    # -- quantize + price
+    def candidates(self) -> list[Choices]:
+        """Real candidates per block, measured exactly; with a budget only at the widths the solver reaches for."""
+        self._menu: dict[str, list[tuple[str, dict, int | None]]] = {}
+        for n in self.quant_names:
+            menu = [(s, p, b) for b in self.widths for s, p in _schemes_for(self.cfg, n in self.hessians)]
+            if self.cfg.budget is not None and self.cfg.fp16_candidate:
+                menu.append(("fp16", {}, None))  # kept last: see _fp16_index
+            self._menu[n] = menu
+        blocks = [b for n in self.quant_names for b in self.blocks[n]]
+        realized: dict[str, dict[int, Candidate]] = {}
+        if self.cfg.budget is None:  # one candidate per block: nothing to choose
+            for n in self.progress(self.quant_names, "quantize", len(self.quant_names)):
+                self._realize(n, 0, realized)
+            return [Choices(b.entry, [realized[b.entry][0]]) for b in blocks]
+        proxies: dict[str, list[Candidate]] = {}
+        for n in self.progress(self.quant_names, "price", len(self.quant_names)):
+            proxies.update(self._proxies(n))
+            if self.cfg.fp16_candidate:  # fp16 is cheap to price exactly: always a real candidate
+                self._realize(n, len(self._menu[n]) - 1, realized)
+        fixed_bytes = sum(o.encoded.nbytes for o in self._fixed.values())
+        # Room for the blocks, less a first guess at the manifest; qpack.budget.fit corrects it by measuring.
+        capacity = self.cfg.budget - self.cfg.code_bytes - fixed_bytes - 96 * (len(blocks) + len(self._fixed)) - 512
+        by_entry = {b.entry: b.tensor for b in blocks}
+        return realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized,
+                              lambda entry, i: self._realize(by_entry[entry], i, realized), capacity)
+
+    def _proxies(self, n: str) -> dict[str, list[Candidate]]:
+        """Round-to-nearest estimates of every menu item for each block of `n`: predicted bytes and loss."""
+        w = self.sd[n].detach().float()
+        h = self.hessians.get(n)
+        hd = torch.diagonal(h) if h is not None and self.cfg.loss_proxy != "mse" else None
+        blocks = self.blocks[n]
+        out: dict[str, list[Candidate]] = {b.entry: [] for b in blocks}
+        rtn: dict[int, Quantized] = {}
+        for scheme, params, bits in self._menu[n]:
+            if bits is not None and bits not in rtn:
+                rtn[bits] = make_quantizer("rtn", bits, self.cfg.group_size).quantize(w)
+            for b in blocks:
+                if bits is None:
+                    p: Quantized | torch.Tensor = w[b.r0:b.r1].to(torch.float16)
+                else:
+                    p = slice_rows(rtn[bits], b.r0, b.r1) if len(blocks) > 1 else rtn[bits]
+                wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
+                out[b.entry].append(Candidate(f"{scheme}/{bits}~", _predicted_bytes(p),
+                                              _diag_loss(w[b.r0:b.r1], wq, hd)))
+        return out
+
+    def _realize(self, n: str, i: int, realized: dict[str, dict[int, Candidate]]) -> None:
+        """Quantize tensor `n` with menu item `i` for real and price every block of it exactly."""
+        scheme, params, bits = self._menu[n][i]
+        w = self.sd[n].detach().float()
+        h = self.hessians.get(n)
+        blocks = self.blocks[n]
+        if bits is None:
+            payloads = [w[b.r0:b.r1].to(torch.float16).contiguous() for b in blocks]
+        else:
+            q = make_quantizer(scheme, bits, self.cfg.group_size, **params).quantize(w, h)
+            payloads = [slice_rows(q, b.r0, b.r1) if len(blocks) > 1 else q for b in blocks]
+        dtype = dtype_name(self.sd[n].dtype)
+        for b, p in zip(blocks, payloads):
+            wb = w[b.r0:b.r1]
+            wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(wb.shape)
+            label = "fp16" if bits is None else f"{scheme}/int{bits}"
+            opt = Option(self.enc.encode(b.entry, p, dtype if bits is not None else None), p,
+                         "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
+            loss = _loss(wb, wq, h, self.cfg.loss_proxy)
+            realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
+
+    # -- solve + build: qpack.budget.fit, over every width when the widths realized cannot fit
+    def fit(self, fixed: dict[str, Option], choices: list[Choices]) -> tuple[list[Choices], Fit]:
+        try:
+            return choices, fit(choices, self.cfg.budget, self.cfg.code_bytes,
+                                lambda pick: self.build(fixed, choices, pick))
+        except BudgetError:
+            full = self._all_candidates(choices)
+            if full is None:
+                raise
+            return full, fit(full, self.cfg.budget, self.cfg.code_bytes, lambda pick: self.build(fixed, full, pick))
+
+    def _all_candidates(self, choices: list[Choices]) -> list[Choices] | None:
+        """Every menu item realized (None when they already were): the exact answer when the lazy one fell short."""
+        if self.cfg.budget is None:
+            return None
+        realized = {ch.name: {} for ch in choices}
+        have = {ch.name: {c.label for c in ch.candidates} for ch in choices}
+        if all(len(have[b.entry]) == len(self._menu[n]) for n in self.quant_names for b in self.blocks[n]):
+            return None
+        for n in self.quant_names:
+            for i in range(len(self._menu[n])):
+                self._realize(n, i, realized)
+        return [Choices(ch.name, [realized[ch.name][i] for i in sorted(realized[ch.name])]) for ch in choices]
+
+    # -- build: the whole artifact in memory for one pick (LQER on the largest errors)
+    def build(self, fixed: dict[str, Option], choices: list[Choices], pick: list[int]) -> tuple[bytes, dict]:
+        chosen = {ch.name: ch.candidates[i] for ch, i in zip(choices, pick)}
+        lowranks = self._lqer(chosen)
+        entries = [fixed[n].encoded for n in self.pass_names]
+        for ch in choices:
+            opt: Option = chosen[ch.name].data
+            entries.append(lowranks[ch.name] if ch.name in lowranks else opt.encoded)
+        return build_artifact(entries, self.meta, verify=False), lowranks
+
+    def _lqer(self, chosen: dict[str, Candidate]) -> dict[str, EncodedEntry]:
+        """Entries with low-rank error factors for the `lqer_top` quantized blocks of largest estimated loss."""
+        if self.cfg.lqer_rank <= 0:
+            return {}
+        from .quant.lqer import fit_lqer
+
+        quant = [(n, c) for n, c in chosen.items() if isinstance(c.data.payload, Quantized)]
+        quant.sort(key=lambda nc: (-nc[1].loss, nc[0]))
+        by_entry = {b.entry: b for n in self.quant_names for b in self.blocks[n]}
+        out = {}
+        for n, c in quant[: self.cfg.lqer_top]:
+            b = by_entry[n]
+            w = as_matrix(self.sd[b.tensor].float()[b.r0:b.r1])
+            rank = min(self.cfg.lqer_rank, *w.shape)
+            factors = fit_lqer(w, as_matrix(c.data.payload.dequantize()), rank)
+            out[n] = self.enc.encode(n, c.data.payload, dtype_name(self.sd[b.tensor].dtype), factors)
+        return out
+
+    def reports(self, fixed: dict[str, Option], choices: list[Choices], pick: list[int],
+                lowranks: dict[str, EncodedEntry]) -> list[TensorReport]:
+        out = []
+        for n in self.pass_names:
+            o = fixed[n]
+            out.append(TensorReport(n, tuple(self.sd[n].shape), "passthrough", None, o.encoded.codec_label(),
+                                    o.encoded.nbytes, o.rel_error, 0.0))
+        for ch, i in zip(choices, pick):
+            c = ch.candidates[i]
+            o: Option = c.data
+            enc = lowranks.get(ch.name, o.encoded)
+            out.append(TensorReport(ch.name, tuple(o.payload.shape), o.scheme + ("+lqer" if ch.name in lowranks else ""),
+                                    o.bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss))
+        return out
+
+
+class _Encoder:
+    """Encodes entries as they will be stored: each section with the smallest configured codec.
+
+    A generic codec (zstd, brotli...) costs a trial compression per section; it is tried on a section only
+    when it also wins, or comes within 2%, on a 64 KiB sample of the first such section of that kind (codes
+    at a width, scales, raw data), so a codec that never wins on quantized codes is not run on every candidate.
+    Every size the solver sees is still the exact size of the stored bytes."""
+
+    SAMPLE = 1 << 16
+
+    def __init__(self, cfg: CompressConfig):
+        self.codecs: list[Codec] = [parse_codec(s) for s in cfg.codecs]
+        self.raw = make_codec("raw")
+        self._useful: dict[tuple, list[Codec]] = {}
+
+    def _select(self, kind: tuple, sample: bytes, extra: list[Codec]) -> list[Codec]:
+        if kind not in self._useful:
+            pool = self.codecs + [c for c in extra if c.spec() not in [k.spec() for k in self.codecs]]
+            sizes = [len(c.encode(sample[: self.SAMPLE])) for c in pool]
+            best = min(sizes)
+            self._useful[kind] = [c for c, s in zip(pool, sizes) if s <= best * 1.02 + 16]
+        return self._useful[kind]
+
+    def encode(self, name: str, payload: Quantized | torch.Tensor, dtype: str | None = None,
+               lowrank: tuple[Quantized, Quantized] | None = None) -> EncodedEntry:
+        if isinstance(payload, torch.Tensor):
+            sample = _tensor_bytes(payload[: max(1, self.SAMPLE // max(1, payload[0].numel() * payload.element_size()))]
+                                   if payload.ndim else payload)
+            codecs = self._select(("raw", str(payload.dtype)), sample, [self.raw])
+            return encode_entry(TensorEntry(name, payload, codec=codecs))
+        sample = encode_codes(np.asarray(payload.q).reshape(-1)[: self.SAMPLE], payload.bits, "byte")
+        codecs = self._select(("codes", payload.bits, lowrank is not None), sample, [])
+        scale_codecs = [self.raw] + self.codecs
+        return encode_entry(TensorEntry(name, payload, codec=codecs, scale_codec=scale_codecs, lowrank=lowrank,
+                                        dtype=dtype if dtype in ("float64", "float32", "float16", "bfloat16") else None))
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 
 def _jsonable(value: Any) -> bool:
@@ -141,28 +487,6 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def find_aliases(sd: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Names whose tensor is the same storage as (or bit-identical to) an earlier name: {alias: original}."""
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    by_shape: dict[tuple, list[str]] = {}
-    for name, t in sd.items():
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        if t.ndim >= 2 and t.numel() >= 1024:
-            for other in by_shape.get((tuple(t.shape), t.dtype), []):
-                if torch.equal(sd[other], t):
-                    aliases[name] = other
-                    break
-            else:
-                by_shape.setdefault((tuple(t.shape), t.dtype), []).append(name)
-    return aliases
-
-
 def is_quantizable(t: torch.Tensor, min_numel: int) -> bool:
     """Matrices (2+ dims) of floats with at least `min_numel` elements are quantized; the rest pass through."""
     return t.dtype in FLOAT_DTYPES and t.ndim >= 2 and t.numel() >= min_numel
@@ -172,6 +496,13 @@ def _passthrough_tensor(t: torch.Tensor, dtype: str) -> torch.Tensor:
     if t.dtype in FLOAT_DTYPES:
         return t.detach().to(torch.float16 if dtype == "fp16" else torch.float32).contiguous()
     return t.detach().contiguous()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
 
 
 def _rel_error(w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -185,6 +516,36 @@ def estimate_loss(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | Non
     from .crownq import expected_loss_increase
 
     return float(expected_loss_increase(as_matrix(w), as_matrix(wq), hessian))
+
+
+def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str) -> float:
+    """The solver's loss for one block under the configured proxy."""
+    if proxy == "mse" or h is None:
+        return estimate_loss(w, wq, None)
+    if proxy == "relative":
+        return estimate_loss(w, wq, h) / max(estimate_loss(w, torch.zeros_like(w), h), 1e-30) * w.numel()
+    return estimate_loss(w, wq, h)
+
+
+def _diag_loss(w: torch.Tensor, wq: torch.Tensor, hdiag: torch.Tensor | None) -> float:
+    """A cheap proxy loss: squared error, weighted per input column by diag(H) when given."""
+    e = (as_matrix(w) - as_matrix(wq)).to(torch.float64).square()
+    return float((e * hdiag.to(torch.float64).reshape(1, -1)).sum() / 2 if hdiag is not None else e.sum() / 2)
+
+
+def _predicted_bytes(payload: Quantized | torch.Tensor) -> int:
+    """Bytes an order-0 entropy coder (ans) needs for a payload: entropy of its symbols plus tables."""
+    if isinstance(payload, torch.Tensor):
+        sym = np.frombuffer(_tensor_bytes(payload), dtype=np.uint8)
+        return _entropy_bytes(sym) + 16
+    codes = np.asarray(payload.q).reshape(-1)
+    return _entropy_bytes(codes.astype(np.int16) + 128) + 2 * int(np.asarray(payload.scales).size) + 64
+
+
+def _entropy_bytes(symbols: np.ndarray) -> int:
+    counts = np.bincount(symbols.reshape(-1), minlength=1)
+    p = counts[counts > 0] / max(1, symbols.size)
+    return int(math.ceil(float(-(counts[counts > 0] * np.log2(p)).sum()) / 8)) + 2 * int((counts > 0).sum())
 
 
 def code_size(files: Iterable[str | os.PathLike], codec: str | None) -> int:
@@ -201,242 +562,11 @@ def code_size(files: Iterable[str | os.PathLike], codec: str | None) -> int:
     return len(parse_codec(codec).encode(b"".join(blobs)))
 
 
-# ------------------------------------------------------------------------------------------- the pipeline
-
-Progress = Callable[[Iterable, str, int], Iterable]
-
-
-def _no_progress(it: Iterable, desc: str, total: int) -> Iterable:
-    return it
-
-
-class _Encoder:
-    """Encodes candidate entries and caches codec objects; the one place sizes are measured."""
-
-    def __init__(self, cfg: CompressConfig):
-        self.codecs: list[Codec] = [parse_codec(s) for s in cfg.codecs]
-        self.primary = self.codecs[0]
-        self.raw = make_codec("raw")
-
-    def entry(self, name: str, payload, codec: Codec, scale_codec: Codec | None = None, lowrank=None):
-        from .artifact import TensorEntry, encode_entry
-
-        layout = "byte"
-        e = TensorEntry(name, payload, layout=layout, codec=codec, scale_codec=scale_codec or codec, lowrank=lowrank)
-        manifest_entry, sections = encode_entry(e)
-        nbytes = sum(len(s.data) for s in sections)
-        return e, manifest_entry, sections, nbytes
-
-    def best_entry(self, name: str, payload, lowrank=None):
-        """Encode with every configured codec (codes and scales chosen independently) and keep the smallest."""
-        best = None
-        for codec in self.codecs + ([self.raw] if isinstance(payload, torch.Tensor) else []):
-            for scale_codec in ([self.raw, codec] if not isinstance(payload, torch.Tensor) else [codec]):
-                got = self.entry(name, payload, codec, scale_codec, lowrank)
-                if best is None or got[3] < best[3]:
-                    best = got
-        return best
-
-
-def compress(
-    source: str | os.PathLike | dict[str, torch.Tensor],
-    output: str | os.PathLike | None,
-    config: CompressConfig | None = None,
-    *,
-    model_config: dict | None = None,
-    hessians: dict[str, torch.Tensor] | None = None,
-    extra_meta: dict | None = None,
-    dry_run: bool = False,
-    progress: Progress | None = None,
-    **options: Any,
-) -> CompressResult:
-    """Compress a checkpoint path or state dict to `output` (.qpk); options are CompressConfig fields.
-
-    `hessians` maps state-dict names to X^T X of that weight's input (see qpack.hessian); with them the
-    default scheme is GPTQ and the solver weighs errors by curvature.
-    """
-    t0 = time.perf_counter()
-    cfg = replace(config, **options) if config is not None else CompressConfig(**options)
-    progress = progress or _no_progress
-    stages: dict[str, float] = {}
-
-    if isinstance(source, (str, os.PathLike)):
-        from .checkpoint import load_state_dict
-
-        sd, ckpt_config, extra = load_state_dict(source)
-        model_config = model_config if model_config is not None else ckpt_config
-        extra_meta = {**(extra_meta or {}), **{k: v for k, v in extra.items() if _jsonable(v)}}
-    else:
-        sd = dict(source)
-    if not sd:
-        raise QpackInputError("the state dict holds no tensors")
-    for name, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise QpackInputError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
-    hessians = hessians or {}
-    enc = _Encoder(cfg)
-    stages["load"] = time.perf_counter() - t0
-
-    aliases = find_aliases(sd)
-    names = [n for n in sd if n not in aliases]
-    params = sum(sd[n].numel() for n in names)
-    quant_names = [n for n in names if is_quantizable(sd[n], cfg.min_numel)]
-    pass_names = [n for n in names if n not in set(quant_names)]
-
-    # Fixed part: passthrough tensors.
-    t1 = time.perf_counter()
-    fixed = {}
-    for n in pass_names:
-        fixed[n] = enc.best_entry(n, _passthrough_tensor(sd[n], cfg.passthrough_dtype))
-    stages["passthrough"] = time.perf_counter() - t1
-
-    # Candidates per quantizable tensor, measured per block of rows: rows quantize independently (GPTQ too),
-    # so each block can take its own width, which gives the solver fine steps to fill the budget with.
-    t1 = time.perf_counter()
-    choices: list[Choices] = []
-    row_splits: dict[str, dict] = {}
-    part_rows: dict[str, tuple[str, int, int]] = {}
-    widths = cfg.bits if cfg.budget is not None else (cfg.fixed_bits,)
-    for n in progress(quant_names, "quantize", len(quant_names)):
-        w = sd[n].detach().to(torch.float32)
-        h = hessians.get(n)
-        blocks = row_blocks(w.shape[0], w.numel(), cfg.chunk_numel if cfg.budget is not None else 0)
-        parts = [n if len(blocks) == 1 else f"{n}#rows{r0}-{r1}" for r0, r1 in blocks]
-        part_rows.update({part: (n, r0, r1) for part, (r0, r1) in zip(parts, blocks)})
-        if len(blocks) > 1:
-            row_splits[n] = {"parts": parts, "shape": list(w.shape)}
-        cands: list[list[Candidate]] = [[] for _ in blocks]
-        for scheme, params_ in _schemes_for(cfg, h is not None):
-            for bits in widths:
-                q = make_quantizer(scheme, bits, cfg.group_size, **params_).quantize(w, h)
-                for k, ((r0, r1), part) in enumerate(zip(blocks, parts)):
-                    qk = q if len(blocks) == 1 else slice_rows(q, r0, r1)
-                    cands[k].append(_candidate(enc, part, w[r0:r1], qk, h, f"{scheme}/int{bits}", scheme, bits,
-                                               cfg.loss_proxy))
-        if cfg.budget is not None and cfg.fp16_candidate:
-            for k, ((r0, r1), part) in enumerate(zip(blocks, parts)):
-                t16 = w[r0:r1].to(torch.float16).contiguous()
-                cands[k].append(_candidate(enc, part, w[r0:r1], t16, h, "fp16", "fp16", None, cfg.loss_proxy))
-        choices.extend(Choices(part, c) for part, c in zip(parts, cands))
-    stages["quantize"] = time.perf_counter() - t1
-    part_names = [ch.name for ch in choices]
-
-    meta = {
-        "qpack_version": __version__,
-        "model_config": model_config,
-        "aliases": dict(sorted(aliases.items())),
-        "row_splits": row_splits,
-        "order": list(sd),
-        "source": extra_meta or {},
-    }
-
-    code = cfg.code_bytes
-    # Start from the cheapest candidate everywhere: its build gives the exact smallest reachable size.
-    pick = [min(range(len(ch.candidates)), key=lambda i: (ch.candidates[i].nbytes, i)) for ch in choices]
-
-    # Final encoding: each chosen tensor with its best codec, LQER on the largest errors, then the whole
-    # artifact measured. The first pass learns the real manifest overhead; later passes re-solve with it and
-    # tighten by any overshoot, so the written file is never over the budget and rarely far under it.
-    t1 = time.perf_counter()
-    cache: dict[tuple[str, int], tuple] = {}
-    blob, total, best = b"", 0, None
-    for attempt in range(8):
-        chosen = {ch.name: ch.candidates[i] for ch, i in zip(choices, pick)}
-        lowranks = _lqer(cfg, lambda part: sd[part_rows[part][0]].float()[part_rows[part][1]:part_rows[part][2]], chosen)
-        entries = {}
-        for t_idx, n in enumerate(part_names):
-            key = (n, pick[t_idx])
-            if key not in cache or n in lowranks:
-                c = chosen[n]
-                got = enc.best_entry(n, c.data["q"], lowranks.get(n))
-                if n in lowranks:
-                    entries[n] = got
-                    continue
-                cache[key] = got
-            entries[n] = cache[key]
-        ordered = [fixed[n] for n in pass_names] + [entries[n] for n in part_names]
-        blob = _build(ordered, meta)
-        total = len(blob) + code
-        if cfg.budget is None:
-            best = (blob, total, chosen, entries, lowranks)
-            break
-        if attempt == 0 and total > cfg.budget:
-            raise BudgetError(
-                f"budget {cfg.budget:,} bytes is below the smallest reachable size, {total:,} bytes "
-                f"({code:,} of them code, every tensor at its fewest bits); raise --budget",
-                min_bytes=total,
-            )
-        if total <= cfg.budget and (best is None or total > best[1]):
-            best = (blob, total, chosen, entries, lowranks)
-        if total <= cfg.budget and total >= cfg.budget - max(64, cfg.budget // 500):
-            break
-        # Bytes outside the solver's view: manifest, header, trailer, code, codec swaps, LQER factors.
-        solved = sum(ch.candidates[i].nbytes for ch, i in zip(choices, pick))
-        capacity = cfg.budget - (total - solved) - 32 * attempt
-        new_pick = solve(choices, max(capacity, min_bytes(choices)))
-        if new_pick == pick:
-            break
-        pick = new_pick
-    if best is None:
-        raise BudgetError(f"could not fit the budget of {cfg.budget:,} bytes (last try {total:,})", min_bytes=total)
-    blob, total, chosen, entries, lowranks = best
-    stages["encode"] = time.perf_counter() - t1
-
-    if cfg.budget is not None and total > cfg.budget:  # never write an artifact over the budget
-        raise BudgetError(f"internal: artifact of {total:,} bytes exceeds the budget {cfg.budget:,}", min_bytes=total)
-
-    reports = []
-    for n in pass_names:
-        e = fixed[n]
-        t = e[0].payload
-        err = _rel_error(sd[n].double(), t.double()) if t.is_floating_point() else 0.0
-        reports.append(TensorReport(n, tuple(sd[n].shape), "passthrough", None, e[0].codec.label(), e[3], err, 0.0))
-    for n in part_names:
-        c, e = chosen[n], entries[n]
-        shape = tuple(c.data["q"].shape)
-        reports.append(TensorReport(n, shape, c.data["scheme"] + ("+lqer" if n in lowranks else ""),
-                                    c.data["bits"], e[0].codec.label(), e[3], c.data["rel"], c.loss))
-
-    out = None
-    if output is not None and not dry_run:
-        from .container import atomic_write_bytes
-
-        atomic_write_bytes(output, blob)
-        out = os.fspath(output)
-    return CompressResult(total, len(blob), code, cfg.budget, params, reports, time.perf_counter() - t0, out,
-                          dry_run, stages)
-
-
-def row_blocks(rows: int, numel: int, chunk_numel: int, max_blocks: int = 8) -> list[tuple[int, int]]:
-    """Split `rows` into up to `max_blocks` near-equal blocks of about `chunk_numel` elements (0: one block)."""
-    if chunk_numel <= 0 or rows < 2:
-        return [(0, rows)]
-    k = max(1, min(max_blocks, rows, numel // chunk_numel))
-    edges = [rows * i // k for i in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
 def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
     """Rows r0:r1 of a quantized tensor, as a quantized tensor of its own."""
     shape = (r1 - r0,) + tuple(q.shape[1:]) if len(q.shape) > 1 else (r1 - r0, q.q.shape[1])
     return Quantized(np.ascontiguousarray(q.q[r0:r1]), np.ascontiguousarray(q.scales[r0:r1]), shape, q.bits,
                      q.scheme, q.group_size, dict(q.params))
-
-
-def _candidate(enc: "_Encoder", part: str, w: torch.Tensor, payload, h, label: str, scheme: str, bits,
-               proxy: str = "hessian") -> Candidate:
-    """Measure one encoding of one block: exact bytes with the primary codec, estimated loss."""
-    wq = payload.dequantize() if isinstance(payload, Quantized) else payload.float()
-    wq = wq.reshape(w.shape)
-    nbytes = enc.entry(part, payload, enc.primary)[3]
-    if proxy == "mse" or h is None:
-        loss = estimate_loss(w, wq, None)
-    elif proxy == "relative":
-        loss = estimate_loss(w, wq, h) / max(estimate_loss(w, torch.zeros_like(w), h), 1e-30) * w.numel()
-    else:
-        loss = estimate_loss(w, wq, h)
-    return Candidate(label, nbytes, loss,
-                     data={"q": payload, "rel": _rel_error(w, wq), "scheme": scheme, "bits": bits})
 
 
 def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict]]:
@@ -452,26 +582,3 @@ def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict
     if cfg.scheme == "sdclip" and cfg.sdclip_k:
         return [("sdclip", {"k": k}) for k in cfg.sdclip_k]
     return [(cfg.scheme, {})]
-
-
-def _lqer(cfg: CompressConfig, weight_of: Callable[[str], torch.Tensor], chosen: dict[str, Candidate]) -> dict[str, tuple]:
-    """Low-rank error factors for the `lqer_top` quantized blocks with the largest estimated loss."""
-    if cfg.lqer_rank <= 0 or cfg.lqer_top <= 0:
-        return {}
-    from .quant.lqer import fit_lqer
-
-    quant = [(n, c) for n, c in chosen.items() if isinstance(c.data["q"], Quantized)]
-    quant.sort(key=lambda nc: (-nc[1].loss, nc[0]))
-    out = {}
-    for n, c in quant[: cfg.lqer_top]:
-        w = as_matrix(weight_of(n))
-        rank = min(cfg.lqer_rank, *w.shape)
-        out[n] = fit_lqer(w, as_matrix(c.data["q"].dequantize()), rank)
-    return out
-
-
-def _build(entries: list[tuple], meta: dict) -> bytes:
-    """The whole artifact in memory, from already-encoded entries."""
-    from .artifact import build_artifact_encoded
-
-    return build_artifact_encoded([(e[1], e[2]) for e in entries], meta)

@@ -13,12 +13,10 @@ import torch
 import qpack
 from qpack.artifact import (
     DTYPES,
+    EncodedEntry,
     TensorEntry,
-    artifact_size,
     build_artifact,
-    build_artifact_encoded,
     encode_entry,
-    entry_nbytes,
     loads_artifact,
     read_artifact,
     scales_from_bytes,
@@ -184,19 +182,29 @@ def test_meta_records_versions():
 def test_encode_entry_measures_exact_bytes():
     es = entries()
     encoded = [encode_entry(e) for e in es]
-    blob = build_artifact_encoded(encoded, {"model_config": None})
-    assert blob == build_artifact(es, {"model_config": None})
-    assert artifact_size(encoded, {"model_config": None}) == len(blob)
-    payload = sum(len(s.data) for _, secs in encoded for s in secs)
-    overhead = len(blob) - payload
-    # per-entry estimate: payload exact plus an upper bound on its share of the (compressed) manifest
-    est = [entry_nbytes(m, s) for m, s in encoded]
-    assert sum(est) > len(blob) - 64
-    for (m, secs), n in zip(encoded, est):
-        assert sum(len(s.data) for s in secs) < n < sum(len(s.data) for s in secs) + len(json.dumps(m)) + 400
-    manifest, sections = encode_entry(TensorEntry("w", quant((4, 8), 4), codec=make_codec(CODEC, {})))
-    assert [s.name for s in sections] == ["w:codes", "w:scales"]
-    assert manifest["codes"]["section"] == "w:codes" and manifest["kind"] == "quant"
+    assert all(isinstance(e, EncodedEntry) for e in encoded)
+    blob = build_artifact(encoded, {"model_config": None})
+    assert blob == build_artifact(es, {"model_config": None})  # encoded or not: the same bytes
+    art = loads_artifact(blob)
+    for e in encoded:  # nbytes is exactly what the entry's sections take in the file
+        assert e.nbytes == sum(art.section_bytes(e.name).values())
+    got = encode_entry(TensorEntry("w", quant((4, 8), 4), codec=make_codec(CODEC, {})))
+    assert [s.name for s in got.sections] == ["w:codes", "w:scales"]
+    assert got.manifest["codes"]["section"] == "w:codes" and got.manifest["kind"] == "quant"
+
+
+def test_codec_choice_keeps_the_smallest_per_section():
+    q = quant((64, 96), 4, seed=5)
+    raw, zstd, ans = make_codec("raw", {}), make_codec("zstd", {}), make_codec("ans", {})
+    alone = {c.name: encode_entry(TensorEntry("w", q, codec=c, scale_codec=raw, scale_layout="plain"))
+             for c in (raw, zstd, ans)}
+    best = encode_entry(TensorEntry("w", q, codec=[raw, zstd, ans], scale_codec=raw, scale_layout="plain"))
+    sizes = {k: len(v.sections[0].data) for k, v in alone.items()}
+    assert len(best.sections[0].data) == min(sizes.values())
+    assert best.manifest["codes"]["codec"]["name"] == min(sizes, key=sizes.get)
+    assert loads_artifact(build_artifact([best])).quantized("w").q.tobytes() == q.q.tobytes()
+    with pytest.raises(QpackInputError):
+        encode_entry(TensorEntry("w", q, codec=[]))
 
 
 def test_scale_layouts():
@@ -214,9 +222,10 @@ def test_scale_layouts():
 def test_auto_scale_layout_keeps_the_smaller():
     c = make_codec(CODEC, {})
     q = quant((64, 32), 6)
-    m, secs = encode_entry(TensorEntry("w", q, codec=c, scale_codec=c))
+    got = encode_entry(TensorEntry("w", q, codec=c, scale_codec=c))
+    m, secs = got.manifest, got.sections
     chosen = m["scales"]["layout"]
-    sizes = {lay: len(encode_entry(TensorEntry("w", q, codec=c, scale_codec=c, scale_layout=lay))[1][1].data)
+    sizes = {lay: len(encode_entry(TensorEntry("w", q, codec=c, scale_codec=c, scale_layout=lay)).sections[1].data)
              for lay in ("plain", "shuffled")}
     assert len(secs[1].data) == min(sizes.values()) == sizes[chosen]
 

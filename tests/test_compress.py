@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import qpack
 from qpack.artifact import read_artifact
 from qpack.cli import main
-from qpack.compress import CompressConfig, compress, find_aliases
+from qpack.compress import CompressConfig, compress
+from qpack.statedict import find_aliases
 from qpack.errors import BudgetError, QpackInputError
 
 

@@ -84,7 +84,8 @@ def golden_entries(codec_name: str):
 
 
 def main() -> None:
-    from qpack.artifact import build_artifact, library_versions
+    from qpack.artifact import build_artifact
+    from qpack.provenance import library_versions
 
     GOLDEN.mkdir(parents=True, exist_ok=True)
     index = {}
