@@ -141,3 +141,82 @@ def test_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "m.qpk"
     res = compress(_state_dict(), out, _cfg(budget=40_000), dry_run=True)
     assert not out.exists() and res.bytes_total <= 40_000
+
+
+def test_original_dtypes_come_back(tmp_path):
+    """A bf16 embedding and fp32 norms come back in their own dtypes (qpack.load and qpack decompress)."""
+    sd = _state_dict()
+    sd["emb.weight"] = sd["emb.weight"].to(torch.bfloat16)
+    sd["head.weight"] = sd["emb.weight"]
+    sd["blocks.0.attn.weight"] = sd["blocks.0.attn.weight"].half()
+    out = tmp_path / "m.qpk"
+    compress(sd, out, _cfg(budget=50_000))
+    loaded = qpack.load(out)
+    assert {n: t.dtype for n, t in loaded.items()} == {n: t.dtype for n, t in sd.items()}
+    assert loaded["head.weight"] is loaded["emb.weight"]
+    ckpt = tmp_path / "back.pt"
+    r = CliRunner().invoke(main, ["decompress", str(out), "-o", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    back = torch.load(ckpt, weights_only=True)
+    back = back.get("model", back)
+    assert back["emb.weight"].dtype == torch.bfloat16 and back["blocks.0.norm.weight"].dtype == torch.float32
+    # The stored entries record the original dtype of quantized weights too.
+    art = read_artifact(out)
+    parts = art.meta["row_splits"].get("emb.weight", {"parts": ["emb.weight"]})["parts"]
+    assert {art.entry(p)["dtype"] for p in parts} == {"bfloat16"}
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(lqer_rank=4), "both"),
+    (dict(lqer_top=2), "both"),
+    (dict(sdclip_k=(12.0,)), "sdclip"),
+    (dict(sdclip_k=(12.0,), scheme="gptq_lite"), "sdclip"),
+])
+def test_flags_that_would_do_nothing_are_errors(kw, words):
+    with pytest.raises(QpackInputError, match=words):
+        CompressConfig(**kw)
+    CompressConfig(lqer_rank=4, lqer_top=2)
+    CompressConfig(sdclip_k=(12.0,), scheme="search")
+
+
+def test_loaded_checkpoint_compresses_like_its_path(tmp_path):
+    from qpack.checkpoint import load_state_dict
+
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": _state_dict(), "config": {"arch": "none"}}, ckpt)
+    compress(ckpt, tmp_path / "a.qpk", _cfg(budget=40_000))
+    compress(load_state_dict(ckpt), tmp_path / "b.qpk", _cfg(budget=40_000))
+    assert (tmp_path / "a.qpk").read_bytes() == (tmp_path / "b.qpk").read_bytes()
+    assert read_artifact(tmp_path / "b.qpk").model_config == {"arch": "none"}
+    with pytest.raises(QpackInputError):
+        compress(42, tmp_path / "c.qpk", _cfg(budget=40_000))
+
+
+def _count_quantizers(monkeypatch) -> dict:
+    import qpack.compress as cmod
+
+    calls: dict = {}
+    real = cmod.make_quantizer
+
+    def counting(name, bits, *a, **k):
+        calls[(name, bits)] = calls.get((name, bits), 0) + 1
+        return real(name, bits, *a, **k)
+
+    monkeypatch.setattr(cmod, "make_quantizer", counting)
+    return calls
+
+
+def test_impossible_budget_refused_before_quantizing(tmp_path, monkeypatch):
+    calls = _count_quantizers(monkeypatch)
+    with pytest.raises(BudgetError, match="smallest reachable") as e:
+        compress(_state_dict(), tmp_path / "m.qpk", _cfg(budget=3_000))
+    assert e.value.min_bytes > 3_000
+    assert {name for name, _ in calls} == {"rtn"}, calls  # only the quick floor ran
+
+
+def test_budget_runs_only_the_widths_it_can_use(tmp_path, monkeypatch):
+    calls = _count_quantizers(monkeypatch)
+    res = compress(_state_dict(), tmp_path / "m.qpk", _cfg(budget=45_000))
+    real = {bits for name, bits in calls if name == "gptq_lite"}
+    assert real and len(real) < len(CompressConfig().bits), calls
+    assert 0.98 * 45_000 <= res.bytes_total <= 45_000
