@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import QpackInputError
@@ -23,9 +22,13 @@ MAX_DAMP_RETRIES = 6  # damping x10 per retry: 1% of mean diag -> at most 10^4 %
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """Run the sweep on one thread: it is mostly tiny vector ops whose thread hand-offs cost more than the
-    work; on a busy 2-core machine two threads made GPTQ 2-30x slower (cholesky_inverse worst)."""
+def _one_thread(device: torch.device):
+    """On the CPU, run the sweep on one thread: it is mostly tiny vector ops whose thread hand-offs cost more
+    than the work; on a busy 2-core machine two threads made GPTQ 2-30x slower (cholesky_inverse worst).
+    Other devices are left alone."""
+    if device.type != "cpu":
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -58,7 +61,7 @@ class GPTQ:
         mean_diag = float(torch.diag(H).mean())
         if not mean_diag > 0:
             raise QpackInputError("gptq: the Hessian's diagonal must be positive (is it X^T X?)")
-        eye = torch.eye(H.shape[0], dtype=H.dtype)
+        eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         for retry in range(MAX_DAMP_RETRIES + 1):
             L, info = torch.linalg.cholesky_ex(H + (percdamp * mean_diag) * eye)
             if int(info) == 0:
@@ -68,17 +71,18 @@ class GPTQ:
             percdamp *= 10.0
         raise QpackInputError(f"gptq: Cholesky failed even with damping {percdamp / 10:g} x mean(diag H)")
 
-    def solve(self, scales: np.ndarray, bits: int, group_size: int | None, blocksize: int = 128,
-              percdamp: float = 0.01, actorder: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
-        """Codes int8 (rows, cols) for fp16 `scales` (rows, n_groups), in the original column order."""
-        with _one_thread():
+    def solve(self, scales: torch.Tensor, bits: int, group_size: int | None, blocksize: int = 128,
+              percdamp: float = 0.01, actorder: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Codes int8 (rows, cols) on W's device for fp16 `scales` (rows, n_groups), in the original column
+        order."""
+        with _one_thread(self.W.device):
             return self._solve(scales, bits, group_size, blocksize, percdamp, actorder)
 
-    def _solve(self, scales: np.ndarray, bits: int, group_size: int | None, blocksize: int,
-               percdamp: float, actorder: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    def _solve(self, scales: torch.Tensor, bits: int, group_size: int | None, blocksize: int,
+               percdamp: float, actorder: bool) -> tuple[torch.Tensor, dict[str, Any]]:
         W, H = self.W.clone(), self.H
         rows, cols = W.shape
-        S = torch.from_numpy(scales.astype(np.float32)).to(W.dtype)
+        S = torch.as_tensor(scales, device=W.device).to(torch.float32).to(W.dtype)
         S = S.repeat_interleave(group_size, dim=1)[:, :cols] if group_size else S.expand(rows, cols)
         if actorder:
             # Largest curvature first, so the most important columns are quantized while most columns
@@ -105,7 +109,7 @@ class GPTQ:
         if actorder:
             Q = Q[:, torch.argsort(perm)]
         info = {"percdamp": used, "damp_retries": retries, "dead_columns": self.n_dead}
-        return Q.to(torch.int8).numpy(), info
+        return Q.to(torch.int8), info
 
 
 @register_quantizer("gptq")
