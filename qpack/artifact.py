@@ -179,7 +179,7 @@ def _check_quantized(name: str, q: Any) -> Quantized:
         raise QpackInputError(f"tensor {name!r}: scheme name {q.scheme!r} must match {_SCHEME_RE.pattern}")
     if q.group_size is not None and (not is_int(q.group_size) or q.group_size < 1):
         raise QpackInputError(f"tensor {name!r}: group_size must be a positive int or None")
-    if not np.isfinite(q.scales).all():
+    if not bool(torch.isfinite(q.scales).all()):
         raise QpackInputError(f"tensor {name!r}: scales must be finite")
     if tuple(q.q.shape) != matrix_shape(q.shape):
         raise QpackInputError(f"tensor {name!r}: codes {q.q.shape} are not the matrix view of shape {q.shape}")
@@ -207,14 +207,15 @@ def _encode_quant(
     prefix: str, q: Quantized, layout: str, codecs: list[Codec], scale_codecs: list[Codec], scale_layout: str,
     verify: bool
 ) -> tuple[dict, list[Section]]:
+    q = q.cpu()  # bytes are made from numpy arrays on the CPU
     try:
-        codes = encode_codes(q.q, q.bits, layout)
+        codes = encode_codes(q.q.numpy(), q.bits, layout)
     except ValueError as exc:
         raise QpackInputError(f"tensor {prefix!r}: {exc}") from None
     code_sec, _ = encode_smallest(f"{prefix}codes", codecs, [codes], verify)
     layouts = SCALE_LAYOUTS if scale_layout == "auto" else (scale_layout,)
     scale_sec, which = encode_smallest(f"{prefix}scales", scale_codecs,
-                                       [scales_to_bytes(q.scales, lay) for lay in layouts], verify)
+                                       [scales_to_bytes(q.scales.numpy(), lay) for lay in layouts], verify)
     entry = {
         "shape": [int(d) for d in q.shape],
         "scheme": q.scheme,

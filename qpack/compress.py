@@ -277,6 +277,7 @@ class _Job:
         self.pass_names = [n for n in plan.stored if n not in quant]
         self.blocks = {n: plan.blocks(n, self.sd[n].shape[0]) for n in self.quant_names}
         self.widths = cfg.bits if cfg.budget is not None else (cfg.fixed_bits,)
+        self._prepared: dict[tuple, Any] = {}  # GPTQ state per matrix, reused across widths and rounds
 
     # -- passthrough: small tensors stored as they are (fp16 or fp32 for floats)
     def passthrough(self) -> dict[str, Option]:
@@ -324,8 +325,11 @@ class _Job:
         # Room for the blocks, less a first guess at the manifest; qpack.budget.fit corrects it by measuring.
         capacity = self.cfg.budget - self.cfg.code_bytes - fixed_bytes - 96 * (len(blocks) + len(self._fixed)) - 512
         by_entry = {b.entry: b.tensor for b in blocks}
-        return realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized,
-                              lambda entry, i: self._realize(by_entry[entry], i, realized), capacity)
+        try:
+            return realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized,
+                                  lambda entry, i: self._realize(by_entry[entry], i, realized), capacity)
+        finally:
+            self._prepared.clear()
 
     def _proxies(self, n: str) -> dict[str, list[Candidate]]:
         """Round-to-nearest estimates of every menu item for each block of `n`: predicted bytes and loss."""
@@ -357,7 +361,7 @@ class _Job:
         if bits is None:
             payloads = [w[b.r0:b.r1].to(torch.float16).contiguous() for b in blocks]
         else:
-            q = make_quantizer(scheme, bits, self.cfg.group_size, **params).quantize(w, h)
+            q = self._quantize(n, scheme, params, bits, w, h)
             payloads = [slice_rows(q, b.r0, b.r1) if len(blocks) > 1 else q for b in blocks]
         dtype = dtype_name(self.sd[n].dtype)
         for b, p in zip(blocks, payloads):
@@ -368,6 +372,17 @@ class _Job:
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy)
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
+
+    def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
+                  h: torch.Tensor | None) -> Quantized:
+        """One width of the real scheme; GPTQ factorizes each matrix's Hessian once for all its widths."""
+        quantizer = make_quantizer(scheme, bits, self.cfg.group_size, **params)
+        if not hasattr(quantizer, "prepare") or h is None:
+            return quantizer.quantize(w, h)
+        key = (n, scheme, tuple(sorted(params.items())))
+        if key not in self._prepared:
+            self._prepared[key] = quantizer.prepare(w, h)
+        return quantizer.quantize_prepared(self._prepared[key], tuple(w.shape))
 
     # -- solve + build: qpack.budget.fit, over every width when the widths realized cannot fit
     def fit(self, fixed: dict[str, Option], choices: list[Choices]) -> tuple[list[Choices], Fit]:
@@ -467,7 +482,7 @@ class _Encoder:
                                    if payload.ndim else payload)
             codecs = self._select(("raw", str(payload.dtype)), sample, [self.raw])
             return encode_entry(TensorEntry(name, payload, codec=codecs))
-        sample = encode_codes(np.asarray(payload.q).reshape(-1)[: self.SAMPLE], payload.bits, "byte")
+        sample = encode_codes(payload.q.reshape(-1)[: self.SAMPLE].cpu().numpy(), payload.bits, "byte")
         codecs = self._select(("codes", payload.bits, lowrank is not None), sample, [])
         scale_codecs = [self.raw] + self.codecs
         return encode_entry(TensorEntry(name, payload, codec=codecs, scale_codec=scale_codecs, lowrank=lowrank,
@@ -499,7 +514,7 @@ def _passthrough_tensor(t: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous()
+    t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy().tobytes()
@@ -537,15 +552,16 @@ def _predicted_bytes(payload: Quantized | torch.Tensor) -> int:
     """Bytes an order-0 entropy coder (ans) needs for a payload: entropy of its symbols plus tables."""
     if isinstance(payload, torch.Tensor):
         sym = np.frombuffer(_tensor_bytes(payload), dtype=np.uint8)
-        return _entropy_bytes(sym) + 16
-    codes = np.asarray(payload.q).reshape(-1)
-    return _entropy_bytes(codes.astype(np.int16) + 128) + 2 * int(np.asarray(payload.scales).size) + 64
+        return _entropy_bytes(np.bincount(sym, minlength=256)) + 16
+    codes = payload.q.reshape(-1).to(torch.int16) + 128
+    return _entropy_bytes(torch.bincount(codes.cpu(), minlength=256).numpy()) + 2 * payload.scales.numel() + 64
 
 
-def _entropy_bytes(symbols: np.ndarray) -> int:
-    counts = np.bincount(symbols.reshape(-1), minlength=1)
-    p = counts[counts > 0] / max(1, symbols.size)
-    return int(math.ceil(float(-(counts[counts > 0] * np.log2(p)).sum()) / 8)) + 2 * int((counts > 0).sum())
+def _entropy_bytes(counts: np.ndarray) -> int:
+    """Order-0 entropy of symbols with these counts, in whole bytes, plus about two bytes per table entry."""
+    used = counts[counts > 0].astype(np.float64)
+    bits = float(-(used * np.log2(used / used.sum())).sum()) if used.size else 0.0
+    return int(math.ceil(bits / 8)) + 2 * int(used.size)
 
 
 def code_size(files: Iterable[str | os.PathLike], codec: str | None) -> int:
@@ -565,7 +581,7 @@ def code_size(files: Iterable[str | os.PathLike], codec: str | None) -> int:
 def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
     """Rows r0:r1 of a quantized tensor, as a quantized tensor of its own."""
     shape = (r1 - r0,) + tuple(q.shape[1:]) if len(q.shape) > 1 else (r1 - r0, q.q.shape[1])
-    return Quantized(np.ascontiguousarray(q.q[r0:r1]), np.ascontiguousarray(q.scales[r0:r1]), shape, q.bits,
+    return Quantized(q.q[r0:r1].contiguous(), q.scales[r0:r1].contiguous(), shape, q.bits,
                      q.scheme, q.group_size, dict(q.params))
 
 
