@@ -171,11 +171,7 @@ def assemble(artifact, device: str | torch.device = "cpu") -> dict[str, torch.Te
     for name, split in plan.splits.items():
         if any(p not in names or p in used for p in split.parts):
             raise QpackFormatError(path, Reason.BAD_MANIFEST, f"row split of {name!r} names missing or reused parts")
-        pieces = [artifact.tensor(p, device) for p in split.parts]
-        flat = torch.cat([p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(1, -1) for p in pieces], dim=0)
-        if flat.numel() != math.prod(split.shape):
-            raise QpackFormatError(path, Reason.BAD_MANIFEST, f"row split of {name!r} does not add up to {split.shape}")
-        out[name] = flat.reshape(split.shape)
+        out[name] = _join_rows(artifact, path, name, split, device)
         used.update(split.parts)
     for name in artifact.names():
         if name not in used:
@@ -190,6 +186,33 @@ def assemble(artifact, device: str | torch.device = "cpu") -> dict[str, torch.Te
     if plan.order and set(plan.order) == set(out):
         out = {n: out[n] for n in plan.order}
     return out
+
+
+def _join_rows(artifact, path, name: str, split: RowSplit, device) -> torch.Tensor:
+    """The row blocks of one weight written into one tensor of its shape (no concatenation copy)."""
+    rows = [matrix_rows(artifact.entry(p)) for p in split.parts]
+    total = sum(r * c for r, c in rows)
+    if total != math.prod(split.shape) or len({c for _, c in rows}) > 1:
+        raise QpackFormatError(path, Reason.BAD_MANIFEST, f"row split of {name!r} does not add up to {split.shape}")
+    first = None
+    r0 = 0
+    for part, (r, c) in zip(split.parts, rows):
+        piece = artifact.tensor(part, device)
+        if first is None:
+            first = torch.empty((sum(rr for rr, _ in rows), c), dtype=piece.dtype, device=piece.device)
+        first[r0:r0 + r] = piece.reshape(r, c)
+        r0 += r
+    return first.reshape(split.shape)
+
+
+def matrix_rows(entry: Mapping[str, Any]) -> tuple[int, int]:
+    """(rows, cols) of a manifest entry's matrix view."""
+    shape = entry["shape"]
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, int(shape[0])
+    return int(shape[0]), math.prod(int(d) for d in shape[1:])
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
