@@ -78,13 +78,6 @@ def crownq_penalty(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, tor
     return lam * total
 
 
-def tensor_sensitivity(W: torch.Tensor, bits: int, hdiag: torch.Tensor | None = None,
-                       group_size: int | None = None) -> float:
-    """The CROWN-Q quantity sum_ij h_j delta_ij^2 / 12 for one tensor at `bits` (lambda = 1)."""
-    with torch.no_grad():
-        return float(_penalty("tensor", W.detach().to(torch.float64), bits, hdiag, group_size))
-
-
 def expected_loss_increase(W: torch.Tensor, Wq: torch.Tensor | Quantized,
                            curvature: torch.Tensor | None = None) -> float:
     """Second-order loss increase of replacing W by Wq: trace(E H E^T) / 2 with E = W - Wq.

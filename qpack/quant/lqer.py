@@ -5,8 +5,6 @@ so both factors have similar ranges and quantize alike), each factor then quanti
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 
 from ..errors import QpackInputError
@@ -34,24 +32,3 @@ def fit_lqer(w: torch.Tensor, wq: torch.Tensor | Quantized, rank: int, bits: int
     qa, qb = rtn.quantize(A), rtn.quantize(B)
     qa.params, qb.params = {"lqer": "A", "rank": rank}, {"lqer": "B", "rank": rank}
     return qa, qb
-
-
-def lowrank_delta(a: Quantized, b: Quantized) -> torch.Tensor:
-    """deq(A) @ deq(B), the correction added back on load (matrix view)."""
-    return a.dequantize() @ b.dequantize()
-
-
-def quant_error(w: torch.Tensor, wq: torch.Tensor | Quantized, hdiag: torch.Tensor | None = None) -> float:
-    """Squared error sum((W - Wq)^2), weighted per input column by hdiag when given."""
-    E = (as_matrix(w) - _dense(wq)).to(torch.float64)
-    E2 = E.square()
-    if hdiag is not None:
-        E2 = E2 * hdiag.to(torch.float64).reshape(1, -1)
-    return float(E2.sum())
-
-
-def top_error_tensors(errors: Mapping[str, float], n: int) -> list[str]:
-    """Names of the `n` tensors with the largest error, largest first (ties by name, so the choice is stable)."""
-    if n < 0:
-        raise QpackInputError(f"lqer: the number of tensors must not be negative, got {n}")
-    return sorted(errors, key=lambda k: (-errors[k], k))[:n]
