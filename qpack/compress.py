@@ -286,7 +286,7 @@ class _Job:
         for n in self.pass_names:
             t = _passthrough_tensor(self.sd[n], self.cfg.passthrough_dtype)
             err = _rel_error(self.sd[n].double(), t.double()) if t.is_floating_point() else 0.0
-            out[n] = Option(self.enc.encode(n, t, dtype_name(self.sd[n].dtype)), t, "passthrough", None, err)
+            out[n] = Option(self.enc.passthrough(n, t), t, "passthrough", None, err)
         return out
 
     # -- floor: refuse a budget below what round-to-nearest at the fewest bits costs, before quantizing
@@ -368,7 +368,7 @@ class _Job:
             wb = w[b.r0:b.r1]
             wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(wb.shape)
             label = "fp16" if bits is None else f"{scheme}/int{bits}"
-            opt = Option(self.enc.encode(b.entry, p, dtype if bits is not None else None), p,
+            opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy)
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
@@ -433,7 +433,7 @@ class _Job:
             w = as_matrix(self.sd[b.tensor].float()[b.r0:b.r1])
             rank = min(self.cfg.lqer_rank, *w.shape)
             factors = fit_lqer(w, as_matrix(c.data.payload.dequantize()), rank)
-            out[n] = self.enc.encode(n, c.data.payload, dtype_name(self.sd[b.tensor].dtype), factors)
+            out[n] = self.enc.candidate(n, c.data.payload, dtype_name(self.sd[b.tensor].dtype), factors)
         return out
 
     def reports(self, fixed: dict[str, Option], choices: list[Choices], pick: list[int],
@@ -455,10 +455,10 @@ class _Job:
 class _Encoder:
     """Encodes entries as they will be stored: each section with the smallest configured codec.
 
-    A generic codec (zstd, brotli...) costs a trial compression per section; it is tried on a section only
-    when it also wins, or comes within 2%, on a 64 KiB sample of the first such section of that kind (codes
-    at a width, scales, raw data), so a codec that never wins on quantized codes is not run on every candidate.
-    Every size the solver sees is still the exact size of the stored bytes."""
+    Passthrough tensors are small and try every codec (and raw). For the big sections (codes at each width,
+    fp16 candidates) a generic codec such as zstd costs a trial compression per candidate, so each codec is
+    first tried on a 64 KiB sample of the first section of that kind, and kept for that kind only when it wins
+    or comes within 2% there. Every size the solver sees is still the exact size of the stored bytes."""
 
     SAMPLE = 1 << 16
 
@@ -467,26 +467,29 @@ class _Encoder:
         self.raw = make_codec("raw")
         self._useful: dict[tuple, list[Codec]] = {}
 
-    def _select(self, kind: tuple, sample: bytes, extra: list[Codec]) -> list[Codec]:
+    def _select(self, kind: tuple, sample: bytes) -> list[Codec]:
         if kind not in self._useful:
-            pool = self.codecs + [c for c in extra if c.spec() not in [k.spec() for k in self.codecs]]
-            sizes = [len(c.encode(sample[: self.SAMPLE])) for c in pool]
+            sizes = [len(c.encode(sample)) for c in self.codecs]
             best = min(sizes)
-            self._useful[kind] = [c for c, s in zip(pool, sizes) if s <= best * 1.02 + 16]
+            self._useful[kind] = [c for c, n in zip(self.codecs, sizes) if n <= best * 1.02 + 16]
         return self._useful[kind]
 
-    def encode(self, name: str, payload: Quantized | torch.Tensor, dtype: str | None = None,
-               lowrank: tuple[Quantized, Quantized] | None = None) -> EncodedEntry:
+    def passthrough(self, name: str, t: torch.Tensor) -> EncodedEntry:
+        """A small tensor as it is, with the smallest of every codec and raw."""
+        return encode_entry(TensorEntry(name, t, codec=[*self.codecs, self.raw]))
+
+    def candidate(self, name: str, payload: Quantized | torch.Tensor, dtype: str | None = None,
+                  lowrank: tuple[Quantized, Quantized] | None = None) -> EncodedEntry:
+        """One block's candidate (quantized, or an fp16 copy) as it would be stored."""
         if isinstance(payload, torch.Tensor):
-            sample = _tensor_bytes(payload[: max(1, self.SAMPLE // max(1, payload[0].numel() * payload.element_size()))]
-                                   if payload.ndim else payload)
-            codecs = self._select(("raw", str(payload.dtype)), sample, [self.raw])
+            rows = max(1, self.SAMPLE // max(1, payload[0].numel() * payload.element_size()))
+            codecs = self._select(("fp16",), _tensor_bytes(payload[:rows])[: self.SAMPLE])
             return encode_entry(TensorEntry(name, payload, codec=codecs))
         sample = encode_codes(payload.q.reshape(-1)[: self.SAMPLE].cpu().numpy(), payload.bits, "byte")
-        codecs = self._select(("codes", payload.bits, lowrank is not None), sample, [])
-        scale_codecs = [self.raw] + self.codecs
-        return encode_entry(TensorEntry(name, payload, codec=codecs, scale_codec=scale_codecs, lowrank=lowrank,
-                                        dtype=dtype if dtype in ("float64", "float32", "float16", "bfloat16") else None))
+        codecs = self._select(("codes", payload.bits), sample)
+        keep = dtype if dtype in ("float64", "float32", "float16", "bfloat16") else None
+        return encode_entry(TensorEntry(name, payload, codec=codecs, scale_codec=[self.raw, *self.codecs],
+                                        lowrank=lowrank, dtype=keep))
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--label", default="after", help="key under which this run's results are stored")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--modes", default="free,calib", help="free (data-free) and/or calib (16,384 tokens)")
+    ap.add_argument("--tasks", default="compress,refuse,load,gptq")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -138,30 +140,36 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     run = results.setdefault(args.label, {})
     run["machine"] = f"{os.cpu_count()} cores, shared with other jobs (load average {os.getloadavg()[0]:.1f} at start)"
+    tasks = args.tasks.split(",")
     for shape in args.shapes.split(","):
         info_path = work / f"{shape}.info.json"  # a reused --work keeps its checkpoints and Hessians
         if not info_path.exists():
             info_path.write_text(json.dumps(prepare(shape, work)))
         info = json.loads(info_path.read_text())
-        entry = {"info": info}
-        for calib in (False, True):
-            mode = "calib" if calib else "free"
-            m: dict = {}
-            m["compress"] = _run_worker("compress", shape, work, calib)
-            m["refuse"] = _run_worker("refuse", shape, work, calib)
-            m["load"] = _run_worker("load", shape, work, calib)
-            if calib:
-                m["gptq"] = _run_worker("gptq", shape, work, calib)
-                m["compress_over_gptq"] = m["compress"]["seconds"] / m["gptq"]["seconds"]
-                m["compress_over_calib_plus_gptq"] = ((info["calib_seconds"] + m["compress"]["seconds"])
-                                                      / (info["calib_seconds"] + m["gptq"]["seconds"]))
-            m["refuse_over_compress"] = m["refuse"]["seconds"] / m["compress"]["seconds"]
-            m["peak_rss_over_fp32"] = m["compress"]["peak_rss"] / info["fp32_bytes"]
-            entry[mode] = m
-            print(shape, mode, json.dumps(m), flush=True)
-        run[shape] = entry
-        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        entry = run.setdefault(shape, {})
+        entry["info"] = info
+        for mode in args.modes.split(","):
+            calib = mode == "calib"
+            m = entry.setdefault(mode, {})
+            for task in tasks:
+                if task == "gptq" and not calib:
+                    continue
+                m[task] = _run_worker(task, shape, work, calib)
+                _ratios(m, info, calib)
+                out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")  # partial results survive
+                print(shape, mode, task, json.dumps(m[task]), flush=True)
 
+
+def _ratios(m: dict, info: dict, calib: bool) -> None:
+    """The figures: compress against one plain GPTQ pass, refusal against compress, peak RSS against fp32."""
+    if "compress" in m and "gptq" in m:
+        m["compress_over_gptq"] = m["compress"]["seconds"] / m["gptq"]["seconds"]
+        m["compress_over_calib_plus_gptq"] = ((info["calib_seconds"] + m["compress"]["seconds"])
+                                              / (info["calib_seconds"] + m["gptq"]["seconds"]))
+    if "compress" in m and "refuse" in m:
+        m["refuse_over_compress"] = m["refuse"]["seconds"] / m["compress"]["seconds"]
+    if "compress" in m:
+        m["peak_rss_over_fp32"] = m["compress"]["peak_rss"] / info["fp32_bytes"]
 
 if __name__ == "__main__":
     main()
