@@ -484,3 +484,24 @@ def test_random_entries_round_trip(seed):
     got = art.quantized("t")
     assert np.array_equal(got.q, q.q) and got.scales.numpy().tobytes() == q.scales.numpy().tobytes() and got.shape == shape
     assert torch.equal(art.tensor("t"), q.dequantize())
+
+
+def test_plan_meta_of_older_artifacts_still_assembles():
+    """Artifacts written before the plan recorded dtypes (row_splits, aliases, order only) load as they did."""
+    from qpack.statedict import Plan, assemble
+
+    a, b = quant((4, 8), 5, seed=1), quant((2, 8), 5, seed=2)
+    meta = {"row_splits": {"w": {"parts": ["w#rows0-4", "w#rows4-6"], "shape": [6, 8]}},
+            "aliases": {"tied": "w"}, "order": ["tied", "w", "g"]}
+    art = loads_artifact(build_artifact([TensorEntry("w#rows0-4", a), TensorEntry("w#rows4-6", b),
+                                         TensorEntry("g", torch.ones(3, dtype=torch.float16))], meta))
+    sd = assemble(art)
+    assert list(sd) == ["tied", "w", "g"] and sd["tied"] is sd["w"]
+    assert torch.equal(sd["w"], torch.cat([a.dequantize(), b.dequantize()]))
+    assert sd["g"].dtype == torch.float16  # no recorded dtype: as stored
+    plan = Plan.from_meta(art.meta)
+    assert plan.to_meta() == {**meta, "aliases": {"tied": "w"}, "dtypes": {}}
+    with pytest.raises(QpackFormatError):
+        Plan.from_meta({"dtypes": {"w": "complex64"}})
+    with pytest.raises(QpackFormatError):
+        assemble(loads_artifact(build_artifact([TensorEntry("w#rows0-4", a)], meta)))

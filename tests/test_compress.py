@@ -220,3 +220,25 @@ def test_budget_runs_only_the_widths_it_can_use(tmp_path, monkeypatch):
     real = {bits for name, bits in calls if name == "gptq_lite"}
     assert real and len(real) < len(CompressConfig().bits), calls
     assert 0.98 * 45_000 <= res.bytes_total <= 45_000
+
+
+def test_lazy_widths_lose_little_against_every_width(tmp_path, monkeypatch):
+    """Realizing only the widths the solver reaches for costs little estimated loss against realizing all."""
+    import qpack.budget as budget
+    import qpack.compress as cmod
+
+    lazy = {b: compress(_state_dict(), None, _cfg(budget=b), dry_run=True) for b in (35_000, 60_000)}
+
+    def every_width(proxies, realized, realize, capacity, rounds=6):
+        for p in proxies:
+            for i in range(len(p.candidates)):
+                if i not in realized.get(p.name, {}):
+                    realize(p.name, i)
+        return budget.realize_lazily(proxies, realized, realize, capacity, rounds)
+
+    monkeypatch.setattr(cmod, "realize_lazily", every_width)
+    for b, res in lazy.items():
+        full = compress(_state_dict(), None, _cfg(budget=b), dry_run=True)
+        assert res.bytes_total <= b and full.bytes_total <= b
+        loss = lambda r: sum(t.est_loss for t in r.tensors)  # noqa: E731
+        assert loss(res) <= 1.05 * loss(full), (b, loss(res), loss(full))
