@@ -27,7 +27,7 @@ SHAPES = {
     "seed_27m": dict(vocab_size=1024, n_layer=11, n_embd=512, n_head=8, n_kv_head=4, mlp_mult=3.0),
 }
 BUDGET = 16_000_000
-IMPOSSIBLE = 1_000_000  # far below any reachable size for these shapes
+IMPOSSIBLE = 300_000  # below the codes of every matrix at int2 (about 1 MB for the 17M shape)
 CALIB_TOKENS, SEQ_LEN = 16_384, 1024
 
 
@@ -72,11 +72,13 @@ def worker(task: str, shape: str, work: Path, calib: bool) -> dict:
     import torch
 
     import qpack
+    import qpack.artifact  # noqa: F401  (imported before base_rss: what any qpack process holds)
     from qpack.checkpoint import load_state_dict
     from qpack.compress import CompressConfig, compress
     from qpack.errors import BudgetError
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    base_rss = _peak_rss()  # the interpreter with torch and qpack imported, before any model is loaded
     ckpt = work / f"{shape}.pt"
     hessians = torch.load(work / f"{shape}.hessians.pt", weights_only=True) if calib else None
     tag = f"{shape}.{'calib' if calib else 'free'}"
@@ -87,13 +89,14 @@ def worker(task: str, shape: str, work: Path, calib: bool) -> dict:
         t0 = time.perf_counter()
         for name, h in sorted(hessians.items()):
             make_quantizer("gptq", 6).quantize(sd[name].float(), h)
-        return {"seconds": time.perf_counter() - t0, "matrices": len(hessians), "peak_rss": _peak_rss()}
+        return {"seconds": time.perf_counter() - t0, "matrices": len(hessians), "peak_rss": _peak_rss(),
+                "base_rss": base_rss}
     if task == "load":
         t0 = time.perf_counter()
         sd = qpack.load(work / f"{tag}.qpk")
         sec = time.perf_counter() - t0
         return {"seconds": sec, "artifact_bytes": (work / f"{tag}.qpk").stat().st_size, "tensors": len(sd),
-                "peak_rss": _peak_rss()}
+                "peak_rss": _peak_rss(), "base_rss": base_rss}
     budget = BUDGET if task == "compress" else IMPOSSIBLE
     t0 = time.perf_counter()
     try:
@@ -101,9 +104,9 @@ def worker(task: str, shape: str, work: Path, calib: bool) -> dict:
                        hessians=hessians, dry_run=task != "compress")
     except BudgetError as exc:
         return {"seconds": time.perf_counter() - t0, "refused": True, "min_bytes": exc.min_bytes,
-                "peak_rss": _peak_rss()}
+                "peak_rss": _peak_rss(), "base_rss": base_rss}
     return {"seconds": time.perf_counter() - t0, "stages": res.stages, "bytes_total": res.bytes_total,
-            "refused": False, "peak_rss": _peak_rss()}
+            "refused": False, "peak_rss": _peak_rss(), "base_rss": base_rss}
 
 
 def _run_worker(task: str, shape: str, work: Path, calib: bool) -> dict:
@@ -170,6 +173,8 @@ def _ratios(m: dict, info: dict, calib: bool) -> None:
         m["refuse_over_compress"] = m["refuse"]["seconds"] / m["compress"]["seconds"]
     if "compress" in m:
         m["peak_rss_over_fp32"] = m["compress"]["peak_rss"] / info["fp32_bytes"]
+        if "base_rss" in m["compress"]:  # what compress itself adds over the bare interpreter
+            m["added_rss_over_fp32"] = (m["compress"]["peak_rss"] - m["compress"]["base_rss"]) / info["fp32_bytes"]
 
 if __name__ == "__main__":
     main()
