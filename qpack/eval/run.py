@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +38,9 @@ class EvalOptions:
     plain: bool = True
     mixer: MixerConfig | None = None
     ttt: TTTConfig | None = None
+    arch: str | None = None  # module:factory for a model qpack does not know (see load_model)
+    forward: Any = None  # module:function or callable (model, input_ids) -> logits (see qpack.forward)
+    distributed: bool = False  # join torchrun's process group and split the windows over the ranks
 
 
 @dataclass
@@ -71,18 +74,23 @@ def _seq_len(keys: tuple[str, ...], *sources) -> int | None:
     return None
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
-    """Rebuild the model an artifact (.qpk) or checkpoint holds, from the config stored with it."""
+def load_model(path: str | os.PathLike, device: str = "cpu", arch: str | None = None,
+               forward: Any = None) -> LoadedModel:
+    """Rebuild the model an artifact (.qpk) or checkpoint holds, from its stored config or `arch` (module:factory).
+
+    The returned model maps input ids to logits whatever the user's calling convention (see qpack.forward).
+    """
     path = Path(path)
+    hint = "pass --arch module:factory to say which model it is"
     if _is_artifact(path):
         from ..artifact import read_artifact
 
         art = read_artifact(path)
         source = art.meta.get("source")
         config, kind, extra = art.meta.get("model_config"), "artifact", source if isinstance(source, dict) else {}
-        if config is None:
+        if config is None and arch is None:
             raise QpackInputError(f"{path}: the artifact carries no model config, so eval cannot rebuild the model; "
-                                  "compress a checkpoint that has one (as `qpack train` writes)")
+                                  + hint)
         from ..statedict import assemble
 
         tensors = assemble(art)  # row blocks re-joined, tied names restored
@@ -91,22 +99,40 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
 
         tensors, config, extra = load_state_dict(path)
         kind = "checkpoint"
-        if config is None:
+        if config is None and arch is None:
             raise QpackInputError(f"{path}: the checkpoint carries no model config ({{'model': ..., 'config': ...}}), "
-                                  "so eval cannot rebuild the model")
-    from ..models import build_model
-
-    model = build_model(config)
+                                  "so eval cannot rebuild the model; " + hint)
+    model = _build(config, arch)
     result = model.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         what = [f"missing {', '.join(result.missing_keys[:3])}"] if result.missing_keys else []
         what += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
+        described = f"--arch {arch}" if arch else "its config"
         raise QpackFormatError(path, Reason.NOT_A_MODEL,
-                               f"tensors do not fit the model its config describes: {'; '.join(what)}")
-    model = model.float().to(device).eval()
+                               f"tensors do not fit the model {described} describes: {'; '.join(what)}")
+    from ..calibrate import configured_seq_len
+    from ..forward import logits_module
+
+    model = logits_module(model.float().to(device).eval(), forward)
     hard = _seq_len(_MAX_KEYS, config)
-    trained = _seq_len(("seq_len", "train_seq_len"), extra, extra.get("train_config")) or hard
-    return LoadedModel(model, config, kind, hard, trained, extra)
+    trained = configured_seq_len(extra, config) or hard
+    return LoadedModel(model, config or {}, kind, hard, trained, extra)
+
+
+def _build(config: dict | None, arch: str | None) -> torch.nn.Module:
+    from ..models import build_model, load_model_factory
+
+    if arch is None:
+        return build_model(config)
+    factory = load_model_factory(arch)
+    if config is not None:
+        return build_model(config, factory)
+    from ..forward import call_user
+
+    model = call_user(f"--arch {arch}()", factory)
+    if not isinstance(model, torch.nn.Module):
+        raise QpackInputError(f"--arch {arch} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 @dataclass
@@ -193,17 +219,29 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
     def bar(name: str, total: int) -> Callable[[int], None]:
         return progress(name, total) if progress else (lambda k: None)
 
+    from ..distributed import current
+
+    group = current()
+    world = group.world if group is not None else 1
+    if world > 1 and options.ttt is not None:
+        raise QpackInputError("--ttt does not run distributed yet: evaluate TTT in one process")
+
     def run_sliding(s: int, name: str) -> tuple[np.ndarray, float]:
         tick = bar(name, n)
         t0 = time.perf_counter()
+        shard = (group.rank, world) if group is not None else (0, 1)
         out = sliding_nll(model, tokens, window, s, batch=options.batch, device=options.device,
-                          on_window=lambda w: tick(w.b - w.a))
+                          on_window=lambda w: tick(w.b - w.a), shard=shard)
+        if world > 1:
+            out = _gather_nll(out, n, window, s, options.batch, group)
         return out, time.perf_counter() - t0
 
     if options.plain and stride != window:
         nll, sec = run_sliding(window, "plain")
         modes["plain"] = _mode_entry(nll, nbytes, sec)
     nll_s, sec_s = run_sliding(stride, "sliding" if stride != window else "plain")
+    if world > 1 and not group.is_main:
+        return {"rank": group.rank, "world": world}  # rank 0 holds every NLL and reports; the mixer runs there
     modes["sliding"] = _mode_entry(nll_s, nbytes, sec_s)
     if stride == window and options.plain:
         modes["plain"] = dict(modes["sliding"])
@@ -233,9 +271,26 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
     return {
         "val_loss": head["val_loss"], "val_bpb": head["val_bpb"], "tokens": head["tokens"], "bytes": head["bytes"],
         "seconds": time.perf_counter() - t_start,
-        "mode": head_name, "window": window, "stride": stride, "device": options.device, "modes": ordered,
+        "mode": head_name, "window": window, "stride": stride, "device": options.device, "world": world,
+        "modes": ordered,
         **({"mixer": extras["mixer"]} if "mixer" in extras else {}),
     }
+
+
+def _gather_nll(local: np.ndarray, n: int, window: int, stride: int, batch: int, group) -> np.ndarray | None:
+    """Every rank's scored NLLs put back in target order on rank 0 (None elsewhere): the values are the ones each
+    rank computed, so sums over them equal a one-process run bit for bit."""
+    from ..distributed import gather_to_main
+    from .sliding import shard_targets
+
+    windows = plan_windows(n, window, stride)
+    parts = gather_to_main(local[shard_targets(windows, batch, group.rank, group.world)], group)
+    if parts is None:
+        return None
+    full = np.full(n, np.nan, dtype=np.float64)
+    for rank, values in enumerate(parts):
+        full[shard_targets(windows, batch, rank, group.world)] = values
+    return full
 
 
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
@@ -247,10 +302,18 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
         raise QpackInputError("--device cuda: no CUDA device is available")
     if options.batch <= 0:
         raise QpackInputError(f"--batch must be positive, got {options.batch}")
-    loaded = load_model(model_path, options.device)
+    from ..distributed import join, launched_by_torchrun
+
+    group = None
+    if options.distributed or launched_by_torchrun():
+        if options.ttt is not None:
+            raise QpackInputError("--ttt does not run distributed yet: evaluate TTT in one process")
+        group = join(options.device)
+        options = replace(options, device=group.device)
+    loaded = load_model(model_path, options.device, options.arch, options.forward)
     window, stride = resolve_window(options, loaded.max_seq_len, loaded.train_seq_len)
     data = load_val(data_dir, tokenizer, options.max_tokens)
-    model_vocab = loaded.config.get("vocab_size")
+    model_vocab = (loaded.config or {}).get("vocab_size")
     if model_vocab is not None and int(model_vocab) != data.vocab_size:
         raise QpackInputError(f"{model_path}: the model's vocabulary ({model_vocab} tokens) does not match the "
                               f"tokenizer {data.tokenizer} ({data.vocab_size} pieces)")
@@ -260,6 +323,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
         raise QpackInputError(f"{model_path}: {exc}") from None
     except torch.cuda.OutOfMemoryError:
         raise QpackInputError(f"out of GPU memory at --batch {options.batch} --window {window}; lower them") from None
+    if "modes" not in result:
+        return result  # a rank other than 0 of a distributed eval: rank 0 reports
     result.update({"model": str(model_path), "model_kind": loaded.kind, "data": str(data_dir),
                    "tokenizer": data.tokenizer, "warnings": data_warnings(loaded.extra, data_dir)})
     return result
