@@ -110,15 +110,6 @@ def resolve_seq_len(seq_len: int | None, *sources: dict | None, available: int |
     return length
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) of the initialized default process group, or (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _as_batches(tokens_or_batches: Any, row_len: int, n_tokens: int | None, batch_size: int,
                 rank: int, world: int) -> list[torch.Tensor]:
     """Calibration batches for this process: a 1-D token stream is cut by calibration_batches and its batches
@@ -168,7 +159,10 @@ def calibrate(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = Non
     if isinstance(tokens_or_batches, (np.ndarray, torch.Tensor)) and tokens_or_batches.ndim == 1:
         available = len(tokens_or_batches) - adapter.extra_tokens
     length = resolve_seq_len(seq_len, config, available=available)
-    rank, world = _distributed()
+    from .distributed import current
+
+    group = current()
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
     batches = _as_batches(tokens_or_batches, length + adapter.extra_tokens, n_tokens, batch_size, rank, world)
     groups = hessian_sums(model, batches, progress=progress, run=adapter.run)
     if world > 1:

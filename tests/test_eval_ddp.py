@@ -44,6 +44,8 @@ def _worker(rank: int, world: int, port: int, ckpt: str, data: str, out: str) ->
     torch.set_num_threads(1)
     res = CliRunner().invoke(main, ["eval", ckpt, "--data", data, "--distributed", *EVAL_ARGS])
     Path(out, f"eval{rank}.txt").write_text(f"{res.exit_code}\n{res.output}")
+    if res.exit_code != 0:  # fail the process, so that mp.spawn stops the other rank instead of leaving it waiting
+        raise RuntimeError(f"rank {rank}: {res.output}") from res.exception
     model = _calib_model()
     rows = _rows_seen(model)
     hessians = qpack.calibrate(model, seedstyle.markov_tokens(2000, seed=3), seq_len=CALIB_SEQ)
@@ -55,7 +57,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     data = seedstyle.make_data(tmp_path / "data")
     torch.manual_seed(1)
     ckpt = tmp_path / "m.pt"
-    torch.save(seedstyle.build().state_dict(), ckpt)
+    model = seedstyle.build()
+    with torch.no_grad():  # away from the zero-init projections, so every score depends on the whole context
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    torch.save(model.state_dict(), ckpt)
     mp.spawn(_worker, args=(2, _free_port(), str(ckpt), str(data), str(tmp_path)), nprocs=2, join=True)
 
     one = CliRunner().invoke(main, ["eval", str(ckpt), "--data", str(data), *EVAL_ARGS])
@@ -72,6 +78,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         for key in ("val_loss", "val_bpb", "tokens", "bytes"):
             assert ddp["modes"][mode][key] == single["modes"][mode][key], (mode, key)  # exactly, not approximately
     assert ddp["mixer"]["final_weights"] == single["mixer"]["final_weights"]
+    assert single["modes"]["sliding"]["val_loss"] != single["modes"]["plain"]["val_loss"]  # context matters
 
     model = _calib_model()
     rows = _rows_seen(model)

@@ -201,7 +201,7 @@ def resolve_window(options: EvalOptions, max_seq_len: int | None, default: int |
     return window, stride
 
 
-def _mode_entry(nll: np.ndarray, nbytes: np.ndarray, seconds: float) -> dict[str, Any]:
+def _mode_entry(nll: np.ndarray, seconds: float, nbytes: np.ndarray) -> dict[str, Any]:
     s = bpb.score(nll, nbytes)
     return {"val_loss": s.val_loss, "val_bpb": s.val_bpb, "tokens": s.tokens, "bytes": s.bytes,
             "seconds": seconds, "tokens_per_s": s.tokens / seconds if seconds > 0 else None}
@@ -236,20 +236,20 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
             out = _gather_nll(out, n, window, s, options.batch, group)
         return out, time.perf_counter() - t0
 
-    if options.plain and stride != window:
-        nll, sec = run_sliding(window, "plain")
-        modes["plain"] = _mode_entry(nll, nbytes, sec)
+    plain = run_sliding(window, "plain") if options.plain and stride != window else None
     nll_s, sec_s = run_sliding(stride, "sliding" if stride != window else "plain")
     if world > 1 and not group.is_main:
         return {"rank": group.rank, "world": world}  # rank 0 holds every NLL and reports; the mixer runs there
-    modes["sliding"] = _mode_entry(nll_s, nbytes, sec_s)
+    if plain is not None:
+        modes["plain"] = _mode_entry(*plain, nbytes)
+    modes["sliding"] = _mode_entry(nll_s, sec_s, nbytes)
     if stride == window and options.plain:
         modes["plain"] = dict(modes["sliding"])
     if options.mixer is not None:
         t0 = time.perf_counter()
         mixed = mix_nll(nll_s, tokens, data.vocab_size, options.mixer)
         # the mixer's cost includes the sliding pass it rides on
-        modes["mixer"] = _mode_entry(mixed.nll, nbytes, sec_s + time.perf_counter() - t0)
+        modes["mixer"] = _mode_entry(mixed.nll, sec_s + time.perf_counter() - t0, nbytes)
         extras["mixer"] = {"experts": mixed.expert_names, "final_weights": mixed.final_weights.tolist(),
                            "expert_bpb": (mixed.expert_nll / bpb.LN2 / nbytes.sum()).tolist()}
     if options.ttt is not None:
@@ -257,11 +257,11 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
         t0 = time.perf_counter()
         nll_t = ttt_nll(model, tokens, window, stride, options.ttt, batch=options.batch, device=options.device,
                         on_chunk=tick)
-        modes["ttt"] = _mode_entry(nll_t, nbytes, time.perf_counter() - t0)
+        modes["ttt"] = _mode_entry(nll_t, time.perf_counter() - t0, nbytes)
         if options.mixer is not None:
             t1 = time.perf_counter()
             mixed_t = mix_nll(nll_t, tokens, data.vocab_size, options.mixer)
-            modes["ttt+mixer"] = _mode_entry(mixed_t.nll, nbytes, modes["ttt"]["seconds"] + time.perf_counter() - t1)
+            modes["ttt+mixer"] = _mode_entry(mixed_t.nll, modes["ttt"]["seconds"] + time.perf_counter() - t1, nbytes)
     base = modes["sliding"]["val_bpb"]
     for entry in modes.values():
         entry["delta_bpb_vs_sliding"] = entry["val_bpb"] - base
