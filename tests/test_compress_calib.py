@@ -165,8 +165,8 @@ def test_device_cuda_without_a_gpu(setup):
 def test_flags_that_would_do_nothing(setup, tmp_path):
     tmp, ckpt, shards = setup
     out = tmp_path / "n.qpk"
-    for args, words in ((["--arch", "tinylm_mod:make"], "--arch only matter with --calib"),
-                        (["--seq-len", "32", "--calib-tokens", "100"], "--seq-len, --calib-tokens"),
+    for args, words in ((["--arch", "tinylm_mod:make"], "--arch only matters with --calib"),
+                        (["--seq-len", "32", "--calib-tokens", "100"], "--seq-len, --calib-tokens only matter with --calib"),
                         (["--tokenizer", tmp / "t.model"], "--tokenizer"),
                         (["--forward", "tinylm_mod:logits"], "--forward"),
                         (["--scheme", "gptq"], "--scheme gptq needs Hessians"),

@@ -118,7 +118,8 @@ def _check_flags(calib, scheme: str, loss_proxy: str, code_files, code_codec, **
     if calib is None:
         given = [f"--{name.replace('_', '-')}" for name, value in calib_only.items() if value is not None]
         if given:
-            raise QpackInputError(f"{', '.join(given)} only matter with --calib (calibration data for GPTQ)")
+            verb = "only matters" if len(given) == 1 else "only matter"
+            raise QpackInputError(f"{', '.join(given)} {verb} with --calib (calibration data for GPTQ)")
         if scheme == "gptq":
             raise QpackInputError("--scheme gptq needs Hessians: pass --calib DATA (or use gptq_lite, sdclip, rtn)")
         if loss_proxy in ("hessian", "relative"):
