@@ -164,6 +164,8 @@ def calibrate(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = Non
     group = current()
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     batches = _as_batches(tokens_or_batches, length + adapter.extra_tokens, n_tokens, batch_size, rank, world)
+    if not batches and world == 1:
+        raise QpackInputError("calibration got no batches of token ids")
     groups = hessian_sums(model, batches, progress=progress, run=adapter.run)
     if world > 1:
         groups = _all_reduce(groups)

@@ -101,3 +101,24 @@ def test_hessians_through_a_targets_model_match_the_plain_call():
     emb = plain.emb(rows[:, :-1]).detach().reshape(-1, 8)
     torch.testing.assert_close(got["head.weight"], emb.T @ emb / emb.shape[0])
     torch.testing.assert_close(got["head.weight"], want["head.weight"])
+
+
+def test_calibrate_takes_a_stream_or_batches():
+    import numpy as np
+
+    import qpack
+
+    torch.manual_seed(0)
+    model = Plain()
+    rows = torch.randint(0, 16, (6, 7))
+    want = collect_hessians(model, [rows[:3], rows[3:]])["head.weight"]
+    torch.testing.assert_close(qpack.calibrate(model, rows)["head.weight"], want)  # one 2-D tensor: one batch
+    torch.testing.assert_close(qpack.calibrate(model, [rows[:3], rows[3:]])["head.weight"], want)
+    stream = np.arange(42) % 16
+    got = qpack.calibrate(model, stream, seq_len=7)  # 42 tokens in rows of 7: exactly `rows` laid end to end
+    torch.testing.assert_close(got["head.weight"],
+                               collect_hessians(model, [torch.as_tensor(stream).reshape(6, 7)])["head.weight"])
+    with pytest.raises(QpackInputError, match="no batches"):
+        qpack.calibrate(model, [])
+    with pytest.raises(QpackInputError, match="2-D tensor of token ids"):
+        qpack.calibrate(model, [torch.zeros(3)])
