@@ -1,5 +1,5 @@
-"""Two gloo processes, as torchrun starts them: distributed eval equals one process exactly, and distributed
-calibration splits the batches over the ranks and sums the Hessians."""
+"""Two gloo processes, as torchrun starts them: distributed eval (sliding, mixer, TTT) equals one process exactly,
+and distributed calibration splits the batches over the ranks and sums the Hessians."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ import seedstyle
 from qpack.cli import main
 
 EVAL_ARGS = ["--arch", "seedstyle:build", "--window", "64", "--stride", "16", "--batch", "3", "--max-tokens", "1500",
-             "--mixer", "--json", "-q"]
+             "--mixer", "--ttt", "--ttt-chunk", "256", "--json", "-q"]
 CALIB_SEQ = 32
 
 
@@ -73,12 +73,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert out1.strip() == ""  # rank 1 reports nothing; rank 0 prints the result
     ddp = json.loads(out0)
     assert ddp["world"] == 2 and single["world"] == 1
-    assert list(ddp["modes"]) == list(single["modes"]) == ["plain", "sliding", "mixer"]
+    assert list(ddp["modes"]) == list(single["modes"]) == ["plain", "sliding", "mixer", "ttt", "ttt+mixer"]
     for mode in single["modes"]:
         for key in ("val_loss", "val_bpb", "tokens", "bytes"):
             assert ddp["modes"][mode][key] == single["modes"][mode][key], (mode, key)  # exactly, not approximately
     assert ddp["mixer"]["final_weights"] == single["mixer"]["final_weights"]
     assert single["modes"]["sliding"]["val_loss"] != single["modes"]["plain"]["val_loss"]  # context matters
+    assert single["modes"]["ttt"]["val_loss"] != single["modes"]["sliding"]["val_loss"]  # TTT changed the model
 
     model = _calib_model()
     rows = _rows_seen(model)

@@ -17,8 +17,8 @@ import torch
 from ..errors import QpackFormatError, QpackInputError, Reason
 from . import bpb
 from .mixer import MixerConfig, mix_nll
-from .sliding import plan_windows, sliding_nll
-from .ttt import TTTConfig, ttt_nll
+from .sliding import plan_windows, shard_targets, sliding_nll
+from .ttt import TTTConfig, plan_chunks, ttt_nll
 
 QPACK_MAGIC = b"QPACK\x00\r\n"
 # model config keys that fix the longest context a model accepts (learned positions); RoPE models have none
@@ -223,21 +223,33 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
 
     group = current()
     world = group.world if group is not None else 1
-    if world > 1 and options.ttt is not None:
-        raise QpackInputError("--ttt does not run distributed yet: evaluate TTT in one process")
+    shard = (group.rank, world) if group is not None else (0, 1)
 
     def run_sliding(s: int, name: str) -> tuple[np.ndarray, float]:
         tick = bar(name, n)
         t0 = time.perf_counter()
-        shard = (group.rank, world) if group is not None else (0, 1)
         out = sliding_nll(model, tokens, window, s, batch=options.batch, device=options.device,
                           on_window=lambda w: tick(w.b - w.a), shard=shard)
         if world > 1:
-            out = _gather_nll(out, n, window, s, options.batch, group)
+            windows = plan_windows(n, window, s)
+            out = _gather_nll(out, n, lambda r: shard_targets(windows, options.batch, r, world), group)
+        return out, time.perf_counter() - t0
+
+    def run_ttt() -> tuple[np.ndarray, float]:
+        # Every rank scores its share of each chunk and then trains on the whole chunk, so the replicas stay equal.
+        tick = bar("ttt", n)
+        t0 = time.perf_counter()
+        out = ttt_nll(model, tokens, window, stride, options.ttt, batch=options.batch, device=options.device,
+                      on_chunk=tick, shard=shard)
+        if world > 1:
+            chunks = plan_chunks(plan_windows(n, window, stride), options.ttt.chunk)
+            out = _gather_nll(out, n, lambda r: np.concatenate(
+                [shard_targets(c, options.batch, r, world) for c in chunks]), group)
         return out, time.perf_counter() - t0
 
     plain = run_sliding(window, "plain") if options.plain and stride != window else None
     nll_s, sec_s = run_sliding(stride, "sliding" if stride != window else "plain")
+    ttt = run_ttt() if options.ttt is not None else None
     if world > 1 and not group.is_main:
         return {"rank": group.rank, "world": world}  # rank 0 holds every NLL and reports; the mixer runs there
     if plain is not None:
@@ -252,12 +264,9 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
         modes["mixer"] = _mode_entry(mixed.nll, sec_s + time.perf_counter() - t0, nbytes)
         extras["mixer"] = {"experts": mixed.expert_names, "final_weights": mixed.final_weights.tolist(),
                            "expert_bpb": (mixed.expert_nll / bpb.LN2 / nbytes.sum()).tolist()}
-    if options.ttt is not None:
-        tick = bar("ttt", n)
-        t0 = time.perf_counter()
-        nll_t = ttt_nll(model, tokens, window, stride, options.ttt, batch=options.batch, device=options.device,
-                        on_chunk=tick)
-        modes["ttt"] = _mode_entry(nll_t, time.perf_counter() - t0, nbytes)
+    if ttt is not None:
+        nll_t = ttt[0]
+        modes["ttt"] = _mode_entry(*ttt, nbytes)
         if options.mixer is not None:
             t1 = time.perf_counter()
             mixed_t = mix_nll(nll_t, tokens, data.vocab_size, options.mixer)
@@ -277,19 +286,18 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
     }
 
 
-def _gather_nll(local: np.ndarray, n: int, window: int, stride: int, batch: int, group) -> np.ndarray | None:
-    """Every rank's scored NLLs put back in target order on rank 0 (None elsewhere): the values are the ones each
-    rank computed, so sums over them equal a one-process run bit for bit."""
+def _gather_nll(local: np.ndarray, n: int, targets_of: Callable[[int], np.ndarray], group) -> np.ndarray | None:
+    """Every rank's scored NLLs put back in target order on rank 0 (None elsewhere); `targets_of(rank)` lists the
+    targets a rank scored, from the schedule alone. The values are the ones each rank computed, so sums over
+    them equal a one-process run bit for bit."""
     from ..distributed import gather_to_main
-    from .sliding import shard_targets
 
-    windows = plan_windows(n, window, stride)
-    parts = gather_to_main(local[shard_targets(windows, batch, group.rank, group.world)], group)
+    parts = gather_to_main(local[targets_of(group.rank)], group)
     if parts is None:
         return None
     full = np.full(n, np.nan, dtype=np.float64)
     for rank, values in enumerate(parts):
-        full[shard_targets(windows, batch, rank, group.world)] = values
+        full[targets_of(rank)] = values
     return full
 
 
@@ -306,8 +314,6 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
 
     group = None
     if options.distributed or launched_by_torchrun():
-        if options.ttt is not None:
-            raise QpackInputError("--ttt does not run distributed yet: evaluate TTT in one process")
         group = join(options.device)
         options = replace(options, device=group.device)
     loaded = load_model(model_path, options.device, options.arch, options.forward)
