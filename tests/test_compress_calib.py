@@ -169,6 +169,7 @@ def test_flags_that_would_do_nothing(setup, tmp_path):
                         (["--seq-len", "32", "--calib-tokens", "100"], "--seq-len, --calib-tokens only matter with --calib"),
                         (["--tokenizer", tmp / "t.model"], "--tokenizer"),
                         (["--forward", "tinylm_mod:logits"], "--forward"),
+                        (["--device", "cpu"], "--device only matters with --calib"),
                         (["--scheme", "gptq"], "--scheme gptq needs Hessians"),
                         (["--loss-proxy", "hessian"], "--loss-proxy hessian"),
                         (["--loss-proxy", "relative"], "--loss-proxy relative"),

@@ -58,7 +58,7 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
     from ..units import parse_size
 
     _check_flags(calib, scheme, loss_proxy, code_files, code_codec, tokenizer=tokenizer, arch=arch,
-                 forward=forward_spec, seq_len=seq_len, calib_tokens=calib_tokens)
+                 forward=forward_spec, seq_len=seq_len, calib_tokens=calib_tokens, device=device)
     if not model.exists():
         raise QpackInputError(f"{model}: no such file")
     if model.is_dir():
