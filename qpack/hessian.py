@@ -10,7 +10,7 @@ gets none: its input is a token id, not a vector.
 """
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,6 +21,11 @@ from torch.overrides import TorchFunctionMode
 from .errors import QpackInputError
 
 ModuleFilter = Callable[[str, nn.Module], bool]
+RunFn = Callable[[nn.Module, torch.Tensor], Any]  # (model, batch on the model's device) -> ignored
+
+
+def _plain_call(model: nn.Module, batch: torch.Tensor) -> Any:
+    return model(batch)
 
 
 def _selected(modules: ModuleFilter | Collection[str] | None) -> ModuleFilter:
@@ -65,14 +70,32 @@ class _FunctionalLinears(TorchFunctionMode):
 def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
                      modules: ModuleFilter | Collection[str] | None = None, progress: bool = False,
                      dtype: torch.dtype = torch.float32,
-                     inputs: Mapping[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+                     inputs: Mapping[str, nn.Module] | None = None,
+                     run: RunFn | None = None) -> dict[str, torch.Tensor]:
     """Run `batches` through `model`; return {weight state-dict name: X^T X / n} for every selected nn.Linear
     and every parameter used directly as an F.linear weight.
 
     `modules` selects by the qualified name of the module owning the weight (a predicate (name, module) ->
     bool, or a set of names). `inputs` maps weight names to a module whose *output* is that weight's input,
     for weights used some other way (e.g. `x @ W.T`); it replaces the automatic capture for those weights.
+    `run(model, batch)` makes one forward call (default `model(batch)`; see qpack.forward for other conventions).
     """
+    out: dict[str, torch.Tensor] = {}
+    for names, H, n in hessian_sums(model, batches, modules, progress, dtype, inputs, run):
+        if n == 0:
+            continue  # a layer the batches never reached: no Hessian rather than a zero one
+        H = H.div_(n)
+        for key in names:
+            out[key] = H
+    return out
+
+
+def hessian_sums(model: nn.Module, batches: Iterable[torch.Tensor],
+                 modules: ModuleFilter | Collection[str] | None = None, progress: bool = False,
+                 dtype: torch.dtype = torch.float32, inputs: Mapping[str, nn.Module] | None = None,
+                 run: RunFn | None = None) -> list[tuple[list[str], torch.Tensor, int]]:
+    """Unnormalized (state-dict names, sum of X^T X, rows) per weight, in state-dict order, unreached ones
+    included with n = 0: the form that can be summed across processes before dividing."""
     keep = _selected(modules)
     state = model.state_dict(keep_vars=True)
     names_of: dict[int, list[str]] = {}
@@ -113,22 +136,17 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
         if not hooks and not functional:
             raise QpackInputError("hessian: the model has no nn.Linear layer to collect Hessians for")
         with _FunctionalLinears(functional):
-            _run(model, batches, device, progress)
+            _run(model, batches, device, progress, run or _plain_call)
     finally:
         for h in hooks:
             h.remove()
-
-    out: dict[str, torch.Tensor] = {}
-    for pid, acc in accs.items():
-        if acc.n == 0:
-            continue  # a layer the batches never reached: no Hessian rather than a zero one
-        H = acc.H.div_(acc.n)
-        for key in names_of[pid]:
-            out[key] = H
-    return out
+    # state-dict order, so that every process of a distributed run lists the weights identically
+    order = {pid: i for i, pid in enumerate(names_of)}
+    return [(names_of[pid], accs[pid].H, accs[pid].n) for pid in sorted(accs, key=order.__getitem__)]
 
 
-def _run(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device, progress: bool) -> None:
+def _run(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device, progress: bool,
+         run: RunFn) -> None:
     """Forward every batch once in eval mode without gradients, restoring the model's mode afterwards."""
     was_training = model.training
     model.eval()
@@ -140,7 +158,7 @@ def _run(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
     try:
         with torch.no_grad():
             for batch in it:
-                model(batch.to(device))
+                run(model, batch.to(device))
     finally:
         model.train(was_training)
 

@@ -65,22 +65,25 @@ def get_model_factory(arch: str) -> ModelFactory:
     return factory
 
 
-def load_model_factory(spec: str) -> ModelFactory:
-    """Import `module:factory` (dots allowed in both parts). Only for strings a person typed, e.g. --arch."""
+def load_model_factory(spec: str, flag: str = "--arch") -> ModelFactory:
+    """Import `module:factory` (dots allowed in both parts). Only for strings a person typed (--arch, --forward)."""
     if not isinstance(spec, str) or not _SPEC_RE.match(spec):
-        raise QpackInputError(f"--arch must look like module.path:factory, got {spec!r}")
+        what = "factory" if flag == "--arch" else "function"
+        raise QpackInputError(f"{flag} must look like module.path:{what}, got {spec!r}")
     module_name, attr = spec.split(":", 1)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise QpackInputError(f"--arch {spec}: cannot import {module_name!r}: {exc}") from None
+        raise QpackInputError(f"{flag} {spec}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself raised while importing: still one line for the user
+        raise QpackInputError(f"{flag} {spec}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise QpackInputError(f"--arch {spec}: {module_name!r} has no attribute {attr!r}") from None
+            raise QpackInputError(f"{flag} {spec}: {module_name!r} has no attribute {attr!r}") from None
     if not callable(obj):
-        raise QpackInputError(f"--arch {spec}: {attr!r} is not callable")
+        raise QpackInputError(f"{flag} {spec}: {attr!r} is not callable")
     return obj
 
 

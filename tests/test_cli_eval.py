@@ -7,13 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import trainers.gpt.model as gpt
+from qpack import models
 from qpack.cli import main
+from qpack.data import shards
+from qpack.data import tokenizer as tok
 from qpack.eval.run import EvalOptions, evaluate
-
-shards = pytest.importorskip("qpack.data.shards")
-tok = pytest.importorskip("qpack.data.tokenizer")
-models = pytest.importorskip("qpack.models")
-gpt = pytest.importorskip("trainers.gpt.model")
 
 VOCAB = 300
 
@@ -188,3 +187,55 @@ def test_bad_input_is_one_line_exit_2(data_dir, checkpoint, fixed_context_model,
     bare = tmp_path / "bare.pt"
     save_state_dict(bare, {"w": torch.zeros(2, 2)})
     _one_line_error(_eval(bare, "--data", data_dir), "no model config")
+
+
+class LossOnly(torch.nn.Module):
+    """forward(input_ids, target_ids) -> loss and nothing else: eval needs --forward for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.head = torch.nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids, target_ids):
+        logits = self.head(self.emb(input_ids))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_ids.flatten())
+
+
+class Explodes(LossOnly):
+    def forward_logits(self, input_ids):
+        raise KeyError("rotary cache")
+
+
+def logits_of(model, input_ids):
+    return model.head(model.emb(input_ids))
+
+
+def test_eval_arch_for_models_qpack_does_not_know(data_dir, tmp_path):
+    from qpack.checkpoint import save_state_dict
+
+    torch.manual_seed(0)
+    model = LossOnly()
+    bare = tmp_path / "loss_only.pt"
+    save_state_dict(bare, model.state_dict())
+    arch = f"{__name__}:LossOnly"
+    _one_line_error(_eval(bare, "--data", data_dir, "--arch", arch), "needs target ids", "--forward")
+    res = _eval(bare, "--data", data_dir, "--arch", arch, "--forward", f"{__name__}:logits_of", "--window", 32,
+                "--max-tokens", 200, "--json")
+    assert res.exit_code == 0, res.output
+    # the same numbers, computed here: plain chunks of 32 (stride = window) through the same function
+    ids = torch.as_tensor(shards.load_split(data_dir, "val")[:201].astype("int64"))
+    nll = []
+    with torch.no_grad():
+        for a in range(0, 200, 32):
+            b = min(200, a + 32)
+            logp = torch.log_softmax(logits_of(model, ids[a:b].unsqueeze(0))[0].float(), -1)
+            nll.append(-logp.gather(1, ids[a + 1:b + 1].unsqueeze(1)).squeeze(1).double())
+    out = json.loads(res.output)
+    assert out["modes"]["plain"]["val_loss"] == pytest.approx(torch.cat(nll).mean().item(), rel=1e-6)
+    _one_line_error(_eval(bare, "--data", data_dir, "--arch", arch, "--forward", f"{__name__}:nope"), "no attribute")
+    _one_line_error(_eval(bare, "--data", data_dir, "--arch", f"{__name__}:Explodes", "--window", 32, "-q"),
+                    "Explodes.forward_logits(input_ids[", "KeyError")
+    _one_line_error(_eval(bare, "--data", data_dir, "--arch", f"{__name__}:FixedContext"), "FixedContext")
+    _one_line_error(_eval(bare, "--data", data_dir, "--arch", "torch.nn:Identity"), "unexpected")
+    _one_line_error(_eval(bare, "--data", data_dir, "--arch", arch, "--distributed"), "--distributed", "torchrun")

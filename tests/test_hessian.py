@@ -182,3 +182,25 @@ def test_reference_gpt_gets_every_matrix_and_the_tied_head():
     # The head's input is RMS-normalised: mean of x^2 per row is 1, so trace(H) = n_embd.
     assert float(torch.trace(hs["tok_emb.weight"])) == pytest.approx(16, rel=1e-3)
     assert mats - set(hs) <= {n for n in mats if "skip" in n or "emb" in n}
+
+
+def test_hessian_sums_keep_unreached_weights_for_reduction():
+    """The unnormalized form a distributed run all-reduces: every weight listed (n = 0 when unreached),
+    in state-dict order, with sums that divide into collect_hessians' result."""
+    from qpack.hessian import hessian_sums
+
+    class Skips(TinyLM):
+        def forward(self, idx):
+            return self.head(self.norm(self.tok(idx)))  # up and down never run
+
+    model = Skips(tied=False)
+    data = batches()
+    groups = hessian_sums(model, data)
+    # tok.weight is watched as a possible F.linear weight (a hand-tied head) and never used as one
+    assert [names for names, _, _ in groups] == [["tok.weight"], ["up.weight"], ["down.weight"], ["head.weight"]]
+    counts = {names[0]: n for names, _, n in groups}
+    assert counts == {"tok.weight": 0, "up.weight": 0, "down.weight": 0, "head.weight": 3 * 2 * 5}
+    normalized = collect_hessians(model, data)
+    assert set(normalized) == {"head.weight"}
+    head = next(H for names, H, _ in groups if names == ["head.weight"])
+    torch.testing.assert_close(head / 30, normalized["head.weight"])

@@ -134,3 +134,21 @@ def test_bad_windows_and_tokens_raise():
             check_window(W, S)
     with pytest.raises(ValueError, match="vocabulary"):
         sliding_nll(TinyLM(vocab=4), np.array([0, 1, 9]), 4, 2)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_partition_the_targets_and_reproduce_one_process(world):
+    from qpack.eval.sliding import shard_targets
+
+    tokens = np.random.default_rng(5).integers(0, 16, 300)
+    model = TinyLM()
+    windows = plan_windows(299, 40, 12)
+    parts = [shard_targets(windows, 3, r, world) for r in range(world)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(299))  # every target on exactly one rank
+    assert all(len(p) for p in parts)
+    one = sliding_nll(model, tokens, 40, 12, batch=3)
+    for r, idx in enumerate(parts):
+        part = sliding_nll(model, tokens, 40, 12, batch=3, shard=(r, world))
+        assert np.array_equal(part[idx], one[idx])  # the same batches, so the same bits
+        others = np.setdiff1d(np.arange(299), idx)
+        assert np.isnan(part[others]).all()  # and nothing else was scored

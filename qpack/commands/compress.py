@@ -30,10 +30,16 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
 @click.option("--codec", "codecs", multiple=True, help="codec spec to try per tensor, repeatable (default: ans and zstd); e.g. zstd:level=22")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration tokens for GPTQ: shard dir, .bin shard, or text file")
-@click.option("--calib-tokens", type=int, default=16384, show_default=True, help="calibration tokens to use")
+@click.option("--calib-tokens", type=int, default=None, help="calibration tokens to use [default: 16384]")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="sentencepiece model for a text --calib file")
 @click.option("--arch", help="model factory module:function, when the checkpoint carries no config")
-@click.option("--seq-len", type=int, default=None, help="calibration sequence length (default: the model's)")
+@click.option("--forward", "forward_spec", help="module:function called as function(model, input_ids) -> logits, "
+              "for models that take other arguments")
+@click.option("--seq-len", type=int, default=None,
+              help="calibration sequence length [default: the checkpoint's seq_len/train_seq_len/max_seq_len/"
+              "block_size, else 1024, capped by the calibration tokens]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="where calibration runs the model [default: cuda when available, else cpu]")
 @click.option("--lqer-rank", type=int, default=0, help="rank of low-rank error correction (0: off)")
 @click.option("--lqer-top", type=int, default=0, help="how many tensors (largest error) get LQER")
 @click.option("--code", "code_files", multiple=True, type=click.Path(path_type=Path), help="code files shipped with the artifact (counted in the budget)")
@@ -44,12 +50,15 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
-            seq_len, lqer_rank, lqer_top, code_files, code_codec, passthrough, min_numel, dry_run, as_json, quiet):
+            forward_spec, seq_len, device, lqer_rank, lqer_top, code_files, code_codec, passthrough, min_numel, dry_run,
+            as_json, quiet):
     """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
     from ..compress import CompressConfig, code_size, compress
     from ..errors import QpackInputError
     from ..units import parse_size
 
+    _check_flags(calib, scheme, loss_proxy, code_files, code_codec, tokenizer=tokenizer, arch=arch,
+                 forward=forward_spec, seq_len=seq_len, calib_tokens=calib_tokens, device=device)
     if not model.exists():
         raise QpackInputError(f"{model}: no such file")
     if model.is_dir():
@@ -77,16 +86,8 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
     hessians = None
     progress = None if quiet or as_json else progress_bar
     if calib is not None:
-        from ..calibrate import build_model, collect, load_calibration_tokens
-        from ..checkpoint import load_state_dict
-
-        sd, config, _extra = load_state_dict(model)
-        vocab = (config or {}).get("vocab_size")
-        tokens = load_calibration_tokens(calib, calib_tokens, tokenizer, vocab)
-        net = build_model(sd, config, arch)
-        length = seq_len or int((config or {}).get("seq_len") or (config or {}).get("block_size") or 512)
-        hessians = collect(net, tokens, min(length, len(tokens)), progress=progress is not None)
-        del net
+        hessians = _calibrate(model, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch, forward_spec,
+                              seq_len, device, progress is not None)
     result = compress(model, output, cfg, hessians=hessians, dry_run=dry_run, progress=progress)
 
     if as_json:
@@ -105,6 +106,50 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
     click.echo(f"params         {result.params:>14,}   {result.bits_per_param:.3f} bits/param")
     click.echo(f"time           {result.seconds:>13.1f}s")
     click.echo("dry run: nothing written" if dry_run else f"wrote {result.output}")
+
+
+DEFAULT_CALIB_TOKENS = 16384
+
+
+def _check_flags(calib, scheme: str, loss_proxy: str, code_files, code_codec, **calib_only) -> None:
+    """Flags that would silently do nothing are errors: calibration options without --calib, and so on."""
+    from ..errors import QpackInputError
+
+    if calib is None:
+        given = [f"--{name.replace('_', '-')}" for name, value in calib_only.items() if value is not None]
+        if given:
+            verb = "only matters" if len(given) == 1 else "only matter"
+            raise QpackInputError(f"{', '.join(given)} {verb} with --calib (calibration data for GPTQ)")
+        if scheme == "gptq":
+            raise QpackInputError("--scheme gptq needs Hessians: pass --calib DATA (or use gptq_lite, sdclip, rtn)")
+        if loss_proxy in ("hessian", "relative"):
+            raise QpackInputError(f"--loss-proxy {loss_proxy} weighs errors by Hessians: pass --calib DATA")
+    if code_codec is not None and not code_files:
+        raise QpackInputError("--code-codec compresses the --code files: pass --code FILE as well")
+
+
+def _calibrate(model: Path, calib: Path, n_tokens: int, tokenizer, arch, forward_spec, seq_len, device,
+               progress: bool) -> dict:
+    """Hessians for MODEL's weights from the calibration data, computed on `device` and returned on the CPU."""
+    import torch
+
+    from ..calibrate import build_model, calibrate, load_calibration_tokens, resolve_seq_len
+    from ..checkpoint import load_state_dict
+    from ..errors import QpackInputError
+    from ..forward import adapter_for
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QpackInputError("--device cuda: no CUDA device is available")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sd, config, extra = load_state_dict(model)
+    vocab = (config or {}).get("vocab_size")
+    tokens = load_calibration_tokens(calib, n_tokens, tokenizer, vocab)
+    net = build_model(sd, config, arch).to(device)
+    del sd
+    adapter = adapter_for(net, forward_spec)
+    length = resolve_seq_len(seq_len, config, extra, available=len(tokens) - adapter.extra_tokens)
+    hessians = calibrate(net, tokens, forward=adapter.forward, seq_len=length, progress=progress)
+    return {k: v.cpu() for k, v in hessians.items()}
 
 
 def _numel(shape) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,12 +43,18 @@ def _orders(text: str) -> tuple[int, ...]:
 @click.option("--max-tokens", type=int, help="score only the first N val tokens")
 @click.option("--batch", default=8, show_default=True, type=int, help="windows per forward pass")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--arch", help="model factory module:function, for a model whose file names no known arch")
+@click.option("--forward", "forward_spec",
+              help="module:function called as function(model, input_ids) -> logits [B, T, vocab]")
+@click.option("--distributed", is_flag=True,
+              help="split the windows over torchrun's processes (on by itself under torchrun with WORLD_SIZE > 1)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 def command(model: Path, data_dir: Path, tokenizer: Path | None, window: int | None, stride: int | None, plain: bool,
             mixer: bool, mixer_orders: str, mixer_eta: float, mixer_decay: float, ttt: bool, ttt_chunk: int,
             ttt_lr: float, ttt_epochs: int, ttt_optimizer: str, ttt_params: str, ttt_reset: bool,
-            max_tokens: int | None, batch: int, device: str, as_json: bool, quiet: bool) -> None:
+            max_tokens: int | None, batch: int, device: str, arch: str | None, forward_spec: str | None,
+            distributed: bool, as_json: bool, quiet: bool) -> None:
     """Score MODEL (.qpk artifact or checkpoint) on DATA's val split: val_loss and val_bpb per mode.
 
     Modes: plain (stride = window), sliding, +mixer, +TTT (and TTT+mixer when both are asked for).
@@ -64,8 +71,11 @@ def command(model: Path, data_dir: Path, tokenizer: Path | None, window: int | N
     except ValueError as exc:
         raise QpackInputError(str(exc)) from None
     options = EvalOptions(window=window, stride=stride, batch=batch, device=device, max_tokens=max_tokens,
-                          plain=plain, mixer=mix_cfg, ttt=ttt_cfg)
+                          plain=plain, mixer=mix_cfg, ttt=ttt_cfg, arch=arch, forward=forward_spec,
+                          distributed=distributed)
     bars: list = []
+    if os.environ.get("RANK", "0") != "0":
+        quiet = True  # one set of progress bars, from rank 0
 
     def progress(name: str, total: int):
         from tqdm import tqdm
@@ -80,6 +90,8 @@ def command(model: Path, data_dir: Path, tokenizer: Path | None, window: int | N
     finally:
         for b in bars:
             b.close()
+    if "modes" not in result:
+        return  # rank > 0 of a distributed eval: rank 0 prints
     for w in result["warnings"]:
         click.echo(f"qpack: warning: {w}", err=True)
     if as_json:
@@ -90,8 +102,9 @@ def command(model: Path, data_dir: Path, tokenizer: Path | None, window: int | N
         rows.append([name, f"{m['val_loss']:.4f}", f"{m['val_bpb']:.4f}",
                      "-" if name == "sliding" else f"{m['delta_bpb_vs_sliding']:+.4f}", f"{m['tokens']:,}",
                      f"{m['bytes']:,}", f"{m['seconds']:.1f}", f"{m['tokens_per_s']:,.0f}"])
+    ranks = f" x {result['world']} ranks" if result.get("world", 1) > 1 else ""
     click.echo(f"{result['model']} ({result['model_kind']}) on {result['data']}: window {result['window']}, "
-               f"stride {result['stride']}, {result['device']}")
+               f"stride {result['stride']}, {result['device']}{ranks}")
     print_table(["mode", "val_loss", "val_bpb", "delta_bpb", "tokens", "bytes", "seconds", "tokens/s"], rows)
     if "mixer" in result:
         w = ", ".join(f"{n} {x:.3f}" for n, x in zip(result["mixer"]["experts"], result["mixer"]["final_weights"]))

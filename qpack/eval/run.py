@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,8 +17,8 @@ import torch
 from ..errors import QpackFormatError, QpackInputError, Reason
 from . import bpb
 from .mixer import MixerConfig, mix_nll
-from .sliding import plan_windows, sliding_nll
-from .ttt import TTTConfig, ttt_nll
+from .sliding import plan_windows, shard_targets, sliding_nll
+from .ttt import TTTConfig, plan_chunks, ttt_nll
 
 QPACK_MAGIC = b"QPACK\x00\r\n"
 # model config keys that fix the longest context a model accepts (learned positions); RoPE models have none
@@ -38,6 +38,9 @@ class EvalOptions:
     plain: bool = True
     mixer: MixerConfig | None = None
     ttt: TTTConfig | None = None
+    arch: str | None = None  # module:factory for a model qpack does not know (see load_model)
+    forward: Any = None  # module:function or callable (model, input_ids) -> logits (see qpack.forward)
+    distributed: bool = False  # join torchrun's process group and split the windows over the ranks
 
 
 @dataclass
@@ -71,18 +74,23 @@ def _seq_len(keys: tuple[str, ...], *sources) -> int | None:
     return None
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
-    """Rebuild the model an artifact (.qpk) or checkpoint holds, from the config stored with it."""
+def load_model(path: str | os.PathLike, device: str = "cpu", arch: str | None = None,
+               forward: Any = None) -> LoadedModel:
+    """Rebuild the model an artifact (.qpk) or checkpoint holds, from its stored config or `arch` (module:factory).
+
+    The returned model maps input ids to logits whatever the user's calling convention (see qpack.forward).
+    """
     path = Path(path)
+    hint = "pass --arch module:factory to say which model it is"
     if _is_artifact(path):
         from ..artifact import read_artifact
 
         art = read_artifact(path)
         source = art.meta.get("source")
         config, kind, extra = art.meta.get("model_config"), "artifact", source if isinstance(source, dict) else {}
-        if config is None:
+        if config is None and arch is None:
             raise QpackInputError(f"{path}: the artifact carries no model config, so eval cannot rebuild the model; "
-                                  "compress a checkpoint that has one (as `qpack train` writes)")
+                                  + hint)
         from ..statedict import assemble
 
         tensors = assemble(art)  # row blocks re-joined, tied names restored
@@ -91,22 +99,40 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
 
         tensors, config, extra = load_state_dict(path)
         kind = "checkpoint"
-        if config is None:
+        if config is None and arch is None:
             raise QpackInputError(f"{path}: the checkpoint carries no model config ({{'model': ..., 'config': ...}}), "
-                                  "so eval cannot rebuild the model")
-    from ..models import build_model
-
-    model = build_model(config)
+                                  "so eval cannot rebuild the model; " + hint)
+    model = _build(config, arch)
     result = model.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         what = [f"missing {', '.join(result.missing_keys[:3])}"] if result.missing_keys else []
         what += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
+        described = f"--arch {arch}" if arch else "its config"
         raise QpackFormatError(path, Reason.NOT_A_MODEL,
-                               f"tensors do not fit the model its config describes: {'; '.join(what)}")
-    model = model.float().to(device).eval()
+                               f"tensors do not fit the model {described} describes: {'; '.join(what)}")
+    from ..calibrate import configured_seq_len
+    from ..forward import logits_module
+
+    model = logits_module(model.float().to(device).eval(), forward)
     hard = _seq_len(_MAX_KEYS, config)
-    trained = _seq_len(("seq_len", "train_seq_len"), extra, extra.get("train_config")) or hard
-    return LoadedModel(model, config, kind, hard, trained, extra)
+    trained = configured_seq_len(extra, config) or hard
+    return LoadedModel(model, config or {}, kind, hard, trained, extra)
+
+
+def _build(config: dict | None, arch: str | None) -> torch.nn.Module:
+    from ..models import build_model, load_model_factory
+
+    if arch is None:
+        return build_model(config)
+    factory = load_model_factory(arch)
+    if config is not None:
+        return build_model(config, factory)
+    from ..forward import call_user
+
+    model = call_user(f"--arch {arch}()", factory)
+    if not isinstance(model, torch.nn.Module):
+        raise QpackInputError(f"--arch {arch} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 @dataclass
@@ -175,7 +201,7 @@ def resolve_window(options: EvalOptions, max_seq_len: int | None, default: int |
     return window, stride
 
 
-def _mode_entry(nll: np.ndarray, nbytes: np.ndarray, seconds: float) -> dict[str, Any]:
+def _mode_entry(nll: np.ndarray, seconds: float, nbytes: np.ndarray) -> dict[str, Any]:
     s = bpb.score(nll, nbytes)
     return {"val_loss": s.val_loss, "val_bpb": s.val_bpb, "tokens": s.tokens, "bytes": s.bytes,
             "seconds": seconds, "tokens_per_s": s.tokens / seconds if seconds > 0 else None}
@@ -193,37 +219,58 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
     def bar(name: str, total: int) -> Callable[[int], None]:
         return progress(name, total) if progress else (lambda k: None)
 
+    from ..distributed import current
+
+    group = current()
+    world = group.world if group is not None else 1
+    shard = (group.rank, world) if group is not None else (0, 1)
+
     def run_sliding(s: int, name: str) -> tuple[np.ndarray, float]:
         tick = bar(name, n)
         t0 = time.perf_counter()
         out = sliding_nll(model, tokens, window, s, batch=options.batch, device=options.device,
-                          on_window=lambda w: tick(w.b - w.a))
+                          on_window=lambda w: tick(w.b - w.a), shard=shard)
+        if world > 1:
+            windows = plan_windows(n, window, s)
+            out = _gather_nll(out, n, lambda r: shard_targets(windows, options.batch, r, world), group)
         return out, time.perf_counter() - t0
 
-    if options.plain and stride != window:
-        nll, sec = run_sliding(window, "plain")
-        modes["plain"] = _mode_entry(nll, nbytes, sec)
+    def run_ttt() -> tuple[np.ndarray, float]:
+        # Every rank scores its share of each chunk and then trains on the whole chunk, so the replicas stay equal.
+        tick = bar("ttt", n)
+        t0 = time.perf_counter()
+        out = ttt_nll(model, tokens, window, stride, options.ttt, batch=options.batch, device=options.device,
+                      on_chunk=tick, shard=shard)
+        if world > 1:
+            chunks = plan_chunks(plan_windows(n, window, stride), options.ttt.chunk)
+            out = _gather_nll(out, n, lambda r: np.concatenate(
+                [shard_targets(c, options.batch, r, world) for c in chunks]), group)
+        return out, time.perf_counter() - t0
+
+    plain = run_sliding(window, "plain") if options.plain and stride != window else None
     nll_s, sec_s = run_sliding(stride, "sliding" if stride != window else "plain")
-    modes["sliding"] = _mode_entry(nll_s, nbytes, sec_s)
+    ttt = run_ttt() if options.ttt is not None else None
+    if world > 1 and not group.is_main:
+        return {"rank": group.rank, "world": world}  # rank 0 holds every NLL and reports; the mixer runs there
+    if plain is not None:
+        modes["plain"] = _mode_entry(*plain, nbytes)
+    modes["sliding"] = _mode_entry(nll_s, sec_s, nbytes)
     if stride == window and options.plain:
         modes["plain"] = dict(modes["sliding"])
     if options.mixer is not None:
         t0 = time.perf_counter()
         mixed = mix_nll(nll_s, tokens, data.vocab_size, options.mixer)
         # the mixer's cost includes the sliding pass it rides on
-        modes["mixer"] = _mode_entry(mixed.nll, nbytes, sec_s + time.perf_counter() - t0)
+        modes["mixer"] = _mode_entry(mixed.nll, sec_s + time.perf_counter() - t0, nbytes)
         extras["mixer"] = {"experts": mixed.expert_names, "final_weights": mixed.final_weights.tolist(),
                            "expert_bpb": (mixed.expert_nll / bpb.LN2 / nbytes.sum()).tolist()}
-    if options.ttt is not None:
-        tick = bar("ttt", n)
-        t0 = time.perf_counter()
-        nll_t = ttt_nll(model, tokens, window, stride, options.ttt, batch=options.batch, device=options.device,
-                        on_chunk=tick)
-        modes["ttt"] = _mode_entry(nll_t, nbytes, time.perf_counter() - t0)
+    if ttt is not None:
+        nll_t = ttt[0]
+        modes["ttt"] = _mode_entry(*ttt, nbytes)
         if options.mixer is not None:
             t1 = time.perf_counter()
             mixed_t = mix_nll(nll_t, tokens, data.vocab_size, options.mixer)
-            modes["ttt+mixer"] = _mode_entry(mixed_t.nll, nbytes, modes["ttt"]["seconds"] + time.perf_counter() - t1)
+            modes["ttt+mixer"] = _mode_entry(mixed_t.nll, modes["ttt"]["seconds"] + time.perf_counter() - t1, nbytes)
     base = modes["sliding"]["val_bpb"]
     for entry in modes.values():
         entry["delta_bpb_vs_sliding"] = entry["val_bpb"] - base
@@ -233,9 +280,25 @@ def evaluate_model(model: torch.nn.Module, data: ValData, window: int, stride: i
     return {
         "val_loss": head["val_loss"], "val_bpb": head["val_bpb"], "tokens": head["tokens"], "bytes": head["bytes"],
         "seconds": time.perf_counter() - t_start,
-        "mode": head_name, "window": window, "stride": stride, "device": options.device, "modes": ordered,
+        "mode": head_name, "window": window, "stride": stride, "device": options.device, "world": world,
+        "modes": ordered,
         **({"mixer": extras["mixer"]} if "mixer" in extras else {}),
     }
+
+
+def _gather_nll(local: np.ndarray, n: int, targets_of: Callable[[int], np.ndarray], group) -> np.ndarray | None:
+    """Every rank's scored NLLs put back in target order on rank 0 (None elsewhere); `targets_of(rank)` lists the
+    targets a rank scored, from the schedule alone. The values are the ones each rank computed, so sums over
+    them equal a one-process run bit for bit."""
+    from ..distributed import gather_to_main
+
+    parts = gather_to_main(local[targets_of(group.rank)], group)
+    if parts is None:
+        return None
+    full = np.full(n, np.nan, dtype=np.float64)
+    for rank, values in enumerate(parts):
+        full[targets_of(rank)] = values
+    return full
 
 
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
@@ -247,10 +310,16 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
         raise QpackInputError("--device cuda: no CUDA device is available")
     if options.batch <= 0:
         raise QpackInputError(f"--batch must be positive, got {options.batch}")
-    loaded = load_model(model_path, options.device)
+    from ..distributed import join, launched_by_torchrun
+
+    group = None
+    if options.distributed or launched_by_torchrun():
+        group = join(options.device)
+        options = replace(options, device=group.device)
+    loaded = load_model(model_path, options.device, options.arch, options.forward)
     window, stride = resolve_window(options, loaded.max_seq_len, loaded.train_seq_len)
     data = load_val(data_dir, tokenizer, options.max_tokens)
-    model_vocab = loaded.config.get("vocab_size")
+    model_vocab = (loaded.config or {}).get("vocab_size")
     if model_vocab is not None and int(model_vocab) != data.vocab_size:
         raise QpackInputError(f"{model_path}: the model's vocabulary ({model_vocab} tokens) does not match the "
                               f"tokenizer {data.tokenizer} ({data.vocab_size} pieces)")
@@ -260,6 +329,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike, *, toke
         raise QpackInputError(f"{model_path}: {exc}") from None
     except torch.cuda.OutOfMemoryError:
         raise QpackInputError(f"out of GPU memory at --batch {options.batch} --window {window}; lower them") from None
+    if "modes" not in result:
+        return result  # a rank other than 0 of a distributed eval: rank 0 reports
     result.update({"model": str(model_path), "model_kind": loaded.kind, "data": str(data_dir),
                    "tokenizer": data.tokenizer, "warnings": data_warnings(loaded.extra, data_dir)})
     return result

@@ -173,9 +173,10 @@ def _make_opt(params: list[nn.Parameter], config: TTTConfig) -> torch.optim.Opti
 def ttt_nll(
     model: nn.Module, tokens: np.ndarray, window: int, stride: int, config: TTTConfig = TTTConfig(), *,
     batch: int = 8, device: str | torch.device = "cpu", log: EventLog | None = None,
-    on_chunk: Callable[[int], None] | None = None,
+    on_chunk: Callable[[int], None] | None = None, shard: tuple[int, int] = (0, 1),
 ) -> np.ndarray:
-    """Per-target NLL (float64) of the stream under score-first TTT; `model` itself is left untouched."""
+    """Per-target NLL (float64) of the stream under score-first TTT; `model` itself is left untouched.
+    shard=(rank, world): score only that rank's batches of each chunk (others NaN); training is on the whole chunk."""
     device = torch.device(device)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = max(len(tokens) - 1, 0)
@@ -188,7 +189,7 @@ def ttt_nll(
     opt = _make_opt(params, config)
     out = np.full(n, np.nan)
     for group in plan_chunks(plan_windows(n, window, stride), config.chunk):
-        for w, logp in window_logprobs(work, tokens, group, batch, device, inference=False):
+        for w, logp in window_logprobs(work, tokens, group, batch, device, inference=False, shard=shard):
             out[w.a:w.b] = (-logp.gather(1, toks[w.a + 1:w.b + 1].unsqueeze(1)).squeeze(1)).double().numpy()
             if log is not None:
                 log.scored(w.a, w.b)
