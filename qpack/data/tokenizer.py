@@ -95,9 +95,10 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
     except RuntimeError as exc:
         raise QpackInputError(f"tokenizer training failed: {exc} (a vocabulary of {vocab_size} may need more text)") \
             from None
-    from .shards import _atomic_write
+    from ..fsio import atomic_write_bytes
 
-    _atomic_write(Path(path), [buf.getvalue()])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
     return spm.SentencePieceProcessor(model_proto=buf.getvalue())
 
 
