@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import random
@@ -305,7 +304,9 @@ def evaluate(model: GPT, val: np.ndarray, cfg: TrainConfig, device, autocast, lu
             dist.all_reduce(t)
     model.train(was_training)
     loss = float(nll / count)
-    bpb = float(nll / math.log(2) / nbytes) if luts is not None and nbytes > 0 else None
+    from qpack.eval.bpb import bits_per_byte
+
+    bpb = bits_per_byte(float(nll), int(nbytes)) if luts is not None and nbytes > 0 else None
     return loss, bpb
 
 
