@@ -52,9 +52,16 @@ class Codec(ABC):
         return {"name": self.name, "params": dict(sorted(self.params.items()))}
 
     def label(self) -> str:
-        """Short human label, e.g. zstd(level=22)."""
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        """Short label for tables: the name, then only the parameters that differ from the defaults, e.g. ans(group=5).
+
+        Codecs with a customary short form override it (zstd-19, lzma-9e, brotli-11); spec() keeps the full record.
+        """
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self._changed().items()))
         return f"{self.name}({inner})" if inner else self.name
+
+    def _changed(self, *shown: str) -> dict[str, Any]:
+        """Parameters that differ from the defaults, less those a short label already shows."""
+        return {k: v for k, v in self.params.items() if k not in shown and v != self.defaults.get(k)}
 
     def __repr__(self) -> str:
         return f"<Codec {self.label()}>"

@@ -13,6 +13,11 @@ class Brotli(Codec):
 
     defaults = {"quality": 11, "lgwin": 22}
 
+    def label(self) -> str:
+        """brotli-11 (quality), with /wN when lgwin is not the default 22."""
+        lgwin = self.params["lgwin"]
+        return f"brotli-{self.params['quality']}" + (f"/w{lgwin}" if lgwin != self.defaults["lgwin"] else "")
+
     def validate(self) -> None:
         check_int(self.name, "quality", self.params["quality"], 0, 11)
         check_int(self.name, "lgwin", self.params["lgwin"], 10, 24)

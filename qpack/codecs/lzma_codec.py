@@ -28,6 +28,12 @@ class Lzma(Codec):
 
     defaults = {"preset": 6, "extreme": False, "format": "xz", "filters": None}
 
+    def label(self) -> str:
+        """lzma-9e (preset, e for extreme), with -raw for the raw format and +filters for a custom chain."""
+        p = self.params
+        return (f"lzma-{p['preset']}{'e' if p['extreme'] else ''}" + ("-raw" if p["format"] == "raw" else "")
+                + ("+filters" if p["filters"] else ""))
+
     def validate(self) -> None:
         check_int(self.name, "preset", self.params["preset"], 0, 9)
         check_bool(self.name, "extreme", self.params["extreme"])

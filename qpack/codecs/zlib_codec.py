@@ -13,6 +13,11 @@ class Zlib(Codec):
 
     defaults = {"level": 9, "wbits": 15}
 
+    def label(self) -> str:
+        """zlib-9 (level), with /wN when wbits is not the default 15."""
+        wbits = self.params["wbits"]
+        return f"zlib-{self.params['level']}" + (f"/w{wbits}" if wbits != self.defaults["wbits"] else "")
+
     def validate(self) -> None:
         check_int(self.name, "level", self.params["level"], 0, 9)
         check_int(self.name, "wbits", self.params["wbits"], 9, 15)
