@@ -20,6 +20,19 @@ class CodecError(QpackError):
     """A codec could not decode its input, or its input breaks the size the manifest promised."""
 
 
+def check_stream_end(name: str, out: bytes, size: int, finished: bool, trailing: int = 0) -> bytes:
+    """The checks a streaming decoder ends with: not past `size`, stream finished, nothing after it, exactly `size`."""
+    if len(out) > size:
+        raise CodecError(f"{name}: data decodes to more than the {size} bytes promised")
+    if not finished:
+        raise CodecError(f"{name}: truncated data ({len(out)} of {size} bytes decoded)")
+    if trailing:
+        raise CodecError(f"{name}: {trailing} bytes of trailing data after the stream")
+    if len(out) != size:
+        raise CodecError(f"{name}: data decodes to {len(out)} bytes, {size} promised")
+    return out
+
+
 class Codec(ABC):
     """One lossless codec configured with parameters; instances are reusable and stateless between calls."""
 
