@@ -23,11 +23,11 @@ import torch
 
 from .codecs import Codec, codec_names, make_codec
 from .errors import QpackFormatError, QpackInputError, Reason
+from .filekind import is_artifact
 from .pack import encode_codes
 
 DEFAULT_BITS = (4, 5, 6, 8)
 DEFAULT_SLOW_LIMIT = 1 << 19
-ARTIFACT_MAGIC = b"QPACK\x00\r\n"  # docs/ARCHITECTURE.md, container header
 
 # (codec, params, layouts, slow). Levels are swept because zstd's are not monotone on quantized codes.
 SWEEP: list[tuple[str, dict[str, Any], tuple[str, ...], bool]] = [
@@ -150,12 +150,7 @@ def load_input(path: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict[i
     p = Path(path)
     if not p.is_file():
         raise QpackFormatError(p, Reason.IO, "no such file (bench-codecs takes a checkpoint, .safetensors or .qpk file)")
-    try:
-        with open(p, "rb") as f:
-            head = f.read(len(ARTIFACT_MAGIC))
-    except OSError as exc:
-        raise QpackFormatError(p, Reason.IO, f"cannot read the file ({exc.strerror or exc})") from None
-    if head == ARTIFACT_MAGIC:
+    if is_artifact(p, "a checkpoint or artifact"):
         from .artifact import read_artifact
 
         art = read_artifact(p)
@@ -358,9 +353,6 @@ def format_table(result: BenchResult) -> str:
 
 def plot(result: BenchResult, path: str | Path) -> None:
     """Bits per weight against decode speed, one panel per bit width; written atomically as PNG."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,14 +383,9 @@ def plot(result: BenchResult, path: str | Path) -> None:
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=6, loc="best", framealpha=0.6)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from .fsio import atomic_write_with
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)

@@ -9,25 +9,22 @@ are validated here, on Python integers, before the safetensors library reads a b
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import pickle
 import pickletools
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .container import fsync_dir
 from .errors import QpackError, QpackFormatError, QpackInputError, Reason, read_error
+from .filekind import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, ZIP_MAGIC, sniff
+from .fsio import atomic_write_with
+from .jsonio import canonical_json, parse_json
 
-QPACK_MAGIC = b"QPACK\x00\r\n"
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-SAFETENSORS_SUFFIX = ".safetensors"
 CONFIG_METADATA_KEY = "qpack_config"
 #: safetensors stores tensors sorted its own way; qpack records the state dict's order to give it back.
 ORDER_METADATA_KEY = "qpack_order"
@@ -60,11 +57,10 @@ def load_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict | None, di
     code, a malformed safetensors header, a file without tensors, or input that is already quantized.
     """
     path = Path(path)
-    head = _read_head(path)
-    if head.startswith(QPACK_MAGIC):
+    kind = sniff(path, "a checkpoint file")
+    if kind == "artifact":
         raise QpackFormatError(path, Reason.NOT_A_MODEL,
                                "this is a qpack artifact, not a checkpoint; use `qpack decompress` to get one back")
-    kind = _kind(path, head)
     if kind == "safetensors":
         sd, config, extra = _load_safetensors(path)
     elif kind == "torch":
@@ -76,32 +72,6 @@ def load_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict | None, di
         )
     _check_not_quantized(path, sd)
     return sd, config, extra
-
-
-def _read_head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(16)
-    except OSError as exc:
-        raise read_error(path, exc, "a checkpoint file") from None
-
-
-def _kind(path: Path, head: bytes) -> str:
-    """Decide by suffix and content together: a renamed file is still what its bytes say it is."""
-    suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04":
-        return "torch"
-    looks_safetensors = head[8:9] == b"{"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and not (
-            looks_safetensors and suffix not in PICKLE_SUFFIXES):
-        return "torch"
-    if looks_safetensors:
-        return "safetensors"
-    if suffix in PICKLE_SUFFIXES and head[:1] in (b"(", b"}", b"]", b"c", b"\x80"):
-        return "torch"
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- pickles
@@ -157,7 +127,7 @@ def _refuse_unsafe_pickles(path: Path) -> None:
                         _scan_pickles(path, f, allowed, max_pickles=1)
         else:
             with open(path, "rb") as f:
-                if f.read(4) == b"PK\x03\x04":
+                if f.read(4) == ZIP_MAGIC:
                     raise QpackFormatError(path, Reason.NOT_A_MODEL,
                                            "a damaged or truncated zip file (no central directory): not a "
                                            "readable PyTorch checkpoint")
@@ -370,32 +340,16 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
 
 
 def _parse_header_json(path: Path, raw: bytes) -> dict:
-    def pairs(items: list[tuple[str, Any]]) -> dict:
-        out: dict = {}
-        for k, v in items:
-            if k in out:
-                raise QpackFormatError(path, Reason.BAD_HEADER, f"safetensors header names {k!r} twice")
-            out[k] = v
-        return out
-
+    if not raw.lstrip().startswith(b"{"):
+        raise QpackFormatError(path, Reason.BAD_HEADER, "safetensors header is not valid JSON (does not start with '{')")
     try:
-        text = raw.decode("utf-8")
-        if not text.lstrip().startswith("{"):
-            raise ValueError("does not start with '{'")
-        header = json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constant)
-    except QpackError:
-        raise
-    except RecursionError:
-        raise QpackFormatError(path, Reason.LIMIT, "safetensors header JSON is nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise QpackFormatError(path, Reason.BAD_HEADER, f"safetensors header is not valid JSON ({exc})") from None
+        header = parse_json(path, raw, "safetensors header", max_bytes=MAX_SAFETENSORS_HEADER)
+    except QpackFormatError as exc:
+        raise QpackFormatError(path, exc.reason if exc.reason is Reason.LIMIT else Reason.BAD_HEADER,
+                               exc.detail) from None
     if not isinstance(header, dict):
         raise QpackFormatError(path, Reason.BAD_HEADER, "safetensors header must be a JSON object")
     return header
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def _check_entry(path: Path, name: str, info: Any) -> tuple[int, int]:
@@ -443,8 +397,8 @@ def _load_safetensors(path: Path) -> tuple[StateDict, dict | None, dict]:
     if CONFIG_METADATA_KEY in extra:
         text = extra.pop(CONFIG_METADATA_KEY)
         try:
-            config = json.loads(text, parse_constant=_no_constant)
-        except (ValueError, RecursionError):
+            config = parse_json(path, text.encode("utf-8"), f"metadata {CONFIG_METADATA_KEY!r}")
+        except QpackFormatError:
             raise QpackFormatError(path, Reason.BAD_HEADER,
                                    f"metadata {CONFIG_METADATA_KEY!r} is not valid JSON") from None
         if not isinstance(config, dict):
@@ -453,8 +407,8 @@ def _load_safetensors(path: Path) -> tuple[StateDict, dict | None, dict]:
     recorded = extra.pop(ORDER_METADATA_KEY, None)
     if recorded is not None:
         try:
-            names = json.loads(recorded)
-        except ValueError:
+            names = parse_json(path, recorded.encode("utf-8"), f"metadata {ORDER_METADATA_KEY!r}")
+        except QpackFormatError:
             names = None
         if isinstance(names, list) and sorted(map(str, names)) == sorted(header):
             order = names
@@ -478,10 +432,10 @@ def save_state_dict(path: str | os.PathLike, state_dict: StateDict, config: dict
                               f"{CONFIG_METADATA_KEY!r} and {ORDER_METADATA_KEY!r}")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
-        meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()}
+        meta = {k: v if isinstance(v, str) else canonical_json(v).decode("ascii") for k, v in extra.items()}
         if config is not None:
-            meta[CONFIG_METADATA_KEY] = json.dumps(config, sort_keys=True, separators=(",", ":"))
-        meta[ORDER_METADATA_KEY] = json.dumps(list(sd), separators=(",", ":"))
+            meta[CONFIG_METADATA_KEY] = canonical_json(config).decode("ascii")
+        meta[ORDER_METADATA_KEY] = canonical_json(list(sd)).decode("ascii")
         tensors = _unshare(sd)
 
         def write(tmp: str) -> None:
@@ -500,7 +454,7 @@ def save_state_dict(path: str | os.PathLike, state_dict: StateDict, config: dict
     else:
         raise QpackInputError(f"{path}: cannot tell the checkpoint format from the suffix {suffix!r}; "
                               "use .safetensors or .pt")
-    atomic_write(path, write)
+    atomic_write_with(path, write)
 
 
 def _unshare(sd: StateDict) -> StateDict:
@@ -515,31 +469,3 @@ def _unshare(sd: StateDict) -> StateDict:
         seen.add(key)
         out[k] = t
     return out
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Run write(temp_path) in the target's directory, fsync, rename over `path`, fsync the directory.
-
-    On any failure the temp file is removed and `path` is untouched; OSError becomes one clear QpackError.
-    """
-    directory = path.parent if str(path.parent) else Path(".")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        fsync_dir(directory)
-    except OSError as exc:
-        raise QpackFormatError(path, Reason.IO, f"cannot write: {exc.strerror or exc}; nothing was written") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-

@@ -68,13 +68,12 @@ def test_checkpoint_eval_json_and_table(data_dir, checkpoint):
 
 
 def test_a_model_trained_on_other_data_gets_a_warning(data_dir, checkpoint, tmp_path):
-    import hashlib
-
     from qpack.checkpoint import load_state_dict, save_state_dict
+    from qpack.data.manifest import manifest_hash
 
     sd, cfg, _ = load_state_dict(checkpoint)
     (data_dir / "manifest.json").write_text('{"name": "tiny"}')
-    for recorded, warned in ((hashlib.sha256(b'{"name": "tiny"}').hexdigest(), False), ("0" * 64, True)):
+    for recorded, warned in ((manifest_hash({"name": "tiny"}), False), ("0" * 64, True)):
         path = tmp_path / f"{warned}.pt"
         torch.save({"model": sd, "config": cfg, "data_manifest_hash": recorded}, path)
         out = evaluate(path, data_dir, options=EvalOptions(window=64, stride=64, max_tokens=50))

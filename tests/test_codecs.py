@@ -207,3 +207,15 @@ def test_ans_refuses_table_that_disagrees_with_size():
     frame = make_codec("ans").encode(b"\x01\x02\x01\x02\x03")
     with pytest.raises(CodecError, match="counts 5 symbols"):
         make_codec("ans").decode(frame, 6)
+
+
+@pytest.mark.parametrize("name, params, label", [
+    ("zstd", {}, "zstd-19"), ("zstd", {"level": 22, "long": True}, "zstd-22+long"),
+    ("zstd", {"level": 3, "window_log": 27}, "zstd-3/w27"), ("ans", {}, "ans"), ("ans", {"group": 5}, "ans(group=5)"),
+    ("lzma", {"preset": 9, "extreme": True}, "lzma-9e"), ("lzma", {"format": "raw"}, "lzma-6-raw"),
+    ("brotli", {}, "brotli-11"), ("brotli", {"quality": 5, "lgwin": 24}, "brotli-5/w24"), ("zlib", {}, "zlib-9"),
+    ("raw", {}, "raw"),
+])
+def test_table_labels_are_short_and_tell_codecs_apart(name, params, label):
+    # the per-tensor table shows these; the manifest keeps the full spec
+    assert make_codec(name, params).label() == label

@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 
-from qpack.codecs import CODECS, Codec, codec_names, make_codec
+from qpack.codecs import CODECS, Codec, CodecError, codec_names, make_codec
 from qpack.container import (
     MAGIC,
     MAX_MANIFEST_BYTES,
@@ -374,25 +374,46 @@ class Expander(Codec):
         return bytes(data) * 2
 
 
-class Crasher(Codec):
-    name = "test_crasher"
+class Refuser(Codec):
+    """A well-behaved codec on a corrupt frame: raises the contract's CodecError."""
+
+    name = "test_refuser"
 
     def encode(self, data: bytes) -> bytes:
         return bytes(data)
 
     def decode(self, data: bytes, size: int) -> bytes:
-        raise RuntimeError("decoder blew up")
+        raise CodecError("test_refuser: corrupt frame")
+
+
+class Buggy(Codec):
+    """A decoder with a bug: its error is not the contract's and must not be dressed up as a corrupt file."""
+
+    name = "test_buggy"
+
+    def encode(self, data: bytes) -> bytes:
+        return bytes(data)
+
+    def decode(self, data: bytes, size: int) -> bytes:
+        return bytes(len(data) // 0)
 
 
 def test_decoder_output_is_capped_by_raw_length(monkeypatch):
     monkeypatch.setitem(CODECS._items, "test_expander", Expander)
-    monkeypatch.setitem(CODECS._items, "test_crasher", Crasher)
-    for cls, reason in ((Expander, Reason.BOMB), (Crasher, Reason.CODEC)):
+    monkeypatch.setitem(CODECS._items, "test_refuser", Refuser)
+    for cls, reason in ((Expander, Reason.BOMB), (Refuser, Reason.CODEC)):
         data = build_container({}, [], [encode_section("s", cls(), b"abcdef")])
         c = parse_container(data, "f.qpk")
         with pytest.raises(QpackFormatError) as info:
             c.section("s")
         assert info.value.reason == reason
+
+
+def test_an_internal_decoder_bug_surfaces_as_itself(monkeypatch):
+    monkeypatch.setitem(CODECS._items, "test_buggy", Buggy)
+    c = parse_container(build_container({}, [], [encode_section("s", Buggy(), b"abcdef")]), "f.qpk")
+    with pytest.raises(ZeroDivisionError):
+        c.section("s")
 
 
 @pytest.mark.skipif("zstd" not in codec_names(), reason="zstd codec not registered")

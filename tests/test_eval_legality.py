@@ -1,8 +1,10 @@
 """The challenge's legality rules, checked on sliding eval, the Hedge mixer and score-first TTT.
 
-Rules: (causal) the score of token t does not change when any later token changes; (normalized) every
-distribution sums to 1 within 1e-6; (score-first) no update reads a token before it is scored; every token is
-scored exactly once. Each check also runs on a deliberately leaky variant, to prove it can fail.
+Rules: (causal) the score of token t does not change when any later token changes; (blind to its target) the
+probability given to target t comes from a distribution that does not depend on target t itself: summed over
+every value target t could take, it is 1; (normalized) every distribution sums to 1 within 1e-6; (score-first)
+no update reads a token before it is scored; every token is scored exactly once. The checks run on the
+production paths (`sliding_nll`, `mix_nll`, `ttt_nll`) and on deliberately leaky variants, to prove they can fail.
 """
 import numpy as np
 import pytest
@@ -59,6 +61,24 @@ def causal_violations(score_fn, tokens, cuts, seed=0):
     return bad
 
 
+def target_mass_violations(score_fn, tokens, targets, tol=1e-5):
+    """Targets k whose probability, summed over every value x of target k itself (token k + 1), is not 1.
+
+    Each x is scored in a fresh call with only token k + 1 changed, so a score that reads its own target (as
+    input, or counted before scoring) or an unnormalized mixture gives a sum away from 1.
+    """
+    bad = []
+    for k in targets:
+        mass = 0.0
+        for x in range(V):
+            t2 = tokens.copy()
+            t2[k + 1] = x
+            mass += float(np.exp(-score_fn(t2)[k]))
+        if abs(mass - 1.0) > tol:
+            bad.append((int(k), mass))
+    return bad
+
+
 def normalization_violations(dists):
     """Indices of distributions that are not nonnegative or do not sum to 1 within 1e-6."""
     return [i for i, d in enumerate(dists) if np.any(np.asarray(d) < 0) or abs(float(np.sum(d)) - 1.0) > 1e-6]
@@ -81,6 +101,7 @@ def score_first_violations(events, n_targets):
 
 
 CUTS = [0, 5, 20, 40, 63, 90]
+TARGETS = [0, 7, 8, 30, 64, 95]  # first target, both sides of a window edge (S = 8), mid-stream, the last
 
 
 # ---- sliding ------------------------------------------------------------------------------------------------------
@@ -89,6 +110,26 @@ def test_sliding_is_causal_and_a_bidirectional_model_is_caught():
     tokens = stream()
     assert causal_violations(lambda t: sliding_nll(TinyLM(), t, W, S), tokens, CUTS) == []
     assert causal_violations(lambda t: sliding_nll(TinyLM(causal=False), t, W, S), tokens, CUTS) != []
+
+
+def _sliding_feeding_the_target(tokens):
+    """Leaky: each window's inputs are shifted one token on, so the output scoring target t has read target t."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    model, toks, out = TinyLM(), torch.as_tensor(tokens), np.zeros(tokens.size - 1)
+    for w in plan_windows(tokens.size - 1, W, S):
+        with torch.no_grad():
+            logp = F.log_softmax(model(toks[w.start + 1:w.b + 1][None])[0, -(w.b - w.a):], dim=-1)
+        out[w.a:w.b] = -logp[torch.arange(w.b - w.a), toks[w.a + 1:w.b + 1]].double().numpy()
+    return out
+
+
+def test_sliding_scores_each_target_blind_to_itself_and_feeding_the_target_is_caught():
+    tokens = stream()
+    assert target_mass_violations(lambda t: sliding_nll(TinyLM(), t, W, S), tokens, TARGETS) == []
+    # the shifted variant is still causal in the usual sense (later tokens never move earlier scores) ...
+    assert causal_violations(_sliding_feeding_the_target, tokens, CUTS) == []
+    # ... only changing the scored token itself exposes it
+    assert target_mass_violations(_sliding_feeding_the_target, tokens, TARGETS) != []
 
 
 def test_sliding_scores_every_token_once():
@@ -122,6 +163,29 @@ def test_mixer_is_causal_and_a_peeking_expert_is_caught():
     tokens = stream()
     assert causal_violations(_mixed, tokens, CUTS) == []
     assert causal_violations(_mixed_with_peeking_expert, tokens, CUTS) != []
+
+
+def test_mix_nll_scores_each_target_blind_to_itself():
+    tokens = stream()
+    assert target_mass_violations(_mixed, tokens, TARGETS) == []
+
+
+def test_a_mix_nll_counting_its_target_first_is_caught(monkeypatch):
+    # the production fast path with inclusive running counts: each target is counted before it is scored
+    from qpack.eval import mixer
+
+    exclusive = mixer.running_count
+    monkeypatch.setattr(mixer, "running_count", lambda keys: exclusive(keys) + 1)
+    assert causal_violations(_mixed, stream(), CUTS) == []  # still causal: only the target itself leaks
+    assert target_mass_violations(_mixed, stream(), TARGETS) != []
+
+
+def test_a_mix_nll_with_unnormalized_hedge_weights_is_caught(monkeypatch):
+    from qpack.eval import mixer
+
+    monkeypatch.setattr(mixer, "hedge_weights", lambda losses, eta, decay=1.0: np.exp(
+        -eta * mixer.discounted_past_sum(losses, decay)))
+    assert target_mass_violations(_mixed, stream(), TARGETS) != []
 
 
 def _model_dists(model, tokens):
@@ -234,6 +298,12 @@ def test_ttt_is_causal_and_train_before_score_is_caught():
     assert causal_violations(lambda t: _ttt_train_first(model, t), tokens, CUTS) != []
 
 
+def test_ttt_scores_each_target_blind_to_itself_and_train_before_score_is_caught():
+    tokens, model = stream(), TinyLM()
+    assert target_mass_violations(lambda t: ttt_nll(model, t, W, S, CFG), tokens, [20, 64]) == []
+    assert target_mass_violations(lambda t: _ttt_train_first(model, t), tokens, [20, 64]) != []
+
+
 def test_ttt_is_score_first_and_train_before_score_is_caught():
     tokens = stream()
     model = TinyLM()
@@ -252,7 +322,7 @@ def test_ttt_is_score_first_and_train_before_score_is_caught():
 @pytest.mark.parametrize("options", [{}, {"smear_gate": True, "bigram_buckets": 64}, {"xsa_last": 1, "value_residual": True},
                                      {"unet_skips": True, "recur_layers": (0,)}])
 def test_the_gpt_is_causal_under_sliding_eval(options):
-    gpt = pytest.importorskip("trainers.gpt.model")
+    import trainers.gpt.model as gpt
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(vocab_size=V, n_layer=2, n_embd=16, n_head=2, n_kv_head=1, bigram_dim=8, **options))
     with torch.no_grad():

@@ -20,6 +20,19 @@ class CodecError(QpackError):
     """A codec could not decode its input, or its input breaks the size the manifest promised."""
 
 
+def check_stream_end(name: str, out: bytes, size: int, finished: bool, trailing: int = 0) -> bytes:
+    """The checks a streaming decoder ends with: not past `size`, stream finished, nothing after it, exactly `size`."""
+    if len(out) > size:
+        raise CodecError(f"{name}: data decodes to more than the {size} bytes promised")
+    if not finished:
+        raise CodecError(f"{name}: truncated data ({len(out)} of {size} bytes decoded)")
+    if trailing:
+        raise CodecError(f"{name}: {trailing} bytes of trailing data after the stream")
+    if len(out) != size:
+        raise CodecError(f"{name}: data decodes to {len(out)} bytes, {size} promised")
+    return out
+
+
 class Codec(ABC):
     """One lossless codec configured with parameters; instances are reusable and stateless between calls."""
 
@@ -52,9 +65,16 @@ class Codec(ABC):
         return {"name": self.name, "params": dict(sorted(self.params.items()))}
 
     def label(self) -> str:
-        """Short human label, e.g. zstd(level=22)."""
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        """Short label for tables: the name, then only the parameters that differ from the defaults, e.g. ans(group=5).
+
+        Codecs with a customary short form override it (zstd-19, lzma-9e, brotli-11); spec() keeps the full record.
+        """
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self._changed().items()))
         return f"{self.name}({inner})" if inner else self.name
+
+    def _changed(self, *shown: str) -> dict[str, Any]:
+        """Parameters that differ from the defaults, less those a short label already shows."""
+        return {k: v for k, v in self.params.items() if k not in shown and v != self.defaults.get(k)}
 
     def __repr__(self) -> str:
         return f"<Codec {self.label()}>"

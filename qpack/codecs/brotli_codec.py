@@ -4,7 +4,7 @@ from __future__ import annotations
 import brotli
 
 from ._validate import check_int
-from .base import Codec, CodecError, register_codec
+from .base import Codec, CodecError, check_stream_end, register_codec
 
 
 @register_codec("brotli")
@@ -12,6 +12,11 @@ class Brotli(Codec):
     """Brotli in generic mode; decoding is incremental with an output cap."""
 
     defaults = {"quality": 11, "lgwin": 22}
+
+    def label(self) -> str:
+        """brotli-11 (quality), with /wN when lgwin is not the default 22."""
+        lgwin = self.params["lgwin"]
+        return f"brotli-{self.params['quality']}" + (f"/w{lgwin}" if lgwin != self.defaults["lgwin"] else "")
 
     def validate(self) -> None:
         check_int(self.name, "quality", self.params["quality"], 0, 11)
@@ -39,8 +44,4 @@ class Brotli(Codec):
                 chunk = d.process(b"", output_buffer_limit=size - got + 1)
         except brotli.error as exc:
             raise CodecError(f"brotli: corrupt data ({exc})") from None
-        if not d.is_finished():
-            raise CodecError(f"brotli: truncated data ({got} of {size} bytes decoded)")
-        if got != size:
-            raise CodecError(f"brotli: data decodes to {got} bytes, {size} promised")
-        return b"".join(parts)
+        return check_stream_end("brotli", b"".join(parts), size, d.is_finished())

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import QpackInputError
 from ._validate import check_bool, check_choice, check_int
-from .base import Codec, CodecError, register_codec
+from .base import Codec, CodecError, check_stream_end, register_codec
 
 _MF = {"hc3": lzma.MF_HC3, "hc4": lzma.MF_HC4, "bt2": lzma.MF_BT2, "bt3": lzma.MF_BT3, "bt4": lzma.MF_BT4}
 _MODE = {"fast": lzma.MODE_FAST, "normal": lzma.MODE_NORMAL}
@@ -27,6 +27,12 @@ class Lzma(Codec):
     """xz / raw LZMA2, optionally behind a delta filter."""
 
     defaults = {"preset": 6, "extreme": False, "format": "xz", "filters": None}
+
+    def label(self) -> str:
+        """lzma-9e (preset, e for extreme), with -raw for the raw format and +filters for a custom chain."""
+        p = self.params
+        return (f"lzma-{p['preset']}{'e' if p['extreme'] else ''}" + ("-raw" if p["format"] == "raw" else "")
+                + ("+filters" if p["filters"] else ""))
 
     def validate(self) -> None:
         check_int(self.name, "preset", self.params["preset"], 0, 9)
@@ -109,12 +115,4 @@ class Lzma(Codec):
                 out += d.decompress(b"", max_length=size + 1 - len(out))
         except lzma.LZMAError as exc:
             raise CodecError(f"lzma: corrupt data ({exc})") from None
-        if len(out) > size:
-            raise CodecError(f"lzma: data decodes to more than the {size} bytes promised")
-        if not d.eof:
-            raise CodecError(f"lzma: truncated data ({len(out)} of {size} bytes decoded)")
-        if d.unused_data:
-            raise CodecError(f"lzma: {len(d.unused_data)} bytes of trailing data after the stream")
-        if len(out) != size:
-            raise CodecError(f"lzma: data decodes to {len(out)} bytes, {size} promised")
-        return out
+        return check_stream_end("lzma", out, size, d.eof, len(d.unused_data))

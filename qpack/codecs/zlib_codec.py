@@ -4,7 +4,7 @@ from __future__ import annotations
 import zlib
 
 from ._validate import check_int
-from .base import Codec, CodecError, register_codec
+from .base import Codec, CodecError, check_stream_end, register_codec
 
 
 @register_codec("zlib")
@@ -12,6 +12,11 @@ class Zlib(Codec):
     """Deflate in a zlib wrapper (its Adler-32 catches most corruption)."""
 
     defaults = {"level": 9, "wbits": 15}
+
+    def label(self) -> str:
+        """zlib-9 (level), with /wN when wbits is not the default 15."""
+        wbits = self.params["wbits"]
+        return f"zlib-{self.params['level']}" + (f"/w{wbits}" if wbits != self.defaults["wbits"] else "")
 
     def validate(self) -> None:
         check_int(self.name, "level", self.params["level"], 0, 9)
@@ -28,12 +33,5 @@ class Zlib(Codec):
             out = d.decompress(bytes(data), size + 1)
         except zlib.error as exc:
             raise CodecError(f"zlib: corrupt data ({exc})") from None
-        if len(out) > size or d.unconsumed_tail:
-            raise CodecError(f"zlib: data decodes to more than the {size} bytes promised")
-        if not d.eof:
-            raise CodecError(f"zlib: truncated data ({len(out)} of {size} bytes decoded)")
-        if d.unused_data:
-            raise CodecError(f"zlib: {len(d.unused_data)} bytes of trailing data after the stream")
-        if len(out) != size:
-            raise CodecError(f"zlib: data decodes to {len(out)} bytes, {size} promised")
-        return out
+        # a non-empty unconsumed_tail means the size + 1 cap was hit: len(out) > size says so
+        return check_stream_end("zlib", out, size, d.eof, len(d.unused_data))

@@ -17,6 +17,11 @@ class Zstd(Codec):
 
     defaults = {"level": 19, "window_log": 0, "long": False}
 
+    def label(self) -> str:
+        """zstd-19, with +long and /wN (window_log) when set."""
+        p = self.params
+        return f"zstd-{p['level']}" + ("+long" if p["long"] else "") + (f"/w{p['window_log']}" if p["window_log"] else "")
+
     def validate(self) -> None:
         check_int(self.name, "level", self.params["level"], 1, 22)
         wl = self.params["window_log"]

@@ -6,8 +6,6 @@ The manifest is written last, so a dir with a manifest whose files all check out
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -22,13 +20,13 @@ import numpy as np
 
 from ..errors import QpackError, QpackFormatError, QpackInputError, Reason
 from . import corpus as corpus_mod
-from .shards import BOS_ID, _atomic_write, find_shards, read_header, shard_name, write_shard
+from ..fsio import atomic_write_bytes
+from .manifest import DATA_FORMAT, MANIFEST_NAME, load_manifest, manifest_bytes, manifest_hash
+from .shards import BOS_ID, find_shards, read_header, shard_name, write_shard
 from .tokenizer import (TRAINER_SETTINGS, byte_counting, count_bytes, encode_documents, tokenizer_settings,
                         train_tokenizer)
 
-MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.model"
-DATA_FORMAT = "qpack-data"
 DATA_VERSION = 1
 DEFAULT_NAME = "qpack"
 DEFAULT_VOCAB = 1024
@@ -65,17 +63,6 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def canonical_json(obj) -> bytes:
-    """Sorted keys, no spaces: the bytes that manifest hashes are taken over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def manifest_hash(manifest: dict) -> str:
-    """sha256 of the manifest without its own `manifest_hash` field; checkpoints record it."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_hash"}
-    return hashlib.sha256(canonical_json(body)).hexdigest()
-
-
 def build_settings(corpus: Sequence[str | os.PathLike] | None = None, vocab: int = DEFAULT_VOCAB,
                    val_fraction: float = DEFAULT_VAL_FRACTION, max_bytes: int | None = None,
                    shard_tokens: int = DEFAULT_SHARD_TOKENS, name: str = DEFAULT_NAME) -> dict:
@@ -102,9 +89,10 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QpackFormatError(path, Reason.BAD_MANIFEST, f"unreadable data manifest ({exc}); rebuild with --force")
+        manifest = load_manifest(path)
+    except QpackFormatError as exc:
+        raise QpackFormatError(path, exc.reason, f"unreadable data manifest ({exc.detail}); rebuild with --force") \
+            from None
     if not isinstance(manifest, dict) or manifest.get("format") != DATA_FORMAT:
         raise QpackFormatError(path, Reason.BAD_MANIFEST, "not a qpack data manifest; rebuild with --force")
     return manifest
@@ -291,7 +279,7 @@ def _install(staging: Path, out: Path, manifest: dict) -> None:
         p.unlink(missing_ok=True)
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
-    _atomic_write(old, [json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"])
+    atomic_write_bytes(old, manifest_bytes(manifest))
 
 
 def _cpu_seconds() -> float:

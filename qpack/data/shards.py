@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from ..errors import QpackFormatError, QpackInputError, Reason
+from ..fsio import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -35,40 +35,6 @@ def shard_name(name: str, split: str, index: int) -> str:
     return f"{name}_{split}_{index:06d}.bin"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write to a temp file in the target directory, fsync, then rename over `path`, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; data files are as public as any other
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories; the rename already happened
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def write_shard(path: str | os.PathLike, tokens: np.ndarray | Iterable[int]) -> int:
     """Write `tokens` (ids in 0..65535) as one golf shard, atomically; returns the bytes written."""
     arr = np.asarray(tokens)
@@ -83,7 +49,8 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Iterable[int]) -> 
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, arr.size
     body = arr.astype(TOKEN_DTYPE, copy=False)
-    _atomic_write(Path(path), [header.tobytes(), body.tobytes()])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, [header.tobytes(), body.tobytes()])
     return HEADER_BYTES + body.nbytes
 
 

@@ -95,9 +95,10 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike, vocab_size: i
     except RuntimeError as exc:
         raise QpackInputError(f"tokenizer training failed: {exc} (a vocabulary of {vocab_size} may need more text)") \
             from None
-    from .shards import _atomic_write
+    from ..fsio import atomic_write_bytes
 
-    _atomic_write(Path(path), [buf.getvalue()])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
     return spm.SentencePieceProcessor(model_proto=buf.getvalue())
 
 
@@ -177,21 +178,28 @@ def byte_counting(sp, vocab_size: int | None = None) -> tuple[tuple[np.ndarray, 
     return byte_luts(sp, vocab_size, exact=exact), exact
 
 
-def count_bytes(tokens: np.ndarray, prev_tokens: np.ndarray, luts: Sequence[np.ndarray],
-                space_after_boundary_counts: bool = False) -> int:
-    """Bytes of text that `tokens` stand for, each predicted after the matching `prev_tokens` entry.
+def token_bytes(tokens: np.ndarray, prev_tokens: np.ndarray, luts: Sequence[np.ndarray],
+                space_after_boundary_counts: bool = False) -> np.ndarray:
+    """Bytes of text each of `tokens` stands for (int64, same shape), each predicted after its `prev_tokens` entry.
 
-    Base bytes plus one for a leading "▁" unless the previous token is a boundary (golf's rule). Our exact
-    tokenizer adds no dummy prefix, so a "▁" opening a document after BOS is a real space: with
-    `space_after_boundary_counts` it counts too (golf's text is stripped, so its documents never open with one).
+    The one byte rule (training, data build and eval all count with it): base bytes plus one for a leading "▁"
+    unless the previous token is a boundary (golf's rule). Our exact tokenizer adds no dummy prefix, so a "▁"
+    opening a document after BOS is a real space: with `space_after_boundary_counts` it counts too (golf's text
+    is stripped, so its documents never open with one).
     """
-    base, lead, boundary = luts
+    base, lead, boundary = (np.asarray(x) for x in luts)
     t = np.asarray(tokens, dtype=np.int64)
     p = np.asarray(prev_tokens, dtype=np.int64)
     if t.shape != p.shape:
         raise QpackInputError(f"tokens {t.shape} and prev_tokens {p.shape} differ in shape")
-    space = lead[t] if space_after_boundary_counts else lead[t] & ~boundary[p]
-    return int(base[t].astype(np.int64).sum() + space.sum())
+    space = lead[t] if space_after_boundary_counts else lead[t] & ~boundary[p].astype(bool)
+    return base[t].astype(np.int64) + space.astype(np.int64)
+
+
+def count_bytes(tokens: np.ndarray, prev_tokens: np.ndarray, luts: Sequence[np.ndarray],
+                space_after_boundary_counts: bool = False) -> int:
+    """Total of token_bytes: the bytes of text `tokens` stand for."""
+    return int(token_bytes(tokens, prev_tokens, luts, space_after_boundary_counts).sum())
 
 
 def encode_documents(sp, docs: Sequence[str], num_threads: int = 2) -> list[np.ndarray]:

@@ -45,17 +45,14 @@ def target_bytes(tokens: np.ndarray, luts, space_after_boundary_counts: bool = F
     space_after_boundary_counts: a leading "▁" right after a boundary token is a real space (tokenizers without
     a dummy prefix, like qpack's own) and counts one byte; parameter-golf's tokenizer adds that "▁" itself.
     """
+    from ..data.tokenizer import token_bytes
+
     luts = ByteLUTs.from_tuple(luts)
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= luts.size):
         raise ValueError(f"token id out of range for byte LUTs of size {luts.size}")
-    prev, tgt = tokens[:-1], tokens[1:]
-    out = luts.base_bytes[tgt].astype(np.int64)
-    space = luts.has_leading_space[tgt]
-    if not space_after_boundary_counts:
-        space = space & ~luts.is_boundary[prev]
-    out += space.astype(np.int64)
-    return out
+    return token_bytes(tokens[1:], tokens[:-1], (luts.base_bytes, luts.has_leading_space, luts.is_boundary),
+                       space_after_boundary_counts)
 
 
 def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from ..errors import QpackFormatError, QpackInputError, Reason
+from ..filekind import is_artifact
 from . import bpb
 from .mixer import MixerConfig, mix_nll
 from .sliding import plan_windows, shard_targets, sliding_nll
 from .ttt import TTTConfig, plan_chunks, ttt_nll
 
-QPACK_MAGIC = b"QPACK\x00\r\n"
 # model config keys that fix the longest context a model accepts (learned positions); RoPE models have none
 _MAX_KEYS = ("max_seq_len", "block_size", "context_length", "n_positions")
 MODE_ORDER = ("plain", "sliding", "mixer", "ttt", "ttt+mixer")
@@ -56,11 +56,7 @@ class LoadedModel:
 
 
 def _is_artifact(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(QPACK_MAGIC)) == QPACK_MAGIC
-    except OSError as exc:
-        raise QpackFormatError(path, Reason.IO, f"cannot read model: {exc.strerror or exc}") from None
+    return is_artifact(path, "a model")
 
 
 def _seq_len(keys: tuple[str, ...], *sources) -> int | None:
@@ -172,16 +168,13 @@ def data_warnings(extra: dict, data_dir: str | os.PathLike) -> list[str]:
     manifest = Path(data_dir) / "manifest.json"
     if not isinstance(want, str) or not manifest.is_file():
         return []
-    import hashlib
-    import json
+    from ..data.manifest import data_manifest_hash
 
-    raw = manifest.read_bytes()
     try:
-        field_hash = json.loads(raw).get("manifest_hash")
-    except (ValueError, AttributeError):
-        field_hash = None
-    if want in (hashlib.sha256(raw).hexdigest(), field_hash):
-        return []
+        if want == data_manifest_hash(data_dir):
+            return []
+    except QpackFormatError:
+        pass
     return [f"{manifest}: not the data manifest the model was trained with (its tokenizer or split may differ)"]
 
 

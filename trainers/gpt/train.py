@@ -8,9 +8,7 @@ The run folder gets train.log, metrics.jsonl (one loss per step), ckpt.pt (resum
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import platform
 import random
@@ -247,9 +245,10 @@ def next_batch(stream: TokenStream, batch: int, seq_len: int, rank: int, world: 
 
 
 def manifest_hash(data_dir: Path) -> str | None:
-    """sha256 of the data folder's manifest.json (None when there is none, e.g. hand-made shards)."""
-    p = data_dir / "manifest.json"
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    """The data folder's manifest hash as qpack.data names it (None when there is none, e.g. hand-made shards)."""
+    from qpack.data.manifest import data_manifest_hash
+
+    return data_manifest_hash(data_dir)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -305,7 +304,9 @@ def evaluate(model: GPT, val: np.ndarray, cfg: TrainConfig, device, autocast, lu
             dist.all_reduce(t)
     model.train(was_training)
     loss = float(nll / count)
-    bpb = float(nll / math.log(2) / nbytes) if luts is not None and nbytes > 0 else None
+    from qpack.eval.bpb import bits_per_byte
+
+    bpb = bits_per_byte(float(nll), int(nbytes)) if luts is not None and nbytes > 0 else None
     return loss, bpb
 
 
@@ -322,13 +323,13 @@ def load_luts(data_dir: Path, vocab_size: int):
 # ---------------------------------------------------------------------------------------------- checkpoints
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside `path`, fsync, rename over it: a reader never sees half a file."""
-    from qpack.checkpoint import atomic_write
+    from qpack.fsio import atomic_write_with
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    atomic_write(path, write)
+    atomic_write_with(path, write)
 
 
 def rng_state() -> dict[str, Any]:
