@@ -1,0 +1,4 @@
+"""Placeholder"""
+class QpkLoadError(ValueError):
+    pass
+_CODECS = {}
