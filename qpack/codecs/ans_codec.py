@@ -28,7 +28,7 @@ import zlib
 
 import numpy as np
 
-from ..loader.parts.ans import QpkLoadError, ans_parse
+from ..loader.parts.ans_part import QpkLoadError, ans_parse
 from ._validate import check_int
 from .base import Codec, CodecError, register_codec
 
