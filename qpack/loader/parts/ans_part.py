@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from .base import _CODECS, QpkLoadError
+from .base import _CODECS, QpkLoadError, _err
 
 # PART
 _PREC = 24
@@ -26,11 +26,11 @@ def _uv(b, p):
     v = 0
     for i in range(10):
         if p + i >= len(b):
-            raise QpkLoadError("ans: truncated frame")
+            _err("ans: truncated frame")
         v |= (b[p + i] & 127) << 7 * i
         if b[p + i] < 128:
             return v, p + i + 1
-    raise QpkLoadError("ans: varint longer than 10 bytes")
+    _err("ans: varint longer than 10 bytes")
 
 
 def ans_cdf(counts):
@@ -51,33 +51,33 @@ def ans_parse(b, size):
     (a version-1 frame has one lane holding every coded group, on one stack); counts is None for a group
     of one symbol value, which costs no bits."""
     if not b or b[0] not in (1, 2):
-        raise QpkLoadError(f"ans: unknown frame version {b[0] if b else 'missing'}")
+        _err(f"ans: unknown frame version {b[0] if b else 'missing'}")
     ver = b[0]
     group, p = _uv(b, 1)
     if p + 4 > len(b):
-        raise QpkLoadError("ans: truncated frame")
+        _err("ans: truncated frame")
     crc = struct.unpack_from("<I", b, p)[0]
     p += 4
     ng = 0 if size == 0 else 1 if group == 0 or group >= size else -(-size // group)
     if ng * 3 > len(b) - p:  # every table takes at least 3 bytes
-        raise QpkLoadError(f"ans: {ng} groups cannot fit in a {len(b)}-byte frame")
+        _err(f"ans: {ng} groups cannot fit in a {len(b)}-byte frame")
     groups = []
     for g in range(ng):
         length = size - group * g if g == ng - 1 else (group if ng > 1 else size)
         if p + 2 > len(b):
-            raise QpkLoadError("ans: truncated frame")
+            _err("ans: truncated frame")
         lo, span = b[p], b[p + 1] + 1
         p += 2
         if lo + span > 256:
-            raise QpkLoadError("ans: frequency table runs past symbol 255")
+            _err("ans: frequency table runs past symbol 255")
         counts = []
         for _ in range(span):
             c, p = _uv(b, p)
             if c > length:
-                raise QpkLoadError("ans: frequency table claims more symbols than its group holds")
+                _err("ans: frequency table count too large")
             counts.append(c)
         if sum(counts) != length:
-            raise QpkLoadError(f"ans: frequency table counts {sum(counts)} symbols, the group holds {length}")
+            _err(f"ans: frequency table counts {sum(counts)} symbols, the group holds {length}")
         counts = np.array(counts, dtype=np.int64)
         nz = np.flatnonzero(counts)
         if len(nz) == 1:
@@ -88,22 +88,22 @@ def ans_parse(b, size):
         for g in coded:
             per, p = _uv(b, p)
             if per < 1:
-                raise QpkLoadError("ans: lane length 0")
+                _err("ans: lane length 0")
             n = -(-g[1] // per)
             if n > len(b) - p:  # every lane's word count takes at least one byte
-                raise QpkLoadError(f"ans: {n} lanes cannot fit in a {len(b)}-byte frame")
+                _err(f"ans: {n} lanes cannot fit in a {len(b)}-byte frame")
             for j in range(n):
                 w, p = _uv(b, p)
                 g[4].append((min(per, g[1] - j * per), w))
     rest = len(b) - p
     if rest % 4:
-        raise QpkLoadError(f"ans: payload of {rest} bytes is not a whole number of 32-bit words")
+        _err("ans: payload is not whole 32-bit words")
     words = np.frombuffer(b, dtype="<u4", offset=p)
     if ver == 1:
         if coded:
             coded[0][4].append((-1, len(words)))  # one stack for all groups (-1: read by _ans_v1)
     elif sum(w for g in coded for _, w in g[4]) != len(words):
-        raise QpkLoadError("ans: lane word counts disagree with the payload")
+        _err("ans: lane word counts disagree with the payload")
     at = 0
     for g in coded:
         g[4] = [(n, at + sum(w for _, w in g[4][:j]), w) for j, (n, w) in enumerate(g[4])]
@@ -117,7 +117,7 @@ def _ans_init(words, first, n):
         return 0, first
     top = int(words[first + n - 1])
     if top == 0:
-        raise QpkLoadError("ans: compressed data ends in a zero word")
+        _err("ans: stack ends in a zero word")
     end = first + n - 1
     if end > first:
         end -= 1
@@ -178,7 +178,7 @@ def ans_lanes(words, tables, lanes):
         st[:k] = s
         t = stop
     if st.any() or (ptr != lo).any():
-        raise QpkLoadError("ans: payload holds more data than the tables account for")
+        _err("ans: payload disagrees with the tables")
     res = [None] * m
     outT = out.T
     for j, i in enumerate(order):
@@ -201,7 +201,7 @@ def _ans_v1(words, coded, out):
                 s = s << 32 | int(words[e])
             g[0] += 1
     if s or e:
-        raise QpkLoadError("ans: payload holds more data than the tables account for")
+        _err("ans: payload disagrees with the tables")
 
 
 def _ans(items):
@@ -238,7 +238,7 @@ def _ans(items):
     for out, crc in outs:
         raw = out.tobytes()
         if zlib.crc32(raw) != crc:
-            raise QpkLoadError("ans: decoded data fails its CRC-32")
+            _err("ans: decoded data fails its CRC-32")
         res.append(raw)
     return res
 

@@ -86,7 +86,7 @@ def _open(data):
     if n > 64 << 30:
         _err("file is larger than 64 GiB")
     if data[:8] != b"QPACK\0\r\n" or n < 32:
-        _err("not a qpack artifact, or truncated inside the header")
+        _err("not a qpack artifact (bad magic or truncated)")
     _, ver, flags, ml, mcrc, hcrc = struct.unpack_from("<8sIIQII", data)
     ok = zlib.crc32(data[:28]) == hcrc
     if ver != 1:
@@ -109,7 +109,7 @@ def _open(data):
         except zlib.error as e:
             _err(f"compressed manifest is corrupt: {e}")
         if len(body) > 1 << 24 or not z.eof or z.unused_data or z.unconsumed_tail:
-            _err("compressed manifest is too large, incomplete or followed by junk")
+            _err("compressed manifest is malformed")
     m = _json(body)
     if not isinstance(m, dict) or set(m) != {"format", "version", "meta", "sections", "tensors"}:
         _err("manifest has the wrong keys")
@@ -139,12 +139,12 @@ def _open(data):
         if not isinstance(c, dict) or set(c) != {"name", "params"} or not isinstance(c["params"], dict):
             _err(f"section {nm!r}: malformed codec")
         if c["name"] not in _CODECS:
-            _err(f"section {nm!r}: codec {c['name']!r:.40} is not in this loader (export it with --codecs)")
+            _err(f"codec {c['name']!r:.40} is not in this loader (export it with --codecs)")
         if not set(c["params"]) <= _CODECS[c["name"]][1]:
             _err(f"section {nm!r}: unknown codec parameters")
         secs[nm] = [c, base + at - ln, ln, rl, _int(r["crc32"], 2**32 - 1, "crc32")]
     if n != base + at + 32:
-        _err("truncated" if n < base + at + 32 else "trailing bytes after the artifact")
+        _err("truncated" if n < base + at + 32 else "trailing bytes")
     v = memoryview(data)
     for nm, s in secs.items():
         s[1] = v[s[1] : s[1] + s[2]]
@@ -175,7 +175,7 @@ def _ref(r, keys, secs, used):
         _err(f"section {r['section']!r} is used twice")
     used.add(r["section"])
     if r["codec"] != secs[r["section"]][0]:
-        _err(f"section {r['section']!r}: codec disagrees with the tensor")
+        _err("a section's codec disagrees with its tensor")
     return secs[r["section"]][3]
 
 
@@ -197,7 +197,7 @@ def _check_quant(e, keys, secs, used):
     if b == 2:
         sizes["trit"] = -(-r * c // 5)
     if lay not in sizes or _ref(e["codes"], {"section", "codec"}, secs, used) != sizes[lay]:
-        _err("codes section does not match the tensor's shape, bits and layout")
+        _err("codes section does not match the tensor")
     if _ref(e["scales"], {"section", "codec", "layout"}, secs, used) != 2 * r * (1 if not g else -(-c // g)) \
             or e["scales"]["layout"] not in ("plain", "shuffled"):
         _err("scales section does not match the tensor")
@@ -216,7 +216,7 @@ def _check(ts, secs):
                 _err(f"tensor {nm!r}: malformed raw entry")
             want = math.prod(_shape(e["shape"])) * np.dtype(_DT[e["dtype"]]).itemsize
             if _ref(e["data"], {"section", "codec"}, secs, used) != want:
-                _err(f"tensor {nm!r}: data size does not match its shape")
+                _err(f"tensor {nm!r}: data does not match its shape")
         elif e.get("kind") == "quant":
             r, c = _check_quant(e, _QK | {"name", "kind", "dtype", "lowrank"}, secs, used)
             if e["dtype"] not in ("float64", "float32", "float16", "bfloat16"):
@@ -228,10 +228,10 @@ def _check(ts, secs):
                 k = _int(lr["rank"], max(1, min(r, c)), "rank")
                 for key, want in (("a", [r, k]), ("b", [k, c])):
                     if not isinstance(lr[key], dict):
-                        _err(f"tensor {nm!r}: malformed lowrank factor")
+                        _err(f"tensor {nm!r}: bad lowrank factor")
                     _check_quant(lr[key], _QK, secs, used)
                     if lr[key]["shape"] != want or k < 1:
-                        _err(f"tensor {nm!r}: lowrank factor has the wrong shape")
+                        _err(f"tensor {nm!r}: bad lowrank factor")
         else:
             _err(f"tensor {nm!r}: unknown kind")
     if used != set(secs):
