@@ -17,6 +17,7 @@ from qpack.compress import compress
 from qpack.loader import export_loader
 
 GOLDEN = Path(__file__).resolve().parent / "reliability" / "golden"
+ATTACKS = sorted((Path(__file__).resolve().parent / "reliability" / "attacks").glob("*/*.qpk"))
 CODECS = ("ans", "zstd", "lzma", "brotli", "zlib", "raw")
 
 # Runs with `python -I -S`: no site-packages processing (so no editable qpack finder), then only the
@@ -114,7 +115,7 @@ def run(tmp_path_factory):
     runner = tmp / "runner.py"
     runner.write_text(RUNNER)
     purelib = sysconfig.get_paths()["purelib"]
-    paths = [str(p) for p in [*arts.values(), *goldens, *bad.values()]]
+    paths = [str(p) for p in [*arts.values(), *goldens, *bad.values(), *ATTACKS]]
 
     def go(loader_path, which):
         proc = subprocess.run([sys.executable, "-I", "-S", str(runner), purelib, str(loader_path), json.dumps(which)],
@@ -162,6 +163,13 @@ def test_corrupt_copies_raise_the_loader_error(run, label):
     assert got.get("error") == "QpkLoadError", got
     with pytest.raises(qpack.QpackFormatError):
         qpack.load(run["bad"][label])
+
+
+def test_hostile_files_are_refused_like_the_library_refuses_them(run):
+    # tests/reliability/attacks: bombs, lying sizes, bad tiling, bad params, deep JSON... (qpack refuses each one)
+    assert len(ATTACKS) > 50
+    got = {p.name: run["out"]["results"][str(p)].get("error") for p in ATTACKS}
+    assert got == {p.name: "QpkLoadError" for p in ATTACKS}
 
 
 def test_loader_without_a_codec_refuses_its_sections(run):

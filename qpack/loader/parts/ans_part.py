@@ -243,4 +243,4 @@ def _ans(items):
     return res
 
 
-_CODECS["ans"] = (_ans, {"group", "lane_bytes"})
+_CODECS["ans"] = (_ans, {"group": range((1 << 40) + 1), "lane_bytes": range((1 << 30) + 1)})

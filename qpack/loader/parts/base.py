@@ -24,7 +24,8 @@ class QpkLoadError(ValueError):
     """A .qpk file the loader refuses: corrupt, truncated, hostile, or using a codec it was exported without."""
 
 
-# codec name -> (decode(list of (encoded bytes, raw_length, params)) -> list of bytes, allowed param names)
+# codec name -> (decode(list of (encoded bytes, raw_length, params)) -> list of bytes, {param: allowed}), where
+# allowed is a range of ints, a tuple of values, bool, or None (checked by the decoder itself)
 _CODECS = {}
 _DT = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8", "int32": "<i4",
        "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1"}
@@ -140,8 +141,11 @@ def _open(data):
             _err(f"section {nm!r}: malformed codec")
         if c["name"] not in _CODECS:
             _err(f"codec {c['name']!r:.40} is not in this loader (export it with --codecs)")
-        if not set(c["params"]) <= _CODECS[c["name"]][1]:
-            _err(f"section {nm!r}: unknown codec parameters")
+        spec = _CODECS[c["name"]][1]
+        for k, x in c["params"].items():
+            t = spec.get(k, ())
+            if t is not None and not (type(x) is bool if t is bool else type(x) in (int, str) and x in t):
+                _err(f"section {nm!r}: bad codec parameter {k!r:.40}")
         secs[nm] = [c, base + at - ln, ln, rl, _int(r["crc32"], 2**32 - 1, "crc32")]
     if n != base + at + 32:
         _err("truncated" if n < base + at + 32 else "trailing bytes")
@@ -314,6 +318,8 @@ def load(path):
     except OSError as e:
         _err(f"{path}: cannot read: {e}")
     meta, ts, secs = _open(data)
+    if meta.get("model_config") is not None and not isinstance(meta["model_config"], dict):
+        _err("meta model_config must be an object or null")
     _check(ts, secs)
     raw = _decode(secs)
     by = {e["name"]: e for e in ts}

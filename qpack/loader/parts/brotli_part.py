@@ -22,4 +22,4 @@ def _brotli(items):
     return out
 
 
-_CODECS["brotli"] = (_brotli, {"quality", "lgwin"})
+_CODECS["brotli"] = (_brotli, {"quality": range(12), "lgwin": range(10, 25)})

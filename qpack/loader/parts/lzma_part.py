@@ -46,4 +46,5 @@ def _lzma(items):
     return out
 
 
-_CODECS["lzma"] = (_lzma, {"preset", "extreme", "format", "filters"})
+_CODECS["lzma"] = (_lzma, {"preset": range(10), "extreme": bool, "format": ("xz", "raw"),
+                   "filters": None})

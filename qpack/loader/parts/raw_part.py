@@ -2,4 +2,4 @@
 from .base import _CODECS
 
 # PART
-_CODECS["raw"] = (lambda items: [bytes(d) for d, n, p in items], set())
+_CODECS["raw"] = (lambda items: [bytes(d) for d, n, p in items], {})

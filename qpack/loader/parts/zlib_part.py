@@ -17,4 +17,4 @@ def _zlib(items):
     return out
 
 
-_CODECS["zlib"] = (_zlib, {"level", "wbits"})
+_CODECS["zlib"] = (_zlib, {"level": range(10), "wbits": range(9, 16)})

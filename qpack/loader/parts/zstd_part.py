@@ -18,4 +18,4 @@ def _zstd(items):
     return out
 
 
-_CODECS["zstd"] = (_zstd, {"level", "window_log", "long"})
+_CODECS["zstd"] = (_zstd, {"level": range(1, 23), "window_log": (0, *range(10, 32)), "long": bool})
