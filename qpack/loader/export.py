@@ -180,13 +180,35 @@ def _squeeze(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _drop_parens(text: str) -> str:
+    """`x=(a,b)` -> `x=a,b` and `return(a,b)` -> `return a,b` (ast.unparse adds them): each rewrite is kept
+    only if the module still parses to the very same AST."""
+    import re
+
+    want = ast.dump(ast.parse(text))
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"(\s*return|\s*[^=(]*?[^=!<>(]=)\((.*)\)", line)
+        if not m:
+            continue
+        head = m.group(1) + (" " if m.group(1).endswith("return") else "")
+        trial = lines[:i] + [head + m.group(2)] + lines[i + 1 :]
+        try:
+            same = ast.dump(ast.parse("\n".join(trial))) == want
+        except SyntaxError:
+            same = False
+        if same:
+            lines = trial
+    return "\n".join(lines)
+
+
 def minify(source: str) -> str:
     """The same program without docstrings, comments, annotations or needless spaces, with one-letter local
     and private names, indented by one space per level."""
     tree = ast.fix_missing_locations(_Strip().visit(ast.parse(source)))
     _rename_locals(tree)
     _rename_privates(tree)
-    return _squeeze(ast.unparse(tree))
+    return _drop_parens(_squeeze(ast.unparse(tree)))
 
 
 _ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 39: "\\'", 92: "\\\\"}

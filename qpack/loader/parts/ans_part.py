@@ -51,7 +51,7 @@ def ans_parse(b, size):
     (a version-1 frame has one lane holding every coded group, on one stack); counts is None for a group
     of one symbol value, which costs no bits."""
     if not b or b[0] not in (1, 2):
-        _err(f"ans: unknown frame version {b[0] if b else 'missing'}")
+        _err("ans: unknown frame version")
     ver = b[0]
     group, p = _uv(b, 1)
     if p + 4 > len(b):
@@ -60,7 +60,7 @@ def ans_parse(b, size):
     p += 4
     ng = 0 if size == 0 else 1 if group == 0 or group >= size else -(-size // group)
     if ng * 3 > len(b) - p:  # every table takes at least 3 bytes
-        _err(f"ans: {ng} groups cannot fit in a {len(b)}-byte frame")
+        _err("ans: frame too short for its tables")
     groups = []
     for g in range(ng):
         length = size - group * g if g == ng - 1 else (group if ng > 1 else size)
@@ -91,7 +91,7 @@ def ans_parse(b, size):
                 _err("ans: lane length 0")
             n = -(-g[1] // per)
             if n > len(b) - p:  # every lane's word count takes at least one byte
-                _err(f"ans: {n} lanes cannot fit in a {len(b)}-byte frame")
+                _err("ans: frame too short for its lanes")
             for j in range(n):
                 w, p = _uv(b, p)
                 g[4].append((min(per, g[1] - j * per), w))
@@ -125,9 +125,10 @@ def _ans_init(words, first, n):
     return top, end
 
 
-def ans_lanes(words, tables, lanes):
+def ans_lanes(words, tables, lanes, state=None):
     """Decode independent lanes in lock step. tables: [(cdf, symbol values)]; lanes: [(table, n, first_word,
-    n_words)]; returns one uint8 array per lane. Each lane must end with its state 0 and every word read."""
+    n_words)]; returns one uint8 array per lane. Each lane must end with its state 0 and every word read.
+    With `state` (x, next word) one lane continues a stack instead: returns (its symbols, the new state)."""
     m = len(lanes)
     if not m:
         return []
@@ -138,7 +139,7 @@ def ans_lanes(words, tables, lanes):
     ptr = np.zeros(m, dtype=np.int64)
     lo = np.array([x[2] for x in L], dtype=np.int64)
     for i, x in enumerate(L):
-        st[i], ptr[i] = _ans_init(words, x[2], x[3])
+        st[i], ptr[i] = state or _ans_init(words, x[2], x[3])
     # Every table's entries side by side; lut[table * 2^B + (q >> 24-B)] is the first entry whose interval
     # reaches q's bucket, and a few steps along `right` (the next cumulative) finish the search exactly.
     left, right, sym, lut, at = [], [], [], [], 0
@@ -177,6 +178,8 @@ def ans_lanes(words, tables, lanes):
                 s[j] = (s[j] << b32) | w[pt[j]]
         st[:k] = s
         t = stop
+    if state:
+        return out[:, 0], (int(st[0]), int(ptr[0]))
     if st.any() or (ptr != lo).any():
         _err("ans: payload disagrees with the tables")
     res = [None] * m
@@ -187,21 +190,17 @@ def ans_lanes(words, tables, lanes):
 
 
 def _ans_v1(words, coded, out):
-    # Version 1 with several groups: one stack, group after group; one lane, decoded segment by segment.
-    s, e = _ans_init(words, 0, len(words))
+    # Version 1 with several groups: one stack, group after group, so one lane continued table by table.
+    x = _ans_init(words, 0, len(words))
     for g in coded:
-        c = ans_cdf(g[3])
-        for _ in range(g[1]):
-            q = s & ((1 << _PREC) - 1)
-            j = int(np.searchsorted(c, q, "right")) - 1
-            out[g[0]] = g[2] + j
-            s = (s >> _PREC) * int(c[j + 1] - c[j]) + q - int(c[j])
-            if s < 1 << 32 and e > 0:
-                e -= 1
-                s = s << 32 | int(words[e])
-            g[0] += 1
-    if s or e:
+        if g[1]:
+            out[g[0] : g[0] + g[1]], x = ans_lanes(words, [_table(g)], [(0, g[1], 0, 0)], x)
+    if x[0] or x[1]:
         _err("ans: payload disagrees with the tables")
+
+
+def _table(g):
+    return ans_cdf(g[3]), (g[2] + np.arange(len(g[3]))).astype(np.uint8)
 
 
 def _ans(items):
@@ -222,7 +221,7 @@ def _ans(items):
             else:
                 coded[0][4] = [(coded[0][1], 0, len(words))]
         for g in coded:
-            tables.append((ans_cdf(g[3]), (g[2] + np.arange(len(g[3]))).astype(np.uint8)))
+            tables.append(_table(g))
             at = g[0]
             for n, first, nw in g[4]:
                 lanes.append((len(tables) - 1, n, base + first, nw))

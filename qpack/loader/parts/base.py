@@ -328,17 +328,17 @@ def load(path):
         _err("meta row_splits/aliases must be objects")
     out, used = {}, set()
     for nm, spec in sp.items():
+        bad = f"row split of {nm!r} is malformed, names missing or reused parts, or does not add up"
         if not isinstance(spec, dict) or not isinstance(spec.get("parts"), list) or not isinstance(spec.get("shape"), list):
-            _err(f"row split of {nm!r} is malformed")
+            _err(bad)
         parts, shape = spec["parts"], spec["shape"]
-        if not parts or any(not isinstance(p, str) or p not in by or p in used for p in parts):
-            _err(f"row split of {nm!r} names missing or reused parts")
-        if not all(type(d) is int and d >= 0 for d in shape):
-            _err(f"row split of {nm!r} has a bad shape")
+        if not parts or any(not isinstance(p, str) or p not in by or p in used for p in parts) \
+                or not all(type(d) is int and d >= 0 for d in shape):
+            _err(bad)
         ps = [_tensor(by[p], raw) for p in parts]
         flat = torch.cat([p.reshape(p.shape[0], -1) if p.ndim > 1 else p.reshape(1, -1) for p in ps], 0)
         if flat.numel() != math.prod(shape):
-            _err(f"row split of {nm!r} does not add up")
+            _err(bad)
         out[nm] = flat.reshape(shape)
         used.update(parts)
     for e in ts:
