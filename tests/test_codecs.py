@@ -219,3 +219,64 @@ def test_ans_refuses_table_that_disagrees_with_size():
 def test_table_labels_are_short_and_tell_codecs_apart(name, params, label):
     # the per-tensor table shows these; the manifest keeps the full spec
     assert make_codec(name, params).label() == label
+
+
+# ---- ans frame version 2 (interleaved lanes) and the numpy decoder of the exported loader
+
+def _numpy_decode(frame: bytes, size: int) -> bytes:
+    from qpack.loader.parts.ans_part import _ans
+
+    return _ans([(frame, size, {})])[0]
+
+
+def test_ans_writes_lane_frames_by_default_and_still_reads_version_1():
+    data = laplace_symbols(300_000, 6.0, 31, 4)
+    v2, v1 = make_codec("ans").encode(data), make_codec("ans", {"lane_bytes": 0}).encode(data)
+    assert v2[0] == 2 and v1[0] == 1
+    assert make_codec("ans").decode(v1, len(data)) == data == make_codec("ans").decode(v2, len(data))
+    # about 8 KB of output per lane: a 180 KB stream has many lanes, each one stack of its own
+    from qpack.loader.parts.ans_part import ans_parse
+
+    _, groups, _ = ans_parse(v2, len(data))
+    assert len(groups[0][4]) == -(-len(data) // groups[0][4][0][0]) > 10
+
+
+def test_ans_lanes_cost_under_a_tenth_of_a_percent_on_int6_symbols():
+    data = laplace_symbols(400_000, 6.0, 31, 5)
+    v2, v1 = make_codec("ans").encode(data), make_codec("ans", {"lane_bytes": 0}).encode(data)
+    assert len(v1) < len(v2) <= len(v1) * 1.001
+
+
+@pytest.mark.parametrize("params", [{}, {"lane_bytes": 0}, {"group": 3000}, {"group": 3000, "lane_bytes": 0},
+                                    {"lane_bytes": 1}])
+@pytest.mark.parametrize("kind", list(payloads()))
+def test_numpy_decoder_is_bit_exact_with_constriction(params, kind):
+    data = payloads()[kind]
+    frame = make_codec("ans", params).encode(data)
+    assert _numpy_decode(frame, len(data)) == data
+
+
+def test_numpy_decoder_batches_sections_of_both_versions():
+    from qpack.loader.parts.ans_part import _ans
+
+    rng = np.random.default_rng(3)
+    datas = [laplace_symbols(int(rng.integers(0, 40_000)), float(rng.uniform(0.3, 8)), 31, i) for i in range(12)]
+    frames = [make_codec("ans", {"lane_bytes": [0, 2048][i % 2]}).encode(d) for i, d in enumerate(datas)]
+    assert _ans([(f, len(d), {}) for f, d in zip(frames, datas)]) == datas
+
+
+def test_ans_v2_garbage_is_refused_by_both_decoders():
+    from qpack.loader.parts.ans_part import QpkLoadError
+
+    data = laplace_symbols(50_000, 3.0, 15, 6)
+    frame = make_codec("ans", {"lane_bytes": 2048}).encode(data)
+    rng = np.random.default_rng(8)
+    cases = [frame[:-4], frame[:-1], frame + b"\0\0\0\0", frame[:9]]
+    for _ in range(40):
+        pos = int(rng.integers(1, len(frame)))
+        cases.append(frame[:pos] + bytes([frame[pos] ^ int(rng.integers(1, 256))]) + frame[pos + 1 :])
+    for bad in cases:
+        with pytest.raises(CodecError):
+            make_codec("ans").decode(bad, len(data))
+        with pytest.raises(QpkLoadError):
+            _numpy_decode(bad, len(data))
