@@ -785,11 +785,12 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
-def config_from_args(preset: str | None, data: str | None, out: str | None, overrides: Iterable[str]) -> TrainConfig:
-    """TrainConfig from a preset name, --data/--out and --key=value overrides (later wins)."""
+def config_from_args(preset: str | None, data: str | None, out: str | None, overrides: Iterable[str],
+                     scale: str = "full") -> TrainConfig:
+    """TrainConfig from a preset name (at a scale), --data/--out and --key=value overrides (later wins)."""
     from .presets import preset_config
 
-    cfg = preset_config(preset) if preset else TrainConfig()
+    cfg = preset_config(preset, scale) if preset else TrainConfig()
     values = parse_overrides(overrides)
     if data is not None:
         values["data"] = data
@@ -798,18 +799,28 @@ def config_from_args(preset: str | None, data: str | None, out: str | None, over
     return with_values(cfg, values)
 
 
+def dry_run(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config and the model's parameter count, without data or training."""
+    from .model import count_params
+
+    check_config(cfg)
+    return {"config": cfg.to_dict(), "params": count_params(cfg.model)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m trainers.gpt.train [--preset=NAME] [--key=value ...]`; torchrun-friendly."""
+    """`python -m trainers.gpt.train [--preset=NAME] [--scale=tiny] [--key=value ...]`; torchrun-friendly."""
     args = list(sys.argv[1:] if argv is None else argv)
-    preset = None
+    preset, scale = None, "full"
     rest = []
     for a in args:
         if a.startswith("--preset="):
             preset = a.split("=", 1)[1]
+        elif a.startswith("--scale="):
+            scale = a.split("=", 1)[1]
         else:
             rest.append(a)
     try:
-        train(config_from_args(preset, None, None, rest))  # the log's last line is the summary as JSON
+        train(config_from_args(preset, None, None, rest, scale))  # the log's last line is the summary as JSON
     except QpackError as exc:
         print(f"qpack: error: {exc}", file=sys.stderr)
         return 2
