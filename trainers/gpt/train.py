@@ -535,12 +535,13 @@ class Trainer:
             penalize = self.crownq is not None and in_warmdown(step, elapsed, cfg) and (
                 qat_on or self.cfg.crownq_mode == "qpack")  # the record form applies only under late QAT
             step_loss = self._train_step(model, stream, opts, penalize)
+            swa_now = cfg.swa_every and scale < cfg.swa_threshold and in_warmdown(step, elapsed, cfg)
             if ema is not None:
                 with torch.no_grad():
                     for k, v in self.raw.state_dict().items():
                         ema[k].lerp_(v.float(), 1.0 - cfg.ema_decay)
             step += 1
-            if cfg.swa_every and scale < cfg.swa_threshold and step % cfg.swa_every == 0:
+            if swa_now and step % cfg.swa_every == 0:  # only the tail of the warmdown (not the warmup)
                 self._swa_add()
             tokens_seen += self.per_step_tokens * self.accum
             pending.append((step, step_loss))
