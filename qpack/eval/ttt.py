@@ -161,8 +161,9 @@ def plan_chunks(windows: list[Window], chunk: int) -> list[list[Window]]:
     return out
 
 
-def _train_sequences(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], tokens: torch.Tensor,
-                     a: int, b: int, window: int, config: TTTConfig, device: torch.device, log: EventLog | None) -> None:
+def _train_sequences(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter],
+                     tokens: torch.Tensor, a: int, b: int, window: int, config: TTTConfig, device: torch.device,
+                     log: EventLog | None) -> None:
     """The seeds' form: whole `window`-long sequences inside targets a..b-1, train_batch of them per step."""
     starts = list(range(a, b - window + 1, window))  # sequence s predicts targets s..s+window-1
     for _ in range(config.epochs):

@@ -27,6 +27,10 @@ _SEED_COMMON: dict[str, Any] = dict(
     val_batch_size=32, log_every=500, ckpt_every=1000, device="cuda", compile=True,
 )
 
+# #790, #691 and #745 build their rotary embedding for 1,024 positions and train at 2,048, so it rescales its
+# base by (2048 / 1024) ** (rope_dims / (rope_dims - 2)) with 16 rotated dims; #951's rotary does not
+SEED_ROPE_BASE = 10000.0 * 2.0 ** (16 / 14)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # about 0.59M parameters; about a minute on 2 CPU cores (2,048 tokens per step)
     "cpu-smoke": dict(
@@ -53,8 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # #790: residual input mixing (x, the last two block outputs, x0), MHA 8/8, MLP 3.5x, BigramHash 8192,
     # XSA on all 11 layers, VE on the last two, early QAT (int5 grid, from lr scale 0.5). 33,568,904 parameters
     "pr790": dict(
-        _SEED_COMMON, n_kv_head=8, mlp_mult=3.5, xsa_last=11, bigram_buckets=8192, resid_mix="mix4",
-        ln_scale=True, ve_layers=(9, 10), ve_dim=128, max_seconds=593.0, qat_bits=5, qat_threshold=0.5,
+        _SEED_COMMON, rope_base=SEED_ROPE_BASE, n_kv_head=8, mlp_mult=3.5, xsa_last=11, bigram_buckets=8192,
+        resid_mix="mix4", ln_scale=True, ve_layers=(9, 10), ve_dim=128, max_seconds=593.0, qat_bits=5, qat_threshold=0.5,
         val_every=10_000, out="runs/pr790",
     ),
     # #951 as its script's defaults ran: 11 layers, MLP 3x, LeakyReLU^2, BigramHash 20480, partial RoPE, EMA
@@ -68,16 +72,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # #691 (the #414 stack): 11L GQA 8/4, MLP 3x, XSA on the last 4, BigramHash 2048, per-channel x/x0 mix,
     # LN scale, VE on layers 9-10, late QAT int6 from lr scale 0.15, EMA 0.997. 26,993,756 parameters
     "pr691": dict(
-        _SEED_COMMON, n_kv_head=4, mlp_mult=3.0, xsa_last=4, bigram_buckets=2048, resid_mix="channel",
-        ln_scale=True, ve_layers=(9, 10), ve_dim=128, qat_bits=6, qat_threshold=0.15, val_every=4000,
-        out="runs/pr691",
+        _SEED_COMMON, rope_base=SEED_ROPE_BASE, n_kv_head=4, mlp_mult=3.0, xsa_last=4, bigram_buckets=2048,
+        resid_mix="channel", ln_scale=True, ve_layers=(9, 10), ve_dim=128, qat_bits=6, qat_threshold=0.15,
+        val_every=4000, out="runs/pr691",
     ),
     # #745: #691's stack with XSA on every executed layer but the first two, LeakyReLU^2, depth recurrence of
     # layers 4-5 (13 executed, each with its own gains), gated attention, two-weight value residual, CROWN-Q
     # in #693's form under late QAT. 27,051,758 parameters
     "pr745": dict(
-        _SEED_COMMON, n_kv_head=4, mlp_mult=3.0, activation="leaky_relu2", recur_layers=(4, 5),
-        recur_own_controls=True, xsa_last=9, bigram_buckets=2048, resid_mix="channel", ln_scale=True,
+        _SEED_COMMON, rope_base=SEED_ROPE_BASE, n_kv_head=4, mlp_mult=3.0, activation="leaky_relu2",
+        recur_layers=(4, 5), recur_own_controls=True, xsa_last=9, bigram_buckets=2048, resid_mix="channel", ln_scale=True,
         ve_layers=(9, 10), ve_dim=128, attn_gate=True, value_residual=True, value_residual_weights=2,
         qat_bits=6, qat_threshold=0.15, crownq_lambda=0.01, crownq_mode="record", val_every=4000,
         out="runs/pr745",

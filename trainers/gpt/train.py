@@ -719,7 +719,8 @@ class Trainer:
         state = {"model": _cpu_state(self.raw), "config": self.cfg.model.to_dict(),
                  "train_config": self.cfg.to_dict(), "step": step, "elapsed": elapsed, "tokens": tokens,
                  "optimizers": [o.state_dict() for o in opts], "rng": rng_state(), "data_position": stream.state(),
-                 "ema": ema, "swa": self.swa, "swa_count": self.swa_count, "tokenizer": str((self.data / "tokenizer.model").resolve())
+                 "ema": ema, "swa": self.swa, "swa_count": self.swa_count,
+                 "tokenizer": str((self.data / "tokenizer.model").resolve())
                  if (self.data / "tokenizer.model").is_file() else None,
                  "data_manifest_hash": manifest_hash(self.data)}
         atomic_save(state, path)
