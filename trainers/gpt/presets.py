@@ -135,7 +135,7 @@ def _tiny(values: dict[str, Any]) -> dict[str, Any]:
     out.update(n_embd=64, n_head=4, n_kv_head=4 if mha else 2, bigram_dim=16, ve_dim=16, trigram_dim=16,
                seq_len=64, batch_size=4, global_batch_tokens=0, grad_accum=1, max_steps=10, max_seconds=0.0,
                warmup_steps=0, muon_momentum_warmup=5, val_every=0, val_tokens=4096, val_batch_size=8,
-               ckpt_every=0, log_every=2, device="cpu", compile=False)
+               ckpt_every=0, log_every=2, device="cpu", compile=False, threads=1)  # small: threads only contend
     if values.get("warmdown_iters"):
         out["warmdown_iters"] = 8  # the last 8 of 10 steps: late QAT (0.15..0.5) and CROWN-Q both switch on
     for key in ("bigram_buckets", "trigram_buckets"):
