@@ -137,7 +137,7 @@ def _small(name):
 @pytest.mark.parametrize("name", ["pr691", "pr790", "pr745"])
 def test_seed_recipes_are_score_first_and_skip_the_last_chunk(name):
     model = BlocksLM(n_blocks=3)
-    tokens = _stream(300)
+    tokens = _stream(6 * 48 + 1)  # six full chunks of 48 targets: the last one holds whole sequences too
     log = EventLog()
     cfg = _small(name)
     got = ttt_nll(model, tokens, 16, 8, cfg, log=log)
@@ -146,6 +146,7 @@ def test_seed_recipes_are_score_first_and_skip_the_last_chunk(name):
     assert trains and _violations(log.events, tokens.size - 1) == []
     chunks = plan_chunks(plan_windows(tokens.size - 1, 16, 8), cfg.chunk)
     last_start = chunks[-1][0].a
+    assert chunks[-1][-1].b - last_start == 48
     assert max(hi for _, hi in trains) <= last_start  # nothing learns from the last chunk
     # whole 16-token sequences, 2 per step: every update reads 1 + 2 * 16 targets (or one sequence at the end)
     assert {hi - lo for lo, hi in trains} <= {2 * 16 + 1, 2 * 16, 16 + 1, 16}
