@@ -87,3 +87,18 @@ def test_seed_preset_records_end_to_end_at_tiny_scale(data_dir, tmp_path, preset
     assert "late QAT on" in (out / "train" / "train.log").read_text() or preset == "pr951"  # #951 ran no QAT
     code = sorted(p.name for p in (out / "code").iterdir())
     assert code == sorted(p.name for p in code_files())
+
+
+@pytest.mark.slow
+def test_record_trains_under_torchrun_with_several_processes(data_dir, tmp_path, request):
+    """The multi-GPU path, here with 2 CPU processes (gloo): torchrun trains, the record reads its summary."""
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("starts 2 torchrun processes (about 20 s idle): run with -m slow")
+    out = tmp_path / "ddp"
+    sub = run_record(RecordConfig(preset="pr691", scale="tiny", nproc=2, budget=None, out=str(out), data=str(data_dir),
+                                  seed=1, progress=False, overrides=("--vocab_size=300", "--val_tokens=1024"),
+                                  calib_tokens=1024, eval_tokens=300))
+    log = (out / "record.log").read_text()
+    assert "torchrun: --standalone --nproc_per_node=2 -m trainers.gpt.train --preset=pr691 --scale=tiny" in log
+    assert "world size 2" in (out / "train" / "train.log").read_text()
+    assert sub["nproc"] == 2 and sub["train_tokens"] == 10 * 4 * 64 * 2 and (out / "model.qpk").is_file()

@@ -229,3 +229,15 @@ def test_new_switches_reject_bad_values(kwargs, field):
 
     with pytest.raises(QpackInputError, match=rf"GPTConfig\.{field}\b"):
         GPTConfig(**{**TINY, **kwargs})
+
+
+def test_borrowed_matrices_stay_shared_in_a_deep_copy():
+    """TTT adapts a deep copy: borrowed K/V and repeat matrices must point into the copy, not the original."""
+    import copy
+
+    model = GPT(GPTConfig(**TINY, kv_share_last=2, recur_layers=(1, 2), recur_own_controls=True))
+    dup = copy.deepcopy(model)
+    assert dup.blocks[2].attn.k.module is dup.blocks[0].attn.k and dup.blocks[2].attn.k.module is not model.blocks[0].attn.k
+    assert dup.recur_blocks[0].attn.q.module is dup.blocks[1].attn.q
+    assert dup._at[3] is dup.recur_blocks[0] and dup._at[1] is dup.blocks[1]
+    assert count_params(model.cfg) == sum(p.numel() for p in dup.parameters())

@@ -391,12 +391,12 @@ def _nproc(cfg: RecordConfig, tcfg, caps: dict[str, Any]) -> int:
 def _train_torchrun(cfg: RecordConfig, tcfg, caps: dict[str, Any], nproc: int, data: Path, run_dir: Path,
                     log: Callable[[str], None]) -> dict[str, Any]:
     """Train under torchrun on nproc GPUs with the cap shortened by the GPTQ allowance; returns the summary."""
-    cap = tcfg.max_seconds
-    if caps.get("train_seconds"):
-        cap = float(caps["train_seconds"]) - float(caps.get("calib_seconds", 0.0))
+    cap = []
+    if caps.get("train_seconds") and cfg.scale == "full":  # the challenge's cap, GPTQ calibration inside it
+        cap = [f"--max_seconds={float(caps['train_seconds']) - float(caps.get('calib_seconds', 0.0))}"]
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "trainers.gpt.train", f"--preset={cfg.preset}", f"--scale={cfg.scale}", f"--data={data}",
-            f"--out={run_dir}", f"--seed={cfg.seed}", *cfg.overrides, f"--max_seconds={cap}"]
+            f"--out={run_dir}", f"--seed={cfg.seed}", *cfg.overrides, *cap]
     log("torchrun: " + " ".join(args[3:]))
     proc = subprocess.run(args, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
