@@ -6,6 +6,12 @@ how much quantization at the target width will cost. delta_i = absmax(row i) / q
 column group with group_size. Without a Hessian the proxy is h = 1 (plain noise power).
 
 Used (a) by the trainer as a differentiable warmdown loss term, (b) by the budget solver to weigh tensors.
+
+`crownq_record_penalty` is the other form, the one parameter-golf PR #693 (and #745 after it) trains with:
+lambda * sum_i mean_j(w_ij^2) * (rowmax_i / levels)^2 / 12, where the weight's own mean square stands in for
+the curvature and levels = 15 is a fixed grid; the records add it only while late QAT is on. The two differ
+in the curvature proxy (h_j from a Hessian, or 1, against mean_j w_ij^2), in the grid step (qmax(bits) against
+a fixed 15) and in when they apply (all of warmdown against QAT only); crownq_penalty is unchanged by it.
 """
 from __future__ import annotations
 
@@ -72,6 +78,23 @@ def crownq_penalty(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, tor
         else:
             b = bits
         term = _penalty(name, w, b, (hdiag or {}).get(name), group_size)
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return lam * total
+
+
+def crownq_record_penalty(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                          lam: float = 0.01, levels: int = 15) -> torch.Tensor:
+    """#693's penalty: lam * sum over tensors and rows of mean_j(w_ij^2) * (max_j |w_ij| / levels)^2 / 12."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise QpackInputError(f"crownq: levels must be a positive integer, got {levels!r}")
+    items = weights.items() if isinstance(weights, Mapping) else weights
+    total: torch.Tensor | None = None
+    for _, w in items:
+        W = _matrix(w).float()
+        step_sq = (W.abs().amax(dim=1) / levels).square()
+        term = (W.square().mean(dim=1) * step_sq).sum() / 12.0
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(())

@@ -114,3 +114,27 @@ def test_expected_loss_increase_is_exact_for_least_squares():
     Wq = q.dequantize().double()
     H = X.T @ X / n
     assert expected_loss_increase(Wstar, q, H) == pytest.approx(loss(Wq) - loss(Wstar), rel=1e-5)
+
+
+def test_record_form_is_693s_formula():
+    """lam * sum_i mean_j(w_ij^2) * (rowmax_i / 15)^2 / 12, computed here in numpy, with its gradient."""
+    import numpy as np
+
+    from qpack.crownq import crownq_record_penalty
+
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(6, 10)), rng.normal(size=(3, 7)) * 2.0
+    want = sum(float(((m ** 2).mean(axis=1) * (np.abs(m).max(axis=1) / 15.0) ** 2 / 12.0).sum()) for m in (a, b))
+    wa = torch.tensor(a, requires_grad=True)
+    got = crownq_record_penalty({"a": wa, "b": torch.tensor(b)}, lam=0.01)
+    assert float(got) == pytest.approx(0.01 * want, rel=1e-6)
+    got.backward()
+    assert wa.grad is not None and wa.grad.abs().sum() > 0
+    assert float(crownq_record_penalty({"a": torch.tensor(a)}, lam=1.0, levels=31)) == pytest.approx(
+        float(((a ** 2).mean(axis=1) * (np.abs(a).max(axis=1) / 31.0) ** 2 / 12.0).sum()), rel=1e-6)
+    assert float(crownq_record_penalty({})) == 0.0
+    with pytest.raises(QpackInputError, match="levels"):
+        crownq_record_penalty({"a": torch.tensor(a)}, levels=0)
+    # qpack's own form is untouched by the new mode: h = 1, delta = rowmax / qmax(6) = rowmax / 31, sum over j
+    qp = float(crownq_penalty({"a": torch.tensor(a)}, 6))
+    assert qp == pytest.approx(float(((np.abs(a).max(axis=1) / 31.0) ** 2 / 12.0 * a.shape[1]).sum()), rel=1e-6)

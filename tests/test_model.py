@@ -33,6 +33,12 @@ OPTIONS = {
     "untied_nocap_noqk": dict(tie_embeddings=False, logit_softcap=0.0, qk_norm=False),
     "mha": dict(n_kv_head=4),
     "mqa_mlp3": dict(n_kv_head=1, mlp_mult=3.0),
+    "seed790_parts": dict(resid_mix="mix4", ln_scale=True, ve_layers=(2, 3), ve_dim=8, bigram_buckets=13,
+                          bigram_dim=4, hash_scale=0.05, smear_gate=True, xsa_last=4, unet_skips=True),
+    "seed745_parts": dict(recur_layers=(1, 2), recur_own_controls=True, attn_gate=True, value_residual=True,
+                          value_residual_weights=2, resid_mix="channel", ve_layers=(4, 5), ve_dim=8),
+    "seed951_parts": dict(kv_share_last=4, trigram_buckets=11, trigram_dim=4, bigram_buckets=13, bigram_dim=4,
+                          hash_scale=0.05, activation="leaky_relu2"),
     "everything": dict(unet_skips=True, recur_layers=(2, 3), xsa_last=4, bigram_buckets=13, bigram_dim=4,
                        smear_gate=True, value_residual=True, rope_frac=0.25, activation="leaky_relu2"),
 }

@@ -279,3 +279,86 @@ def test_cli_train_prints_json_and_reports_errors_in_one_line(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
     missing = runner.invoke(main, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
     assert missing.exit_code == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.output
+
+
+# ---------------------------------------------------------------------------------------------- seed-record settings
+def test_logged_val_after_late_qat_is_the_eval_of_final_pt(tmp_path):
+    """QAT fake-quantizes in training only: the trainer's last val loss is that of the float weights final.pt holds."""
+    from trainers.gpt.train import _nullcontext, evaluate
+
+    data = repetitive_data(tmp_path / "d")
+    cfg = tiny(data, tmp_path / "run", max_steps=10, qat_bits=3, qat_threshold=1.01)  # on right after warmup
+    summary = train(cfg, **QUIET)
+    assert summary["qat"]
+    assert "late QAT on" in (tmp_path / "run" / "train.log").read_text()
+    final = torch.load(summary["checkpoint"], weights_only=True)
+    model = build_from_config(final["config"])
+    model.load_state_dict(final["model"])
+    val = np.fromfile(data / "toy_val_000000.bin", dtype="<u2", offset=1024).astype(np.int64)
+    loss, _ = evaluate(model, val, cfg, torch.device("cpu"), _nullcontext, None, 0, 1)
+    assert loss == summary["val_loss"]
+
+
+def test_swa_final_weights_are_the_mean_of_the_collected_steps(tmp_path):
+    from trainers.gpt.train import in_warmdown
+
+    data = repetitive_data(tmp_path / "d")
+    settings = dict(max_steps=8, warmdown_frac=0.5, ckpt_every=0)
+    cfg = tiny(data, tmp_path / "swa", swa_every=1, swa_threshold=0.8, **settings)
+    # steps whose weights SWA adds: low LR scale in the warmdown (step 0's warmup scale 0.5 does not count)
+    collected = [s + 1 for s in range(8) if lr_scale(s, 0.0, cfg) < 0.8 and in_warmdown(s, 0.0, cfg)]
+    assert collected == [6, 7, 8] and lr_scale(0, 0.0, cfg) < 0.8
+    summary = train(cfg, **QUIET)
+    snapshots = []
+    for s in collected:  # the same run stopped after step s holds the weights after that step
+        out = tmp_path / f"stop{s}"
+        if s < 8:
+            train(tiny(data, out, stop_after=s, **settings), **QUIET)
+            snapshots.append(torch.load(out / "ckpt.pt", weights_only=True)["model"])
+        else:
+            snapshots.append(torch.load(tmp_path / "swa" / "ckpt.pt", weights_only=True)["model"])
+    got = torch.load(summary["checkpoint"], weights_only=True)["model"]
+    for k in got:
+        want = sum(sd[k].float() for sd in snapshots) / len(snapshots)
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+    assert "mean of 3 snapshots" in (tmp_path / "swa" / "train.log").read_text()
+
+
+def test_seed_warmdown_counts_steps_or_mean_step_times():
+    cfg = with_values(TrainConfig(), dict(max_steps=100, warmup_steps=0, warmdown_iters=20))
+    assert lr_scale(79, 0, cfg) == 1.0 and lr_scale(80, 0, cfg) == 1.0
+    assert lr_scale(90, 0, cfg) == pytest.approx(0.5) and lr_scale(100, 0, cfg) == 0.0
+    timed = with_values(cfg, dict(max_steps=20_000, max_seconds=600.0))
+    # 100 steps in 300 s: 3 s a step, so the warmdown is the last 20 * 3 = 60 s before the cap
+    assert lr_scale(100, 300.0, timed) == 1.0
+    assert lr_scale(180, 570.0, timed) == pytest.approx(30.0 / (20 * 570.0 / 180))
+
+
+def test_record_crownq_applies_only_under_late_qat(tmp_path):
+    data = repetitive_data(tmp_path / "d")
+    common = dict(max_steps=8, warmdown_frac=0.5)
+    plain = train(tiny(data, tmp_path / "a", **common), **QUIET)
+    no_qat = train(tiny(data, tmp_path / "b", crownq_lambda=1e3, crownq_mode="record", **common), **QUIET)
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")  # no QAT: the record form never applies
+    qat = dict(qat_bits=6, qat_threshold=0.6, **common)
+    q = train(tiny(data, tmp_path / "c", **qat), **QUIET)
+    qc = train(tiny(data, tmp_path / "d2", crownq_lambda=1e3, crownq_mode="record", **qat), **QUIET)
+    wa = torch.load(q["checkpoint"], weights_only=True)["model"]["blocks.0.mlp.fc.weight"]
+    wb = torch.load(qc["checkpoint"], weights_only=True)["model"]["blocks.0.mlp.fc.weight"]
+    assert wb.abs().amax(dim=1).mean() < wa.abs().amax(dim=1).mean()
+    assert plain["val_loss"] == no_qat["val_loss"]
+    with pytest.raises(QpackInputError, match="crownq_mode"):
+        train(tiny(data, tmp_path / "e", crownq_mode="both"), **QUIET)
+
+
+def test_adam_weight_decay_uses_adamw_on_embeddings_and_scalars_only(tmp_path):
+    from trainers.gpt.train import Trainer
+
+    data = repetitive_data(tmp_path / "d")
+    tr = Trainer(tiny(data, tmp_path / "r", adam_weight_decay=0.04, tie_embeddings=False), **QUIET)
+    tr.raw = build_from_config(tr.cfg.model.to_dict())
+    opts = tr._optimizers()
+    kinds = [type(o).__name__ for o in opts]
+    assert kinds == ["Muon", "AdamW", "Adam"]
+    assert all(g["weight_decay"] == 0.04 for g in opts[1].param_groups)
+    assert opts[2].param_groups[0]["params"] == [tr.raw.lm_head.weight]

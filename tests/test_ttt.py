@@ -109,3 +109,93 @@ def test_reset_at_document_start_forgets_the_previous_document():
     assert not np.allclose(keep[48:64], plain[48:64])
     assert np.array_equal(reset[:48], keep[:48])
     assert ("train", 31, 48) not in log.events  # that chunk's training was dropped with the reset
+
+
+# ---------------------------------------------------------------------------------------------- the seeds' recipes
+def _violations(events, n_targets):
+    """Updates that read a target not yet scored, and targets not scored exactly once."""
+    scored = np.zeros(n_targets, dtype=int)
+    bad = []
+    for kind, lo, hi in events:
+        if kind == "score":
+            scored[lo:hi] += 1
+        elif not np.all(scored[lo:hi]):
+            bad.append((lo, hi))
+    return bad + ([("scored", int(np.sum(scored != 1)))] if np.any(scored != 1) else [])
+
+
+def _small(name):
+    """A seed recipe at this test's size: chunks of 48 targets, 2 sequences per step, a larger lr."""
+    import dataclasses
+
+    from qpack.eval.ttt import RECIPES
+
+    r = RECIPES[name]
+    return dataclasses.replace(r, chunk=48, train_batch=2, lr=0.05 if r.optimizer == "sgd" else 0.01)
+
+
+@pytest.mark.parametrize("name", ["pr691", "pr790", "pr745"])
+def test_seed_recipes_are_score_first_and_skip_the_last_chunk(name):
+    model = BlocksLM(n_blocks=3)
+    tokens = _stream(6 * 48 + 1)  # six full chunks of 48 targets: the last one holds whole sequences too
+    log = EventLog()
+    cfg = _small(name)
+    got = ttt_nll(model, tokens, 16, 8, cfg, log=log)
+    assert np.isfinite(got).all()
+    trains = [(lo, hi) for k, lo, hi in log.events if k == "train"]
+    assert trains and _violations(log.events, tokens.size - 1) == []
+    chunks = plan_chunks(plan_windows(tokens.size - 1, 16, 8), cfg.chunk)
+    last_start = chunks[-1][0].a
+    assert chunks[-1][-1].b - last_start == 48
+    assert max(hi for _, hi in trains) <= last_start  # nothing learns from the last chunk
+    # whole 16-token sequences, 2 per step: every update reads 1 + 2 * 16 targets (or one sequence at the end)
+    assert {hi - lo for lo, hi in trains} <= {2 * 16 + 1, 2 * 16, 16 + 1, 16}
+    n_epochs = {"pr691": 3, "pr790": 4, "pr745": 1}[name]
+    assert cfg.epochs == n_epochs
+
+
+def test_train_before_score_is_caught_by_the_check():
+    log = EventLog()
+    log.trained(0, 10)
+    log.scored(0, 10)
+    assert _violations(log.events, 10) != []
+
+
+def test_cosine_over_chunks_reaches_the_optimizer(monkeypatch):
+    import qpack.eval.ttt as ttt
+
+    cfg = TTTConfig(chunk=40, lr=0.1, epochs=1, optimizer="sgd", schedule="cosine", train_last_chunk=True)
+    seen = []
+    real = ttt.train_chunk
+    monkeypatch.setattr(ttt, "train_chunk", lambda m, opt, *a, **k: (seen.append(opt.param_groups[0]["lr"]),
+                                                                        real(m, opt, *a, **k)))
+    tokens = _stream(200)
+    ttt.ttt_nll(BlocksLM(), tokens, 16, 8, cfg)
+    n = len(plan_chunks(plan_windows(tokens.size - 1, 16, 8), 40))
+    want = [0.1 * 0.5 * (1 + np.cos(np.pi * c / (n - 1))) for c in range(n)]
+    np.testing.assert_allclose(seen, want, rtol=1e-12)
+    assert seen[0] == pytest.approx(0.1) and seen[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_last_k_plus_control_and_grouped_adamw_on_the_gpt():
+    from qpack.eval.ttt import RECIPES, param_groups
+    from trainers.gpt.model import GPT
+    from trainers.gpt.presets import preset_config
+
+    model = GPT(preset_config("pr790", "tiny").model)
+    cfg = RECIPES["pr790"]
+    chosen = select_params(model, cfg)
+    on = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "blocks.10.attn.q.weight" in on and "blocks.9.mlp.fc.weight" in on
+    assert "blocks.0.attn.q.weight" not in on and "tok_emb.weight" not in on
+    assert {"blocks.0.attn_scale", "blocks.0.resid_mix", "blocks.3.attn.q_gain", "skip_weights",
+            "smear", "ve_gains"} <= on
+    groups = {g["role"]: g for g in param_groups(model, chosen, cfg)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups["matrix"]["params"]} == {n for n in on if n.startswith(("blocks.9.",
+            "blocks.10.")) and n.endswith(".weight") and "scale" not in n and "resid_mix" not in n}
+    assert "blocks.0.attn_scale" in {names[id(p)] for p in groups["control"]["params"]}
+    assert sum(len(g["params"]) for g in groups.values()) == len(chosen)
+    opt = torch.optim.AdamW(param_groups(model, chosen, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-6
+    assert parse_params("last:2+control") == ("last+control", 2)

@@ -3,13 +3,23 @@
 The folder looks like a parameter-golf record: README.md with the numbers, submission.json, the train and
 eval logs, the artifact, and PNG plots of the training curve and of the per-tensor bit allocation. The code
 counted against the budget is the trainer's own source (the files a submission would ship), compressed with
-`code_codec` as it would be shipped.
+`code_codec` as it would be shipped, and a copy of it goes into the folder (`code/`).
+
+For a seed preset (pr790, pr951, pr691, pr745) the preset's recipe sets the compress scheme and codecs, the
+eval window/stride, the Hedge mixer and the TTT recipe. At scale "full" on CUDA with several GPUs the trainer
+runs under torchrun with its wall-clock cap shortened by the GPTQ calibration allowance, so training plus
+calibration stay inside the challenge's 600 s; the eval time is recorded against its own 600 s cap. At scale
+"tiny" everything runs on the CPU in seconds (the test suite does so for every seed preset).
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
+import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +38,7 @@ class RecordConfig:
     """One record run; every field has a CLI flag of the same name."""
 
     preset: str = "cpu-smoke"  # trainer preset (trainers/gpt/presets.py)
-    budget: int = 16_000_000  # bytes for artifact + code
+    budget: int | None = 16_000_000  # bytes for artifact + code; None: 16MB, or 5 bits/param at scale tiny
     out: str = "records/cpu-smoke"  # the record folder (created; an existing one is replaced only when complete)
     data: str = "data"  # data folder; built from Debian doc packages when missing
     seed: int = 1337  # training seed
@@ -43,12 +53,17 @@ class RecordConfig:
     mixer: bool = False  # also score with the Hedge n-gram mixer
     ttt: bool = False  # also score with score-first TTT
     progress: bool = True  # progress bars on stderr
+    scale: str = "full"  # full, or tiny: the preset shrunk for a CPU (trainers.gpt.presets)
+    nproc: int | None = None  # GPUs for torchrun (None: the recipe's count when CUDA has that many, else 1)
 
     def __post_init__(self) -> None:
-        if self.budget <= 0:
+        if self.budget is not None and self.budget <= 0:
             raise QpackInputError(f"budget must be positive, got {self.budget}")
         if self.eval_tokens is not None and self.eval_tokens < 2:
             raise QpackInputError("eval_tokens must be at least 2")
+
+
+TINY_BITS_PER_PARAM = 5  # the default budget at scale tiny, as bits per parameter plus the code
 
 
 def code_files() -> list[Path]:
@@ -85,7 +100,8 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     work.mkdir(parents=True)
     log = _log_to(work / "record.log")
     t_all = time.perf_counter()
-    log(f"qpack record: preset {cfg.preset}, budget {cfg.budget:,} bytes, out {out}")
+    log(f"qpack record: preset {cfg.preset} ({cfg.scale} scale), budget "
+        f"{f'{cfg.budget:,} bytes' if cfg.budget else 'by scale'}, out {out}")
 
     # 1. data
     t0 = time.perf_counter()
@@ -93,10 +109,19 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     data_seconds = time.perf_counter() - t0
 
     # 2. train
+    from .gpt.presets import preset_recipe
+
+    recipe = preset_recipe(cfg.preset)
     run_dir = work / "train"
-    tcfg = config_from_args(cfg.preset, str(paths.root), str(run_dir), [f"--seed={cfg.seed}", *cfg.overrides])
+    tcfg = config_from_args(cfg.preset, str(paths.root), str(run_dir), [f"--seed={cfg.seed}", *cfg.overrides],
+                            cfg.scale)
+    caps = recipe.get("record", {})
+    nproc = _nproc(cfg, tcfg, caps)
     t0 = time.perf_counter()
-    summary = train(tcfg, log=log)
+    if nproc > 1:
+        summary = _train_torchrun(cfg, tcfg, caps, nproc, paths.root, run_dir, log)
+    else:
+        summary = train(tcfg, log=log)
     train_seconds = time.perf_counter() - t0
     final = run_dir / "final.pt"
 
@@ -105,27 +130,45 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     code_bytes = code_size(code_files(), cfg.code_codec)
     sd, model_config, extra = load_state_dict(final)
     hessians = None
-    if cfg.scheme in ("auto", "gptq", "search"):
+    t_calib = time.perf_counter()
+    if compress_kw_scheme(cfg, recipe) in ("auto", "gptq", "search"):
         tokens = load_calibration_tokens(paths.root, cfg.calib_tokens, vocab_size=model_config.get("vocab_size"))
         net = build_model(sd, model_config, None)
         seq = int(model_config.get("max_seq_len") or model_config.get("seq_len") or tcfg.seq_len)
         hessians = collect(net, tokens, min(seq, tcfg.seq_len), progress=False)
         del net
+    calib_seconds = time.perf_counter() - t_calib  # reads training data: counts against the training cap
     artifact = work / "model.qpk"
-    ccfg = CompressConfig(budget=cfg.budget, scheme=cfg.scheme, codecs=cfg.codecs, code_bytes=code_bytes)
+    budget = cfg.budget or (16_000_000 if cfg.scale == "full"
+                            else code_bytes + summary["params"] * TINY_BITS_PER_PARAM // 8)
+    compress_kw = dict(recipe.get("compress", {}))
+    compress_kw.pop("budget", None)
+    if cfg.scheme != "auto" or not compress_kw:  # an explicit --scheme wins over the recipe
+        compress_kw["scheme"] = cfg.scheme
+    if cfg.codecs != ("ans", "zstd") or "codecs" not in compress_kw:
+        compress_kw["codecs"] = cfg.codecs
+    ccfg = CompressConfig(budget=budget, code_bytes=code_bytes, **compress_kw)
     result = compress(final, artifact, ccfg, hessians=hessians)
     compress_seconds = time.perf_counter() - t0
     (work / "compress.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     log(f"compress: {result.bytes_total:,} bytes total ({result.bytes_model:,} model + {code_bytes:,} code) "
-        f"<= {cfg.budget:,}; {result.bits_per_param:.3f} bits/param in {compress_seconds:.1f}s")
+        f"<= {budget:,}; {result.bits_per_param:.3f} bits/param in {compress_seconds:.1f}s")
+    if caps.get("train_seconds") and cfg.scale == "full" and \
+            summary["seconds"] + calib_seconds > caps["train_seconds"]:
+        log(f"warning: training {summary['seconds']:.0f}s + GPTQ calibration {calib_seconds:.0f}s is over the "
+            f"{caps['train_seconds']:.0f}s cap")
 
     # 4. evaluate the artifact (and the unquantized checkpoint, for the quantization gap)
-    options = EvalOptions(window=cfg.window, stride=cfg.stride, max_tokens=cfg.eval_tokens,
-                          mixer=MixerConfig() if cfg.mixer else None, ttt=TTTConfig() if cfg.ttt else None)
+    window, stride, mixer, ttt_cfg = _eval_recipe(cfg, tcfg, recipe)
+    device = "cuda" if tcfg.device == "cuda" else "cpu"
+    options = EvalOptions(window=window, stride=stride, max_tokens=cfg.eval_tokens, device=device,
+                          mixer=MixerConfig() if mixer else None, ttt=ttt_cfg)
     t0 = time.perf_counter()
     ev = evaluate(artifact, paths.root, options=options)
     eval_seconds = time.perf_counter() - t0
-    base_options = EvalOptions(window=cfg.window, stride=cfg.stride, max_tokens=cfg.eval_tokens)
+    if caps.get("eval_seconds") and eval_seconds > caps["eval_seconds"]:
+        log(f"warning: eval took {eval_seconds:.0f}s, over the {caps['eval_seconds']:.0f}s cap")
+    base_options = EvalOptions(window=window, stride=stride, max_tokens=cfg.eval_tokens, device=device)
     ev_fp = evaluate(final, paths.root, options=base_options)
     (work / "eval.json").write_text(json.dumps({"artifact": ev, "unquantized": ev_fp}, indent=2) + "\n")
     for name, m in ev["modes"].items():
@@ -133,7 +176,17 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     log(f"eval unquantized sliding: val_bpb {ev_fp['modes']['sliding']['val_bpb']:.4f}")
 
     sliding = ev["modes"]["sliding"]
+    headline = ev["modes"][list(ev["modes"])[-1]]  # the last mode run: TTT (+ mixer) when asked for
     submission = {
+        # the challenge's own fields (records/track_10min_16mb/*/submission.json)
+        "author": "qpack",
+        "github_id": "",
+        "name": f"qpack {cfg.preset}" + ("" if cfg.scale == "full" else f" ({cfg.scale} scale)"),
+        "blurb": _blurb(cfg, recipe),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "val_bpb_headline": headline["val_bpb"],
+        "val_loss_headline": headline["val_loss"],
+        "headline_mode": list(ev["modes"])[-1],
         "val_bpb": sliding["val_bpb"],
         "val_loss": sliding["val_loss"],
         "val_bpb_unquantized": ev_fp["modes"]["sliding"]["val_bpb"],
@@ -142,7 +195,12 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
         "bytes_total": result.bytes_total,
         "bytes_model": result.bytes_model,
         "bytes_code": code_bytes,
-        "budget": cfg.budget,
+        "budget": budget,
+        "scale": cfg.scale,
+        "nproc": nproc,
+        "eval_cap_seconds": caps.get("eval_seconds"),
+        "calib_seconds": calib_seconds,
+        "train_cap_seconds": caps.get("train_seconds"),
         "params": result.params,
         "bits_per_param": result.bits_per_param,
         "preset": cfg.preset,
@@ -165,6 +223,10 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     (work / "submission.json").write_text(json.dumps(submission, indent=2, sort_keys=True) + "\n")
     _plots(work, read_metrics(run_dir), result)
     (run_dir / "ckpt.pt").unlink(missing_ok=True)  # the resumable state is not part of a record
+    shutil.copyfile(run_dir / "train.log", work / f"train_seed{cfg.seed}.log")  # the challenge's log name
+    (work / "code").mkdir()
+    for f in code_files():  # the counted code, as shipped
+        shutil.copyfile(f, work / "code" / f.name)
     _readme(work, cfg, submission, result, ev)
     log(f"record done in {time.perf_counter() - t_all:.0f}s")
     # Swap the finished folder in; a crash before this line leaves any previous record untouched.
@@ -230,14 +292,14 @@ def _numel(shape) -> int:
 def _readme(folder: Path, cfg: RecordConfig, sub: dict, result, ev: dict) -> None:
     """The record's README.md: what was run and what it scored."""
     lines = [
-        f"# Record: preset `{cfg.preset}`, budget {cfg.budget:,} bytes",
+        f"# Record: preset `{cfg.preset}` ({cfg.scale} scale), budget {sub['budget']:,} bytes",
         "",
         f"- **val_bpb {sub['val_bpb']:.4f}** (sliding window {sub['eval_window']}, stride {sub['eval_stride']}), "
         f"val_loss {sub['val_loss']:.4f} nats",
         f"- unquantized model: val_bpb {sub['val_bpb_unquantized']:.4f}; quantization gap "
         f"{sub['quant_gap_bpb']:+.4f} bpb",
         f"- bytes: {sub['bytes_total']:,} total = {sub['bytes_model']:,} artifact + {sub['bytes_code']:,} code "
-        f"({cfg.code_codec}); budget {cfg.budget:,}, headroom {cfg.budget - sub['bytes_total']:,}",
+        f"({cfg.code_codec}); budget {sub['budget']:,}, headroom {sub['budget'] - sub['bytes_total']:,}",
         f"- {sub['params']:,} parameters at {sub['bits_per_param']:.3f} bits per parameter",
         f"- time: data {sub['data_seconds']:.0f}s, train {sub['train_seconds']:.0f}s, "
         f"compress {sub['compress_seconds']:.0f}s, eval {sub['eval_seconds']:.0f}s",
@@ -248,10 +310,10 @@ def _readme(folder: Path, cfg: RecordConfig, sub: dict, result, ev: dict) -> Non
     for name, m in ev["modes"].items():
         lines.append(f"| {name} | {m['val_loss']:.4f} | {m['val_bpb']:.4f} |")
     eval_cmd = f"qpack eval {Path(cfg.out) / 'model.qpk'} --data {cfg.data}"
-    if cfg.window:
-        eval_cmd += f" --window {cfg.window}"
-    if cfg.stride:
-        eval_cmd += f" --stride {cfg.stride}"
+    if sub.get("eval_window"):
+        eval_cmd += f" --window {sub['eval_window']}"
+    if sub.get("eval_stride"):
+        eval_cmd += f" --stride {sub['eval_stride']}"
     if cfg.eval_tokens:
         eval_cmd += f" --max-tokens {cfg.eval_tokens}"
     lines += [
@@ -262,7 +324,11 @@ def _readme(folder: Path, cfg: RecordConfig, sub: dict, result, ev: dict) -> Non
         eval_cmd,
         "```",
         "",
-        "Files: `model.qpk` (the artifact), `submission.json`, `record.log`, `train/train.log`, "
+        f"The headline of the challenge's kind is the last mode run ({sub['headline_mode']}: val_bpb "
+        f"{sub['val_bpb_headline']:.4f}); the sliding score above needs nothing but the artifact.",
+        "",
+        f"Files: `model.qpk` (the artifact), `submission.json`, `record.log`, `train_seed{cfg.seed}.log`, "
+        "`code/` (the counted code), `train/train.log`, "
         "`train/metrics.jsonl`, `compress.json`, `eval.json`, `training_curve.png`, `bit_allocation.png`.",
         "",
         "![training curve](training_curve.png)",
@@ -271,3 +337,74 @@ def _readme(folder: Path, cfg: RecordConfig, sub: dict, result, ev: dict) -> Non
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines))
+
+
+def compress_kw_scheme(cfg: RecordConfig, recipe: dict[str, Any]) -> str:
+    """The compress scheme a record uses: --scheme when given, else the preset's recipe, else auto."""
+    if cfg.scheme != "auto":
+        return cfg.scheme
+    return recipe.get("compress", {}).get("scheme", "auto")
+
+
+def _eval_recipe(cfg: RecordConfig, tcfg, recipe: dict[str, Any]):
+    """(window, stride, mixer?, TTTConfig or None) from the flags, the preset's recipe and the scale."""
+    from qpack.eval.ttt import RECIPES as TTT_RECIPES
+    from qpack.eval.ttt import TTTConfig
+
+    ev = recipe.get("eval", {})
+    full = cfg.scale == "full"
+    window = cfg.window or (ev.get("window") if full else None) or tcfg.seq_len
+    stride = cfg.stride or (ev.get("stride") if full else None) or max(1, window // 2)
+    mixer = cfg.mixer or bool(ev.get("mixer"))
+    ttt = None
+    if ev.get("ttt"):
+        ttt = TTT_RECIPES[ev["ttt"]]
+        if not full:  # a few chunks on a short val stream; sequences as long as the window
+            ttt = dataclasses.replace(ttt, chunk=4 * window, train_batch=min(ttt.train_batch or 4, 4))
+    elif cfg.ttt:
+        ttt = TTTConfig()
+    return window, stride, mixer, ttt
+
+
+def _blurb(cfg: RecordConfig, recipe: dict[str, Any]) -> str:
+    ev = recipe.get("eval", {})
+    parts = [f"qpack's reference trainer with preset {cfg.preset}"]
+    if recipe:
+        parts.append(f"compressed by qpack ({recipe['compress'].get('scheme')}, budget solver, "
+                     f"{'/'.join(recipe['compress'].get('codecs', ()))})")
+        parts.append(f"score-first TTT recipe {ev.get('ttt')}" + (" with the Hedge mixer" if ev.get("mixer") else ""))
+    return "; ".join(parts)
+
+
+def _nproc(cfg: RecordConfig, tcfg, caps: dict[str, Any]) -> int:
+    """GPUs to train on: --nproc, else the recipe's count when this machine has that many CUDA devices, else 1."""
+    if cfg.nproc is not None:
+        return cfg.nproc
+    if tcfg.device != "cuda" or cfg.scale != "full":
+        return 1
+    import torch
+
+    want = int(caps.get("nproc", 1))
+    return want if torch.cuda.is_available() and torch.cuda.device_count() >= want else 1
+
+
+def _train_torchrun(cfg: RecordConfig, tcfg, caps: dict[str, Any], nproc: int, data: Path, run_dir: Path,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Train under torchrun on nproc GPUs with the cap shortened by the GPTQ allowance; returns the summary."""
+    cap = []
+    if caps.get("train_seconds") and cfg.scale == "full":  # the challenge's cap, GPTQ calibration inside it
+        cap = [f"--max_seconds={float(caps['train_seconds']) - float(caps.get('calib_seconds', 0.0))}"]
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "trainers.gpt.train", f"--preset={cfg.preset}", f"--scale={cfg.scale}", f"--data={data}",
+            f"--out={run_dir}", f"--seed={cfg.seed}", *cfg.overrides, *cap]
+    log("torchrun: " + " ".join(args[3:]))
+    proc = subprocess.run(args, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout.splitlines():
+        log(line)
+    if proc.returncode != 0:
+        raise QpackInputError(f"torchrun training failed with exit code {proc.returncode}; see {run_dir}/train.log")
+    lines = [ln for ln in (run_dir / "train.log").read_text().splitlines() if ln.startswith("summary ")]
+    if not lines:
+        raise QpackInputError(f"torchrun training wrote no summary; see {run_dir}/train.log")
+    return json.loads(lines[-1][len("summary "):])

@@ -7,8 +7,12 @@ import click
 
 
 @click.command("record", context_settings={"ignore_unknown_options": True})
-@click.option("--preset", default="cpu-smoke", show_default=True, help="trainer preset: cpu-smoke, cpu-small, golf")
-@click.option("--budget", default="16MB", show_default=True, help="bytes for artifact + code (16MB = 16,000,000)")
+@click.option("--preset", default="cpu-smoke", show_default=True,
+              help="trainer preset: cpu-smoke, cpu-small, golf, or a seed record: pr790, pr951, pr691, pr745")
+@click.option("--scale", default="full", show_default=True, help="full, or tiny: the preset shrunk for a CPU")
+@click.option("--budget", default=None,
+              help="bytes for artifact + code (16MB = 16,000,000); default 16MB, or 5 bits/param + code at tiny")
+@click.option("--nproc", type=int, default=None, help="GPUs for torchrun (default: the recipe's 8 when present)")
 @click.option("--out", default=None, help="record folder (default: records/PRESET)")
 @click.option("--data", default="data", show_default=True, help="data folder (built when missing)")
 @click.option("--seed", type=int, default=1337, show_default=True)
@@ -23,8 +27,8 @@ import click
 @click.option("--ttt", is_flag=True, help="also score with score-first test-time training")
 @click.option("--json", "as_json", is_flag=True, help="print submission.json to stdout")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-def command(preset, budget, out, data, seed, scheme, calib_tokens, codecs, code_codec, window, stride, eval_tokens,
-            mixer, ttt, as_json, overrides):
+def command(preset, scale, budget, nproc, out, data, seed, scheme, calib_tokens, codecs, code_codec, window, stride,
+            eval_tokens, mixer, ttt, as_json, overrides):
     """Train PRESET, compress it to --budget, evaluate it, and write a record folder.
 
     Extra --key=value arguments override the trainer preset (e.g. --max_steps=100).
@@ -33,7 +37,8 @@ def command(preset, budget, out, data, seed, scheme, calib_tokens, codecs, code_
 
     from trainers.record import RecordConfig, run_record  # the CLI is the one place qpack reaches trainers
 
-    cfg = RecordConfig(preset=preset, budget=parse_size(budget), out=out or f"records/{preset}", data=data, seed=seed,
+    cfg = RecordConfig(preset=preset, budget=parse_size(budget) if budget else None, scale=scale, nproc=nproc,
+                       out=out or f"records/{preset}" + ("" if scale == "full" else f"-{scale}"), data=data, seed=seed,
                        overrides=tuple(overrides), scheme=scheme, calib_tokens=calib_tokens,
                        codecs=tuple(codecs) or ("ans", "zstd"), code_codec=code_codec, window=window, stride=stride,
                        eval_tokens=eval_tokens, mixer=mixer, ttt=ttt)

@@ -7,6 +7,7 @@ Shapes: x is (B, T, C); q is (B, T, H, D); k and v are (B, T, KV, D) with KV div
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ except Exception:  # noqa: BLE001  (a broken flash-attn install must not stop CP
 ARCH = "gpt"
 VERSION = 1
 ACTIVATIONS = ("relu2", "leaky_relu2")
+RESID_MIXES = ("none", "channel", "mix4")
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,25 @@ class GPTConfig:
     bigram_dim: int = 128  # width of the BigramHash table before its projection to n_embd
     smear_gate: bool = False  # SmearGate: blend each position's embedding with the previous one's
     value_residual: bool = False  # every layer mixes its values with the first layer's (learned weight)
+    value_residual_weights: int = 1  # 1: v = l*v + (1-l)*v_first; 2 (#745): v = a*v_first + b*v on every layer
+    resid_mix: str = "none"  # block input: none; channel (x/x0 per-channel gains); mix4 (#790: x, 2 last outputs, x0)
+    ln_scale: bool = False  # scale each block's normed inputs by 1/sqrt(position + 1) (#691, #745, #790)
+    ve_layers: tuple[int, ...] = ()  # value embedding: these executed positions add a shared token table to v
+    ve_dim: int = 128  # width of the value-embedding table before its projection to the K/V width
+    hash_scale: float = 0.0  # > 0: the bigram/trigram outputs get a learned scalar scale starting here (seeds: 0.05)
+    trigram_buckets: int = 0  # TrigramHash embedding: hash (t-2, t-1, t) into this many buckets (#951)
+    trigram_dim: int = 64  # width of the TrigramHash table before its projection to n_embd
+    kv_share_last: int = 0  # the last N layers reuse the K/V projections of layer max(i - N, 0) (#951 "XSA")
+    attn_gate: bool = False  # per-head sigmoid gate on the attention output, from the block input (#745)
+    recur_own_controls: bool = False  # repeated layers keep their matrices but get their own gains (#745)
+    bos_id: int = 1  # document-start token: SmearGate never blends a BOS with the token before it
 
     def __post_init__(self) -> None:
         hints = {"vocab_size": int, "n_layer": int, "n_embd": int, "n_head": int, "n_kv_head": int,
-                 "xsa_last": int, "bigram_buckets": int, "bigram_dim": int,
+                 "xsa_last": int, "bigram_buckets": int, "bigram_dim": int, "value_residual_weights": int,
+                 "resid_mix": str, "ln_scale": bool, "ve_dim": int, "hash_scale": float, "trigram_buckets": int,
+                 "trigram_dim": int, "kv_share_last": int, "attn_gate": bool, "recur_own_controls": bool,
+                 "bos_id": int,
                  "mlp_mult": float, "rope_base": float, "rope_frac": float, "logit_softcap": float,
                  "norm_eps": float, "qk_norm": bool, "tie_embeddings": bool, "unet_skips": bool,
                  "smear_gate": bool, "value_residual": bool, "activation": str}
@@ -64,12 +81,14 @@ class GPTConfig:
                 object.__setattr__(self, name, float(value))
             elif kind is int and isinstance(value, bool) or not isinstance(value, kind):
                 _bad(name, f"must be {kind.__name__}, got {value!r}")
+        for name in ("recur_layers", "ve_layers"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, name, value)
+            if not isinstance(value, tuple) or any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+                _bad(name, f"must be a tuple of layer indices, got {value!r}")
         recur = self.recur_layers
-        if isinstance(recur, list):
-            recur = tuple(recur)
-            object.__setattr__(self, "recur_layers", recur)
-        if not isinstance(recur, tuple) or any(isinstance(i, bool) or not isinstance(i, int) for i in recur):
-            _bad("recur_layers", f"must be a tuple of layer indices, got {recur!r}")
 
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "bigram_dim"):
             if getattr(self, name) <= 0:
@@ -101,6 +120,24 @@ class GPTConfig:
             _bad("xsa_last", f"must be in 0..{self.n_layer}, got {self.xsa_last}")
         if self.bigram_buckets < 0 or self.bigram_buckets == 1:
             _bad("bigram_buckets", f"must be 0 (off) or >= 2, got {self.bigram_buckets}")
+        if self.trigram_buckets < 0 or self.trigram_buckets == 1:
+            _bad("trigram_buckets", f"must be 0 (off) or >= 2, got {self.trigram_buckets}")
+        for name in ("ve_dim", "trigram_dim"):
+            if getattr(self, name) <= 0:
+                _bad(name, f"must be positive, got {getattr(self, name)}")
+        if self.value_residual_weights not in (1, 2):
+            _bad("value_residual_weights", f"must be 1 or 2, got {self.value_residual_weights}")
+        if self.resid_mix not in RESID_MIXES:
+            _bad("resid_mix", f"must be one of {RESID_MIXES}, got {self.resid_mix!r}")
+        if self.hash_scale < 0:
+            _bad("hash_scale", f"must be >= 0 (0 = no scale), got {self.hash_scale}")
+        if not 0 <= self.kv_share_last <= self.n_layer:
+            _bad("kv_share_last", f"must be in 0..{self.n_layer}, got {self.kv_share_last}")
+        executed = len(self.schedule)
+        if len(set(self.ve_layers)) != len(self.ve_layers) or any(not 0 <= i < executed for i in self.ve_layers):
+            _bad("ve_layers", f"{list(self.ve_layers)} must be distinct positions in 0..{executed - 1}")
+        if self.recur_own_controls and not recur:
+            _bad("recur_own_controls", "needs recur_layers")
 
     @property
     def head_dim(self) -> int:
@@ -124,6 +161,7 @@ class GPTConfig:
         """JSON-ready dict with the arch name and format version."""
         d = dataclasses.asdict(self)
         d["recur_layers"] = list(self.recur_layers)
+        d["ve_layers"] = list(self.ve_layers)
         return {"arch": ARCH, "version": VERSION, **d}
 
     @classmethod
@@ -164,8 +202,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.fake_quant is not None:
-            # forward sees the quantized weight, backward passes the gradient straight through
+        if self.fake_quant is not None and self.training:
+            # forward sees the quantized weight, backward passes the gradient straight through; eval sees the
+            # float weights, which are what final.pt holds
             w = w + (self.fake_quant(w) - w).detach()
         return F.linear(x, w)
 
@@ -200,6 +239,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2)
 
 
+class Borrowed:
+    """Calls a module that another block owns, without registering it: its weights are stored and counted once.
+
+    Used for cross-layer K/V sharing and for the matrices of repeated layers that have their own gains.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+def _borrow(owner: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace owner's submodule `name` by a Borrowed reference to `module`."""
+    delattr(owner, name)
+    object.__setattr__(owner, name, Borrowed(module))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, xsa: bool, mixes_values: bool):
         super().__init__()
@@ -212,17 +274,31 @@ class Attention(nn.Module):
         self.rotary = Rotary(cfg.rotary_dims, cfg.rope_base)
         if cfg.qk_norm:
             self.q_gain = nn.Parameter(torch.full((h,), 1.5))
-        if mixes_values:  # weight of this layer's own values against the first layer's
+        if cfg.value_residual and cfg.value_residual_weights == 2:
+            # #745: (weight of the first layer's values, weight of this layer's own); the first layer's pair is unused
+            self.v_mix = nn.Parameter(torch.full((2,), 0.5))
+        elif mixes_values:  # weight of this layer's own values against the first layer's
             self.v_lambda = nn.Parameter(torch.full((1,), 0.5))
+        if cfg.attn_gate:  # starts almost open: sigmoid(4) = 0.98 on every head
+            self.gate = nn.Linear(cfg.n_embd, h, bias=True)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, 4.0)
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None, ve: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q(x).view(b, t, cfg.n_head, cfg.head_dim)
         k = self.k(x).view(b, t, cfg.n_kv_head, cfg.head_dim)
-        v = self.v(x).view(b, t, cfg.n_kv_head, cfg.head_dim)
+        v = self.v(x)
+        if ve is not None:  # value embedding: token identity re-injected into the values
+            v = v + ve.to(v.dtype)
+        v = v.view(b, t, cfg.n_kv_head, cfg.head_dim)
         if v_first is None:
             v_first = v
+        elif hasattr(self, "v_mix"):
+            mix = self.v_mix.to(v.dtype)
+            v = mix[0] * v_first.to(v.dtype) + mix[1] * v
         elif hasattr(self, "v_lambda"):
             lam = self.v_lambda.to(v.dtype)  # keep bf16 values bf16 under autocast (flash-attn needs it)
             v = lam * v + (1 - lam) * v_first.to(v.dtype)
@@ -238,6 +314,8 @@ class Attention(nn.Module):
             vh = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=2).to(y.dtype)
             coef = (y * vh).sum(-1, keepdim=True) / (vh.pow(2).sum(-1, keepdim=True) + cfg.norm_eps)
             y = y - coef * vh
+        if cfg.attn_gate:
+            y = y * torch.sigmoid(self.gate(x)).to(y.dtype).unsqueeze(-1)
         return self.proj(y.reshape(b, t, cfg.n_embd)), v_first
 
 
@@ -259,15 +337,38 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, xsa: bool, mixes_values: bool):
         super().__init__()
         self.eps = cfg.norm_eps
+        self.mix_mode = cfg.resid_mix
         self.attn = Attention(cfg, xsa, mixes_values)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.n_embd))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.n_embd))
+        if cfg.resid_mix == "channel":  # rows: gain on the stream, gain on x0 (the embedding)
+            self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.n_embd), torch.zeros(cfg.n_embd))))
+        elif cfg.resid_mix == "mix4":  # gains on the stream, the last two block outputs and x0
+            self.resid_mix = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]))
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        a, v_first = self.attn(rms_norm(x, self.eps), v_first)
+    def mix_input(self, x: torch.Tensor, x0: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
+        """The block's input: the stream itself, or a learned mix of it with x0 (and earlier block outputs)."""
+        if self.mix_mode == "none":
+            return x
+        m = self.resid_mix.to(x.dtype)
+        if self.mix_mode == "channel":
+            return m[0] * x + m[1] * x0
+        y = m[0] * x + m[3] * x0
+        for j, out in enumerate(outs[-1:-3:-1]):  # the last and the one before it, where they exist
+            y = y + m[1 + j] * out
+        return y
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None, x0: torch.Tensor | None = None,
+                outs: list[torch.Tensor] | None = None, ve: torch.Tensor | None = None, ln: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mix_mode != "none":
+            x = self.mix_input(x, x0, outs or [])
+        h = rms_norm(x, self.eps)
+        a, v_first = self.attn(h * ln if ln != 1.0 else h, v_first, ve)
         x = x + self.attn_scale.to(a.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, self.eps))
+        h = rms_norm(x, self.eps)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(h * ln if ln != 1.0 else h)
         return x, v_first
 
 
@@ -279,10 +380,15 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if cfg.tie_embeddings else 0.02)
-        if cfg.bigram_buckets:
-            self.bigram_emb = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
-            nn.init.normal_(self.bigram_emb.weight, std=0.02)
-            self.bigram_proj = Linear(cfg.bigram_dim, cfg.n_embd, zero_init=True)  # starts as a no-op
+        for kind, buckets, dim in (("bigram", cfg.bigram_buckets, cfg.bigram_dim),
+                                   ("trigram", cfg.trigram_buckets, cfg.trigram_dim)):
+            if buckets:
+                emb = nn.Embedding(buckets, dim)
+                nn.init.normal_(emb.weight, std=0.02)
+                setattr(self, f"{kind}_emb", emb)
+                setattr(self, f"{kind}_proj", Linear(dim, cfg.n_embd, zero_init=True))  # starts as a no-op
+                if cfg.hash_scale:
+                    setattr(self, f"{kind}_scale", nn.Parameter(torch.tensor(cfg.hash_scale)))
         if cfg.smear_gate:
             self.smear = nn.Parameter(torch.full((cfg.n_embd,), -3.0))  # sigmoid(-3) ~ 5% of the previous token
         schedule = cfg.schedule
@@ -291,6 +397,37 @@ class GPT(nn.Module):
             Block(cfg, xsa=i >= cfg.n_layer - cfg.xsa_last,
                   mixes_values=cfg.value_residual and (i != schedule[0] or schedule.count(i) > 1))
             for i in range(cfg.n_layer))
+        n = cfg.kv_share_last
+        for i in range(cfg.n_layer - n, cfg.n_layer):
+            src = max(i - n, 0)
+            if n and src != i:  # cross-layer K/V sharing: this layer computes K and V with layer src's matrices
+                _borrow(self.blocks[i].attn, "k", self.blocks[src].attn.k)
+                _borrow(self.blocks[i].attn, "v", self.blocks[src].attn.v)
+        self.recur_blocks = nn.ModuleList()  # repeated executions with their own gains (recur_own_controls)
+        self._at: list[nn.Module] = []  # the block object each executed position runs
+        seen: set[int] = set()
+        for i in schedule:
+            if i in seen and cfg.recur_own_controls:
+                twin = Block(cfg, xsa=i >= cfg.n_layer - cfg.xsa_last, mixes_values=cfg.value_residual)
+                owner = self.blocks[i]
+                for part, names in ((twin.attn, ("q", "k", "v", "proj")), (twin.mlp, ("fc", "proj"))):
+                    src = owner.attn if part is twin.attn else owner.mlp
+                    for name in names:
+                        target = getattr(src, name)
+                        _borrow(part, name, target.module if isinstance(target, Borrowed) else target)
+                self.recur_blocks.append(twin)
+                self._at.append(twin)
+            else:
+                self._at.append(self.blocks[i])
+            seen.add(i)
+        if cfg.ve_layers:
+            kv_dim = cfg.n_kv_head * cfg.head_dim
+            self.ve_emb = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+            nn.init.normal_(self.ve_emb.weight, std=0.01)
+            if cfg.ve_dim != kv_dim:
+                self.ve_proj = Linear(cfg.ve_dim, kv_dim, zero_init=True)
+            self.ve_scale = nn.Parameter(torch.tensor(0.1))
+            self.ve_gains = nn.Parameter(torch.ones(len(cfg.ve_layers)))  # one gain per position that uses it
         self.n_enc = len(schedule) // 2
         if cfg.unet_skips:
             self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, len(schedule) - self.n_enc), cfg.n_embd))
@@ -307,20 +444,55 @@ class GPT(nn.Module):
         first = torch.full_like(idx[:, :1], n - 1)
         return torch.cat((first, pair), dim=1)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def trigram_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Bucket of each (t-2, t-1, t) triple; positions 0 and 1 have no full context and get the last bucket."""
+        n = self.cfg.trigram_buckets
+        h = idx[:, 2:] * 1_000_003 ^ idx[:, 1:-1] * 92_821 ^ idx[:, :-2] * 68_917
+        first = torch.full_like(idx[:, :2], n - 1)[:, : idx.size(1)]
+        return torch.cat((first, h % (n - 1)), dim=1)
+
+    def _hash_embedding(self, kind: str, ids: torch.Tensor) -> torch.Tensor:
+        out = getattr(self, f"{kind}_proj")(getattr(self, f"{kind}_emb")(ids))
+        scale = getattr(self, f"{kind}_scale", None)
+        return out * scale.to(out.dtype) if scale is not None else out
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The stream entering the first block (x0): token (+ hash) embeddings, RMS-normed, then SmearGate."""
         cfg = self.cfg
         x = self.tok_emb(idx)
         if cfg.bigram_buckets:
-            x = x + self.bigram_proj(self.bigram_emb(self.bigram_ids(idx)))
+            x = x + self._hash_embedding("bigram", self.bigram_ids(idx))
+        if cfg.trigram_buckets:
+            x = x + self._hash_embedding("trigram", self.trigram_ids(idx))
         x = rms_norm(x, cfg.norm_eps)
         if cfg.smear_gate:
             g = torch.sigmoid(self.smear).to(x.dtype)
-            x = torch.cat((x[:, :1], x[:, 1:] + g * (x[:, :-1] - x[:, 1:])), dim=1)
-        v_first, skips = None, []
-        for pos, i in enumerate(self.cfg.schedule):
+            # a document's first token must not see the previous document's last one
+            keep = (idx[:, 1:] != cfg.bos_id).unsqueeze(-1).to(x.dtype)
+            x = torch.cat((x[:, :1], x[:, 1:] + keep * g * (x[:, :-1] - x[:, 1:])), dim=1)
+        return x
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x = self.embed(idx)
+        x0 = x
+        ve_base = None
+        if cfg.ve_layers:
+            ve_base = self.ve_emb(idx)
+            if hasattr(self, "ve_proj"):
+                ve_base = self.ve_proj(ve_base)
+            ve_base = ve_base * self.ve_scale.to(ve_base.dtype)
+        v_first, skips, outs = None, [], []
+        for pos, block in enumerate(self._at):
             if cfg.unet_skips and pos >= self.n_enc and skips:
                 x = x + self.skip_weights[pos - self.n_enc].to(x.dtype) * skips.pop()
-            x, v_first = self.blocks[i](x, v_first)
+            ve = None
+            if ve_base is not None and pos in cfg.ve_layers:
+                ve = ve_base * self.ve_gains[cfg.ve_layers.index(pos)].to(ve_base.dtype)
+            ln = 1.0 / math.sqrt(pos + 1) if cfg.ln_scale else 1.0
+            x, v_first = block(x, v_first, x0, outs, ve, ln)
+            if cfg.resid_mix == "mix4":
+                outs.append(x)
             if cfg.unet_skips and pos < self.n_enc:
                 skips.append(x)
         x = rms_norm(x, cfg.norm_eps)

@@ -41,11 +41,15 @@ def make_fake_quant(scheme: str, bits: int, group_size: int | None = None) -> Ca
     return lambda w: quantizer.quantize(w.detach().cpu()).dequantize().to(w.device, w.dtype)
 
 
-def set_fake_quant(model: GPT | nn.Module, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> int:
-    """Attach `fn` (or None to detach) to every linear layer inside the blocks; returns how many."""
+def set_fake_quant(model: GPT | nn.Module, fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                   only_mlp: bool = False) -> int:
+    """Attach `fn` (or None to detach) to every linear layer inside the blocks (or only the MLPs'); returns how many.
+
+    The layers apply it in training mode only: evaluation sees the float weights that final.pt holds.
+    """
     n = 0
-    for module in model.blocks.modules():
-        if isinstance(module, Linear):
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, Linear) and (not only_mlp or ".mlp." in f".{name}"):
             module.fake_quant = fn
             n += 1
     return n

@@ -42,6 +42,8 @@ class TrainConfig:
     max_seconds: float = 0.0  # wall-clock cap on training time (eval excluded); 0 = none. The LR schedule follows it
     warmup_steps: int = 10  # linear LR warmup from 0
     warmdown_frac: float = 0.3  # LR decays linearly to 0 over this last fraction of the run (steps or time)
+    warmdown_iters: int = 0  # > 0: the seeds' warmdown instead, over the last N steps (with max_seconds: the last
+    #                          N mean step times before the cap); warmdown_frac is then unused
     matrix_lr: float = 0.04  # Muon LR for the blocks' matrices
     embed_lr: float = 0.05  # Adam LR for embeddings (the tied head included)
     head_lr: float = 0.008  # Adam LR for an untied output head
@@ -52,8 +54,12 @@ class TrainConfig:
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.95  # Adam beta2
     weight_decay: float = 0.0  # decoupled weight decay on the Muon matrices (multiplied by the LR)
+    adam_weight_decay: float = 0.0  # > 0: AdamW with this decay on the embeddings and scalars (the head stays Adam)
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
     ema_decay: float = 0.0  # EMA of weights (e.g. 0.997); the EMA is what final.pt holds. 0 = off
+    swa_every: int = 0  # SWA: average the weights every N steps once lr_scale < swa_threshold; final.pt holds
+    #                     the average (it wins over the EMA). 0 = off
+    swa_threshold: float = 0.2  # SWA collects only while the LR scale is below this (the tail of the warmdown)
     seed: int = 1337  # seeds model init and every RNG
     device: str = "auto"  # auto (cuda if available), cpu, cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
@@ -70,8 +76,11 @@ class TrainConfig:
     qat_scheme: str = "rtn"  # qpack quantizer the fake quant uses (rtn runs on the device, others on CPU)
     qat_group_size: int = 0  # QAT scale group size; 0 = one scale per row
     qat_threshold: float = 0.15  # QAT switches on once the LR scale falls below this
-    crownq_lambda: float = 0.0  # weight of the CROWN-Q penalty during warmdown; 0 = off
-    crownq_bits: int = 6  # target width the CROWN-Q penalty assumes
+    qat_mlp_bits: int = 0  # width for the MLP matrices under QAT (e.g. 4, #951); 0 = qat_bits
+    crownq_lambda: float = 0.0  # weight of the CROWN-Q penalty; 0 = off
+    crownq_bits: int = 6  # target width the CROWN-Q penalty assumes (qpack mode)
+    crownq_mode: str = "qpack"  # qpack: h*delta^2/12, delta = rowmax/qmax(bits), all of warmdown;
+    #                             record: #693's mean(w^2)*(rowmax/15)^2/12, only while late QAT is on
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the model as GPTConfig.to_dict)."""
@@ -163,7 +172,8 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, key) <= 0:
             raise QpackInputError(f"{key} must be positive, got {getattr(cfg, key)}")
     for key in ("max_seconds", "warmup_steps", "threads", "global_batch_tokens", "val_every", "val_tokens", "ckpt_every",
-                "stop_after", "weight_decay", "grad_clip", "qat_group_size", "crownq_lambda"):
+                "stop_after", "weight_decay", "grad_clip", "qat_group_size", "crownq_lambda", "warmdown_iters",
+                "adam_weight_decay", "swa_every", "swa_threshold", "qat_mlp_bits"):
         if getattr(cfg, key) < 0:
             raise QpackInputError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.warmdown_frac <= 1.0:
@@ -178,6 +188,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise QpackInputError(f"qat_bits must be 0 (off) or 2..8, got {cfg.qat_bits}")
     if cfg.crownq_lambda and not 2 <= cfg.crownq_bits <= 8:
         raise QpackInputError(f"crownq_bits must be in 2..8, got {cfg.crownq_bits}")
+    if cfg.qat_mlp_bits and not 2 <= cfg.qat_mlp_bits <= 8:
+        raise QpackInputError(f"qat_mlp_bits must be 0 (= qat_bits) or 2..8, got {cfg.qat_mlp_bits}")
+    if cfg.qat_mlp_bits and not cfg.qat_bits:
+        raise QpackInputError("qat_mlp_bits needs qat_bits > 0 (it only changes the MLP matrices' width)")
+    if cfg.crownq_mode not in ("qpack", "record"):
+        raise QpackInputError(f"crownq_mode must be qpack or record, got {cfg.crownq_mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -256,6 +272,8 @@ def lr_scale(step: int, elapsed: float, cfg: TrainConfig) -> float:
     """LR multiplier: linear warmup, flat, then linear warmdown to 0 over the last warmdown_frac of the run."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.warmdown_iters:
+        return _seed_warmdown(step, elapsed, cfg)
     progress = step / cfg.max_steps
     if cfg.max_seconds:
         progress = max(progress, elapsed / cfg.max_seconds)
@@ -264,7 +282,22 @@ def lr_scale(step: int, elapsed: float, cfg: TrainConfig) -> float:
     return 1.0
 
 
+def _seed_warmdown(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    """The seed records' rule: the last warmdown_iters steps, or with a time cap the last warmdown_iters mean
+    step times before it, decay linearly to 0."""
+    n = cfg.warmdown_iters
+    by_steps = min(1.0, max(cfg.max_steps - step, 0) / n)
+    if not cfg.max_seconds:
+        return by_steps
+    window = n * elapsed / max(step, 1)
+    remaining = max(cfg.max_seconds - elapsed, 0.0)
+    by_time = remaining / max(window, 1e-9) if remaining <= window else 1.0
+    return min(by_steps, by_time)
+
+
 def in_warmdown(step: int, elapsed: float, cfg: TrainConfig) -> bool:
+    if cfg.warmdown_iters:
+        return step >= cfg.warmup_steps and _seed_warmdown(step, elapsed, cfg) < 1.0
     progress = step / cfg.max_steps
     if cfg.max_seconds:
         progress = max(progress, elapsed / cfg.max_seconds)
@@ -410,12 +443,9 @@ class Trainer:
             self.accum = cfg.grad_accum
         self.crownq = None
         if cfg.crownq_lambda:
-            try:
-                from qpack.crownq import crownq_penalty
-            except ImportError:
-                raise QpackInputError("crownq_lambda > 0 needs qpack.crownq.crownq_penalty, which this qpack "
-                                      "does not have yet; set crownq_lambda=0") from None
-            self.crownq = crownq_penalty
+            from qpack.crownq import crownq_penalty, crownq_record_penalty
+
+            self.crownq = crownq_record_penalty if cfg.crownq_mode == "record" else crownq_penalty
 
     # -- logging (rank 0 only)
     def log(self, line: str) -> None:
@@ -464,6 +494,7 @@ class Trainer:
         stream = TokenStream(train_paths, mcfg.vocab_size)
 
         step, elapsed, tokens_seen = 0, 0.0, 0
+        self.swa, self.swa_count = None, 0  # running sum of SWA snapshots (float32) and how many
         ckpt_path = self.out / "ckpt.pt"
         resumed = cfg.resume and ckpt_path.is_file()
         if resumed:
@@ -502,13 +533,17 @@ class Trainer:
             if cfg.qat_bits and not qat_on and step >= cfg.warmup_steps and scale < cfg.qat_threshold:
                 qat_on = self._enable_qat(step)
             self._set_schedule(opts, step, scale)
-            penalize = self.crownq is not None and in_warmdown(step, elapsed, cfg)
+            penalize = self.crownq is not None and in_warmdown(step, elapsed, cfg) and (
+                qat_on or self.cfg.crownq_mode == "qpack")  # the record form applies only under late QAT
             step_loss = self._train_step(model, stream, opts, penalize)
+            swa_now = cfg.swa_every and scale < cfg.swa_threshold and in_warmdown(step, elapsed, cfg)
             if ema is not None:
                 with torch.no_grad():
                     for k, v in self.raw.state_dict().items():
                         ema[k].lerp_(v.float(), 1.0 - cfg.ema_decay)
             step += 1
+            if swa_now and step % cfg.swa_every == 0:  # only the tail of the warmdown (not the warmup)
+                self._swa_add()
             tokens_seen += self.per_step_tokens * self.accum
             pending.append((step, step_loss))
 
@@ -542,7 +577,11 @@ class Trainer:
             return {"steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 3),
                     "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1), "val_loss": None, "val_bpb": None,
                     "params": self.raw.num_params(), "checkpoint": str(ckpt_path), "stopped": True}
-        if ema is not None:
+        if self.swa_count:
+            self.log(f"SWA: final weights are the mean of {self.swa_count} snapshots")
+            self.raw.load_state_dict({k: (v / self.swa_count).to(self.raw.state_dict()[k].dtype)
+                                      for k, v in self.swa.items()})
+        elif ema is not None:
             self.raw.load_state_dict({k: v.to(self.raw.state_dict()[k].dtype) for k, v in ema.items()})
         val_loss, val_bpb = evaluate(self.raw, val, cfg, self.device, self.autocast, luts, self.rank, self.world)
         self._flush_metrics([], {"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "final": True})
@@ -607,9 +646,18 @@ class Trainer:
         parts = split_params(self.raw)
         opts: list[torch.optim.Optimizer] = [
             Muon(parts["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)]
-        adam_groups = [{"params": parts[k], "lr": lr} for k, lr in
-                       (("embed", cfg.embed_lr), ("head", cfg.head_lr), ("scalar", cfg.scalar_lr)) if parts[k]]
-        opts.append(torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8))
+        roles = [(k, lr) for k, lr in (("embed", cfg.embed_lr), ("head", cfg.head_lr), ("scalar", cfg.scalar_lr))
+                 if parts[k]]
+        adam_groups = [{"params": parts[k], "lr": lr} for k, lr in roles]
+        if cfg.adam_weight_decay:  # the seeds' AdamW on embeddings and scalars; an untied head keeps plain Adam
+            decayed = [{"params": parts[k], "lr": lr} for k, lr in roles if k != "head"]
+            heads = [{"params": parts[k], "lr": lr} for k, lr in roles if k == "head"]
+            opts.append(torch.optim.AdamW(decayed, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                          weight_decay=cfg.adam_weight_decay))
+            if heads:
+                opts.append(torch.optim.Adam(heads, betas=(cfg.beta1, cfg.beta2), eps=1e-8))
+        else:
+            opts.append(torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8))
         for opt in opts:
             for g in opt.param_groups:
                 g["base_lr"] = g["lr"]
@@ -618,18 +666,38 @@ class Trainer:
     def _enable_qat(self, step: int) -> bool:
         from .qat import make_fake_quant, set_fake_quant
 
+        cfg = self.cfg
         try:
-            fn = make_fake_quant(self.cfg.qat_scheme, self.cfg.qat_bits, self.cfg.qat_group_size or None)
+            fn = make_fake_quant(cfg.qat_scheme, cfg.qat_bits, cfg.qat_group_size or None)
+            mlp_fn = make_fake_quant(cfg.qat_scheme, cfg.qat_mlp_bits, cfg.qat_group_size or None) \
+                if cfg.qat_mlp_bits else fn
         except ValueError as exc:
             raise QpackInputError(str(exc)) from None
         n = set_fake_quant(self.raw, fn)
-        self.log(f"step {step}: late QAT on ({self.cfg.qat_scheme} int{self.cfg.qat_bits}, {n} matrices)")
+        widths = f"int{cfg.qat_bits}"
+        if cfg.qat_mlp_bits:
+            set_fake_quant(self.raw, mlp_fn, only_mlp=True)
+            widths += f", MLP int{cfg.qat_mlp_bits}"
+        self.log(f"step {step}: late QAT on ({cfg.qat_scheme} {widths}, {n} matrices)")
         return True
 
     def _crownq_penalty(self) -> torch.Tensor:
         # the Muon matrices are the tensors compress quantizes to low widths; no Hessian here, so h = 1
         weights = {n: p for n, p in self.raw.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+        if self.cfg.crownq_mode == "record":
+            return self.crownq(weights, lam=self.cfg.crownq_lambda)
         return self.crownq(weights, self.cfg.crownq_bits, hdiag=None, lam=self.cfg.crownq_lambda)
+
+    def _swa_add(self) -> None:
+        """Add the current weights to the SWA sum."""
+        with torch.no_grad():
+            state = self.raw.state_dict()
+            if self.swa is None:
+                self.swa = {k: v.detach().float().clone() for k, v in state.items()}
+            else:
+                for k, v in state.items():
+                    self.swa[k] += v.float()
+        self.swa_count += 1
 
     def _eta(self, step: int, elapsed: float) -> float:
         by_steps = elapsed / max(step, 1) * (self.cfg.max_steps - step)
@@ -652,7 +720,8 @@ class Trainer:
         state = {"model": _cpu_state(self.raw), "config": self.cfg.model.to_dict(),
                  "train_config": self.cfg.to_dict(), "step": step, "elapsed": elapsed, "tokens": tokens,
                  "optimizers": [o.state_dict() for o in opts], "rng": rng_state(), "data_position": stream.state(),
-                 "ema": ema, "tokenizer": str((self.data / "tokenizer.model").resolve())
+                 "ema": ema, "swa": self.swa, "swa_count": self.swa_count,
+                 "tokenizer": str((self.data / "tokenizer.model").resolve())
                  if (self.data / "tokenizer.model").is_file() else None,
                  "data_manifest_hash": manifest_hash(self.data)}
         atomic_save(state, path)
@@ -677,6 +746,8 @@ class Trainer:
         if ema is not None and ck.get("ema") is not None:
             for k in ema:
                 ema[k].copy_(ck["ema"][k])
+        if ck.get("swa") is not None:
+            self.swa, self.swa_count = ck["swa"], int(ck["swa_count"])
         stream.load_state(ck["data_position"])
         set_rng_state(ck["rng"])
         step = int(ck["step"])
@@ -717,11 +788,12 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
-def config_from_args(preset: str | None, data: str | None, out: str | None, overrides: Iterable[str]) -> TrainConfig:
-    """TrainConfig from a preset name, --data/--out and --key=value overrides (later wins)."""
+def config_from_args(preset: str | None, data: str | None, out: str | None, overrides: Iterable[str],
+                     scale: str = "full") -> TrainConfig:
+    """TrainConfig from a preset name (at a scale), --data/--out and --key=value overrides (later wins)."""
     from .presets import preset_config
 
-    cfg = preset_config(preset) if preset else TrainConfig()
+    cfg = preset_config(preset, scale) if preset else TrainConfig()
     values = parse_overrides(overrides)
     if data is not None:
         values["data"] = data
@@ -730,18 +802,28 @@ def config_from_args(preset: str | None, data: str | None, out: str | None, over
     return with_values(cfg, values)
 
 
+def dry_run(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config and the model's parameter count, without data or training."""
+    from .model import count_params
+
+    check_config(cfg)
+    return {"config": cfg.to_dict(), "params": count_params(cfg.model)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m trainers.gpt.train [--preset=NAME] [--key=value ...]`; torchrun-friendly."""
+    """`python -m trainers.gpt.train [--preset=NAME] [--scale=tiny] [--key=value ...]`; torchrun-friendly."""
     args = list(sys.argv[1:] if argv is None else argv)
-    preset = None
+    preset, scale = None, "full"
     rest = []
     for a in args:
         if a.startswith("--preset="):
             preset = a.split("=", 1)[1]
+        elif a.startswith("--scale="):
+            scale = a.split("=", 1)[1]
         else:
             rest.append(a)
     try:
-        train(config_from_args(preset, None, None, rest))  # the log's last line is the summary as JSON
+        train(config_from_args(preset, None, None, rest, scale))  # the log's last line is the summary as JSON
     except QpackError as exc:
         print(f"qpack: error: {exc}", file=sys.stderr)
         return 2
