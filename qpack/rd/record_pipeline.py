@@ -148,44 +148,45 @@ class Fit:
 
 
 def fit_size(sd: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], settings: RecordSettings, target: int,
-             min_numel: int = 4096, iters: int = 10, cache: dict | None = None) -> Fit:
-    """The smallest common k multiplier whose stream fits `target` bytes (bisection on log mult; size falls
-    as k grows), with the fitted parts. Raises QpackInputError when even mult = 64 does not fit."""
+             min_numel: int = 4096, iters: int = 12, cache: dict | None = None, tol: float = 0.002) -> Fit:
+    """The smallest common k multiplier whose stream fits `target` bytes, with the fitted parts: a bracketing
+    search on log(mult) against log(size) (size falls as k grows), stopping within `tol` under the target.
+    `cache` (one per settings) keeps every trial, so later targets start bracketed.
+    Raises QpackInputError when even mult = 64 does not fit."""
     cache = {} if cache is None else cache
+    trials: dict[float, Fit] = cache.setdefault("_trials", {})
 
     def at(mult: float) -> Fit:
-        parts = quantize_record(sd, hessians, settings.scaled(mult), min_numel, cache)
-        return Fit(mult, compressed_size(parts), parts)
+        if mult not in trials:
+            parts = quantize_record(sd, hessians, settings.scaled(mult), min_numel, cache)
+            trials[mult] = Fit(mult, compressed_size(parts), parts)
+        return trials[mult]
 
-    lo, hi = at(1.0), None
-    if lo.size <= target:  # shrink k (finer grid) until it no longer fits
-        hi, m = lo, 1.0
-        while True:
-            m /= 2
-            f = at(m)
-            if f.size > target:
-                lo = f
-                break
-            hi = f
-            if m < 1e-3:
+    if not trials:
+        at(1.0)
+    for _ in range(iters):
+        fits = [f for f in trials.values() if f.size <= target]
+        over = [f for f in trials.values() if f.size > target]
+        hi = min(fits, key=lambda f: f.mult) if fits else None  # fits, finest grid
+        lo = max(over, key=lambda f: f.mult) if over else None  # too big, coarsest grid
+        if hi is not None and hi.size >= target * (1 - tol):
+            return hi
+        if hi is None:
+            if lo.mult >= 64:
+                raise QpackInputError(f"record pipeline: cannot reach {target:,} bytes (at k x 64: {lo.size:,})")
+            at(min(lo.mult * 2, 64.0))
+            continue
+        if lo is None:
+            if hi.mult < 1e-3:
                 return hi
-    else:
-        m = 1.0
-        while True:
-            m *= 2
-            f = at(m)
-            if f.size <= target:
-                hi = f
-                break
-            lo = f
-            if m >= 64:
-                raise QpackInputError(f"record pipeline: cannot reach {target:,} bytes (at k x 64: {f.size:,})")
-    for _ in range(iters):  # lo does not fit, hi fits
-        f = at(math.sqrt(lo.mult * hi.mult))
-        if f.size <= target:
-            hi = f
-        else:
-            lo = f
-        if hi.size >= target * 0.999:
-            break
-    return hi
+            at(hi.mult / 2)
+            continue
+        # regula falsi in log-log, kept inside the middle 80% of the bracket so it always shrinks
+        a, b = math.log(lo.mult), math.log(hi.mult)
+        t = (math.log(lo.size) - math.log(target)) / (math.log(lo.size) - math.log(hi.size))
+        t = min(max(t, 0.1), 0.9)
+        at(math.exp(a + t * (b - a)))
+    fits = [f for f in trials.values() if f.size <= target]
+    if not fits:
+        raise QpackInputError(f"record pipeline: no multiplier found that fits {target:,} bytes")
+    return min(fits, key=lambda f: f.mult)
