@@ -55,7 +55,7 @@ def test_fit_size_lands_under_the_target_and_close_to_it():
     settings = rp.PRESETS["2026-04-05"]
     full = rp.compressed_size(rp.quantize_record(sd, hs, settings))
     target = int(full * 0.7)
-    fit = rp.fit_size(sd, hs, settings, target, iters=20, tol=0.001)
+    fit = rp.fit_size(sd, hs, settings, target)
     assert fit.size <= target and fit.mult > 1.0
     assert rp.compressed_size(fit.parts) == fit.size
     # a slightly smaller multiplier (finer grid) no longer fits
