@@ -28,11 +28,11 @@ from qpack.rd import record_pipeline as rp  # noqa: E402
 RECORD_RATIO = 20.0 / 12.85  # the 2026-04-05 record's embedding k over its matrix k
 
 
-def baseline_settings(ratios: list[float]) -> dict[str, tuple[rp.RecordSettings, float | None]]:
+def baseline_settings(ratios: list[float], presets: list[str]) -> dict[str, tuple[rp.RecordSettings, float | None]]:
     """name -> (settings, embedding k ratio or None for the preset's own k's)."""
-    out = {"record 04-05 (k 12.85, emb int8 k 20)": (rp.PRESETS["2026-04-05"], None),
-           "record 04-06 (+ Hessian-aware, lambda 0.175)": (rp.PRESETS["2026-04-06"], None),
-           "record 04-27 (mlp 11.5, attn 13, emb int7 k 14)": (rp.PRESETS["2026-04-27"], None)}
+    names = {"04-05": "record 04-05 (k 12.85, emb int8 k 20)", "04-06": "record 04-06 (+ Hessian-aware, lambda 0.175)",
+             "04-27": "record 04-27 (mlp 11.5, attn 13, emb int7 k 14)"}
+    out = {names[p]: (rp.PRESETS["2026-" + p], None) for p in presets}
     for r in ratios:
         out[f"04-05, emb k = {r:g} x matrix k"] = (rp.PRESETS["2026-04-05"], r)
     return out
@@ -52,6 +52,7 @@ def main() -> None:
     ap = common_args(__doc__.splitlines()[0], "benchmarks/rd/out")
     ap.add_argument("--bits", default="3,3.75,4.5,5.25,6", help="target sizes in bits per parameter")
     ap.add_argument("--ratios", default="0.4,0.8", help="embedding/matrix k ratios searched for the baseline")
+    ap.add_argument("--presets", default="04-05,04-06,04-27", help="the records' own settings tried for the baseline")
     ap.add_argument("--rdo", type=float, default=0.1, help="RDO Lagrange multiplier of the rate path")
     ap.add_argument("--series", default="all", help="comma list of series to run (default all)")
     ap.set_defaults(tokens=32768)
@@ -90,7 +91,7 @@ def main() -> None:
     tmp = out / "tmp"
     tmp.mkdir(exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",") if r]
-    for name, (settings, ratio) in baseline_settings(ratios).items():
+    for name, (settings, ratio) in baseline_settings(ratios, [p for p in args.presets.split(",") if p]).items():
         if wanted and "baseline" not in wanted:
             break
         cache: dict = {}
