@@ -309,3 +309,18 @@ def test_grid_and_rounding_errors():
         GPTQ(W.float(), H.float()).quantize(3, rounding=RateDistortionRounding(torch.ones(15), 0.1))
     with pytest.raises(QpackInputError, match="lam"):
         RateDistortionRounding(torch.ones(15), -1.0)
+
+
+def test_thread_tuning_only_on_the_cpu(monkeypatch):
+    from qpack.quant.gptq import _one_thread
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    with _one_thread(torch.device("cuda")):
+        pass
+    with _one_thread(torch.device("meta")):
+        pass
+    assert calls == []
+    with _one_thread(torch.device("cpu")):
+        assert calls == [1]
+    assert calls == [1, torch.get_num_threads()]
