@@ -58,22 +58,44 @@ trap summary EXIT
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
-# Packages the GPU image lacks come as wheels; qpack itself is installed editable (no deps, no index) so that its
-# `qpack.models` entry point (arch "gpt" -> trainers.gpt.model) resolves.
+# Packages the GPU image lacks come as wheels. qpack runs from this checkout (PYTHONPATH); its `qpack.models` entry
+# point (arch "gpt" -> trainers.gpt.model) needs distribution metadata, so a minimal .dist-info is written beside
+# the wheels instead of installing the package.
+SITE=/tmp/qpack-site
 setup() {
+  mkdir -p "$SITE"
+  export PYTHONPATH=$PYTHONPATH:$SITE
   if ! "$PY" -c "import zstandard, brotli, constriction" 2>/dev/null; then
     if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
       echo "missing zstandard/brotli/constriction and no wheels in $WHEELS (make them with benchmarks/gpu/fetch_wheels.sh)"
       return 2
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qpack-site \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       "$WHEELS"/*.whl || return 2
-    export PYTHONPATH=$PYTHONPATH:/tmp/qpack-site
   fi
   if ! "$PY" -c "import sys; from qpack.models import model_names; sys.exit('gpt' not in model_names())" 2>/dev/null; then
-    "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e "$REPO" || return 2
+    mkdir -p "$SITE/qpack_checkout-0.1.0.dist-info"
+    printf 'Metadata-Version: 2.1\nName: qpack-checkout\nVersion: 0.1.0\n' \
+      >"$SITE/qpack_checkout-0.1.0.dist-info/METADATA"
+    printf '[qpack.models]\ngpt = trainers.gpt.model:build_from_config\n' \
+      >"$SITE/qpack_checkout-0.1.0.dist-info/entry_points.txt"
   fi
-  "$PY" -c "import qpack, sys; from qpack.models import model_names; print('qpack', qpack.__version__, 'models', model_names())"
+  "$PY" -c "import qpack; from qpack.models import model_names; print('qpack', qpack.__version__, 'from', qpack.__file__, 'models', model_names())"
+}
+
+# When training fails, a randomly initialised checkpoint of the preset's shape still lets compress and eval check
+# their device paths (the train stage stays marked FAILED).
+random_ckpt() {
+  "$PY" - "$1" "$2" <<'EOF'
+import sys, torch
+from trainers.gpt.model import build_from_config
+from trainers.gpt.presets import preset_config
+cfg = preset_config(sys.argv[2])
+torch.manual_seed(0)
+model = build_from_config(cfg.model.to_dict())
+torch.save({"model": model.state_dict(), "config": cfg.model.to_dict(), "seq_len": cfg.seq_len}, sys.argv[1])
+print(f"random {sys.argv[2]} checkpoint: {sum(p.numel() for p in model.parameters()):,} parameters")
+EOF
 }
 
 versions() {
@@ -115,7 +137,7 @@ if [ "$DRY" = 1 ]; then
   EVAL_TOKENS=${CHECK_EVAL_TOKENS:-2048}
   BUDGET=${CHECK_BUDGET:-350KB}
   CALIB_TOKENS=2048
-  PYTEST_MARK=cuda  # everything is skipped without a GPU: checks that the suite collects
+  PYTEST_MARK=cuda  # skipped without a GPU: checks that the tests collect
 else
   DEVICE=cuda
   PRESET=golf
@@ -130,10 +152,12 @@ fi
 
 stage setup setup || exit 2
 stage versions versions
-stage pytest_cuda "$PY" -m pytest -q -m "$PYTEST_MARK" -p no:cacheprovider tests/test_cuda.py
+# tests/test_cuda.py and any other test file that marks tests `cuda`
+mapfile -t CUDA_TESTS < <(grep -l "mark.cuda" tests/test_*.py)
+stage pytest_cuda "$PY" -m pytest -q -m "$PYTEST_MARK" -p no:cacheprovider "${CUDA_TESTS[@]}"
 stage data make_data "$CORPUS_BYTES" || exit 2
 stage train "$PY" -m qpack.cli train --preset "$PRESET" --data "$WORK/data" --out "$WORK/run" "${TRAIN_ARGS[@]}" \
-  || exit 2
+  || { mkdir -p "$WORK/run" && stage random_ckpt random_ckpt "$WORK/run/final.pt" "$PRESET"; } || exit 2
 stage compress "$PY" benchmarks/gpu/compress_device.py "$WORK/run/final.pt" --calib "$WORK/data" \
   --calib-tokens "$CALIB_TOKENS" --budget "$BUDGET" -o "$WORK/model.qpk" --device "$DEVICE" \
   --json "$WORK/compress.json" || exit 2

@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
             raise QpackInputError("--device cuda: no CUDA device is available")
         stages: dict[str, float] = {}
         t0 = time.perf_counter()
-        sd, config, _extra = load_state_dict(args.ckpt)
+        sd, config, extra = load_state_dict(args.ckpt)
         stages["load"] = time.perf_counter() - t0
 
         t = time.perf_counter()
         tokens = load_calibration_tokens(args.calib, args.calib_tokens, None, (config or {}).get("vocab_size"))
         net = build_model(sd, config, None).float().to(device)
-        length = int((config or {}).get("seq_len") or 512)
+        length = int((config or {}).get("seq_len") or extra.get("seq_len") or 512)  # the trainer stores it beside
         hessians = collect(net, tokens, min(length, len(tokens)))
         sd_dev = {k: v.detach().to(device) for k, v in net.state_dict().items()}
         del net
