@@ -202,18 +202,19 @@ def _encode_quant(
     prefix: str, q: Quantized, layout: str, codec: Codec, scale_codec: Codec, scale_layout: str, verify: bool
 ) -> tuple[dict, list[Section]]:
     q = q.cpu()  # bytes are made from numpy arrays on the CPU
+    scales = q.scales.numpy()
     try:
         codes = encode_codes(q.q.numpy(), q.bits, layout)
     except ValueError as exc:
         raise QpackInputError(f"tensor {prefix!r}: {exc}") from None
     code_sec = encode_section(f"{prefix}codes", codec, codes, verify)
     if scale_layout == "auto":
-        options = [encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(q.scales.numpy(), lay), verify)
+        options = [encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(scales, lay), verify)
                    for lay in SCALE_LAYOUTS]
         best = min(range(len(options)), key=lambda i: (len(options[i].data), i))  # ties keep "plain"
         scale_sec, scale_layout = options[best], SCALE_LAYOUTS[best]
     else:
-        scale_sec = encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(q.scales.numpy(), scale_layout), verify)
+        scale_sec = encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(scales, scale_layout), verify)
     entry = {
         "shape": [int(d) for d in q.shape],
         "scheme": q.scheme,

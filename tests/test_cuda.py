@@ -96,10 +96,12 @@ def test_gptq_on_cuda_matches_cpu(dtype, min_agree, group_size, actorder, monkey
 def test_gptq_widths_grids_and_rdo_on_cuda():
     W, X, H = layer(seed=3)
     Wc, Hc = W.to(CUDA), H.to(CUDA)
-    got = quantize_widths(Wc, Hc, [2, 4, 8], None, clip_search=True)
-    for bits, q in got.items():
+    one_by_one = quantize_widths(Wc, Hc, [2, 4, 8], None, stacked=False, clip_search=True)
+    stacked = quantize_widths(Wc, Hc, [2, 4, 8], None, clip_search=True)  # stacked by default on CUDA
+    for bits, q in one_by_one.items():
         want = make_quantizer("gptq", bits, clip_search=True).quantize(Wc, Hc)
         assert torch.equal(q.q, want.q) and torch.equal(q.scales, want.scales)  # same device: bit-identical
+        assert torch.equal(stacked[bits].scales, want.scales) and agree(stacked[bits], want) >= 0.999
     bits = torch.tensor([abs(v) for v in range(-7, 8)], dtype=torch.float64)
     g_cpu, g_gpu = GPTQ(W, H, torch.float64), GPTQ(Wc, Hc, torch.float64)
     r_cpu = g_cpu.quantize(4, rounding=RateDistortionRounding(bits, 0.01))

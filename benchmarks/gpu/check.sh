@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU, under 8 minutes: versions, `pytest -m cuda`, a data folder made on the machine (no network), the golf
-# preset trained for 60 s, GPTQ compress with model, Hessians and quantizers on CUDA, then sliding + mixer + TTT
-# eval on CUDA; each stage's wall time at the end (also in $CHECK_OUT/stages.tsv).
+# One GPU, under 8 minutes: versions, `pytest -m cuda`, GPTQ timings (per width / prepared once / widths stacked),
+# a data folder made on the machine (no network), the golf preset trained for 60 s, GPTQ compress with model,
+# Hessians and quantizers on CUDA, then sliding + mixer + TTT eval on CUDA; each stage's wall time at the end
+# (also in $CHECK_OUT/stages.tsv).
 #
 #   bash benchmarks/gpu/check.sh                 # on the GPU machine, from the repository root
 #   CHECK_DRY=1 bash benchmarks/gpu/check.sh     # the same stages on the CPU with cpu-smoke and a few steps
@@ -137,6 +138,7 @@ if [ "$DRY" = 1 ]; then
   EVAL_TOKENS=${CHECK_EVAL_TOKENS:-2048}
   BUDGET=${CHECK_BUDGET:-350KB}
   CALIB_TOKENS=2048
+  SPEED_REPEAT=1
   PYTEST_MARK=cuda  # skipped without a GPU: checks that the tests collect
 else
   DEVICE=cuda
@@ -147,6 +149,7 @@ else
   EVAL_TOKENS=${CHECK_EVAL_TOKENS:-32768}
   BUDGET=${CHECK_BUDGET:-16MB}
   CALIB_TOKENS=16384
+  SPEED_REPEAT=3
   PYTEST_MARK=cuda
 fi
 
@@ -155,6 +158,11 @@ stage versions versions
 # tests/test_cuda.py and any other test file that marks tests `cuda`
 mapfile -t CUDA_TESTS < <(grep -l "mark.cuda" tests/test_*.py)
 stage pytest_cuda "$PY" -m pytest -q -m "$PYTEST_MARK" -p no:cacheprovider "${CUDA_TESTS[@]}"
+gptq_speed() {
+  "$PY" benchmarks/gpu/gptq_speed.py --device "$DEVICE" --rows 512 --cols 1536 --repeat "$1" &&
+    "$PY" benchmarks/gpu/gptq_speed.py --device "$DEVICE" --rows 1536 --cols 512 --repeat "$1"
+}
+stage gptq_speed gptq_speed "$SPEED_REPEAT"
 stage data make_data "$CORPUS_BYTES" || exit 2
 stage train "$PY" -m qpack.cli train --preset "$PRESET" --data "$WORK/data" --out "$WORK/run" "${TRAIN_ARGS[@]}" \
   || { mkdir -p "$WORK/run" && stage random_ckpt random_ckpt "$WORK/run/final.pt" "$PRESET"; } || exit 2

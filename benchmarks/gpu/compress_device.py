@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stage {name:<10} {sec:8.2f} s")
     for name, sec in result.stages.items():
         print(f"  compress.{name:<12} {sec:8.2f} s")
-    print(f"wrote {args.output}: {result.bytes_total:,} bytes <= {result.budget:,}; {result.params:,} params on {device}")
+    print(f"wrote {args.output}: {result.bytes_total:,} bytes <= {result.budget:,}; {result.params:,} params "
+          f"on {device}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, sort_keys=True)
