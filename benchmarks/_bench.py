@@ -70,9 +70,9 @@ def symbol_entropy(path: str | Path) -> dict[str, float]:
         payload = art.quantized(name)
         if not isinstance(payload, Quantized):
             continue
-        counts = np.bincount((payload.q.astype(np.int16) + 128).ravel(), minlength=256)
+        counts = np.bincount((payload.q.numpy().astype(np.int16) + 128).ravel(), minlength=256)
         p = counts[counts > 0] / counts.sum()
-        ent_bits += float(-(p * np.log2(p)).sum()) * payload.q.size
+        ent_bits += float(-(p * np.log2(p)).sum()) * payload.numel
         code_bytes += art.section_bytes(name)["codes"]
     ent_bytes = ent_bits / 8
     return {"entropy_bytes": ent_bytes, "code_bytes": code_bytes,

@@ -174,7 +174,7 @@ def _check_quantized(name: str, q: Any) -> Quantized:
         raise QpackInputError(f"tensor {name!r}: scheme name {q.scheme!r} must match {_SCHEME_RE.pattern}")
     if q.group_size is not None and (not is_int(q.group_size) or q.group_size < 1):
         raise QpackInputError(f"tensor {name!r}: group_size must be a positive int or None")
-    if not np.isfinite(q.scales).all():
+    if not bool(torch.isfinite(q.scales).all()):
         raise QpackInputError(f"tensor {name!r}: scales must be finite")
     if tuple(q.q.shape) != matrix_shape(q.shape):
         raise QpackInputError(f"tensor {name!r}: codes {q.q.shape} are not the matrix view of shape {q.shape}")
@@ -201,18 +201,20 @@ def _plain(value: Any, where: str) -> Any:
 def _encode_quant(
     prefix: str, q: Quantized, layout: str, codec: Codec, scale_codec: Codec, scale_layout: str, verify: bool
 ) -> tuple[dict, list[Section]]:
+    q = q.cpu()  # bytes are made from numpy arrays on the CPU
+    scales = q.scales.numpy()
     try:
-        codes = encode_codes(q.q, q.bits, layout)
+        codes = encode_codes(q.q.numpy(), q.bits, layout)
     except ValueError as exc:
         raise QpackInputError(f"tensor {prefix!r}: {exc}") from None
     code_sec = encode_section(f"{prefix}codes", codec, codes, verify)
     if scale_layout == "auto":
-        options = [encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(q.scales, lay), verify)
+        options = [encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(scales, lay), verify)
                    for lay in SCALE_LAYOUTS]
         best = min(range(len(options)), key=lambda i: (len(options[i].data), i))  # ties keep "plain"
         scale_sec, scale_layout = options[best], SCALE_LAYOUTS[best]
     else:
-        scale_sec = encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(q.scales, scale_layout), verify)
+        scale_sec = encode_section(f"{prefix}scales", scale_codec, scales_to_bytes(scales, scale_layout), verify)
     entry = {
         "shape": [int(d) for d in q.shape],
         "scheme": q.scheme,

@@ -138,7 +138,7 @@ def quantize_weights(weights: dict[str, torch.Tensor], bits: int) -> np.ndarray:
     from .quant import make_quantizer
 
     quantizer = make_quantizer("rtn", bits)
-    parts = [quantizer.quantize(w).q for w in weights.values()]
+    parts = [quantizer.quantize(w).q.cpu().numpy() for w in weights.values()]
     return np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0, dtype=np.int8)
 
 
@@ -164,7 +164,7 @@ def load_input(path: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict[i
             q = art.quantized(name)
             if isinstance(q, torch.Tensor):
                 continue  # passthrough tensors carry no codes
-            codes.setdefault(q.bits, []).append(q.q.reshape(-1))
+            codes.setdefault(q.bits, []).append(q.q.numpy().reshape(-1))
         if not codes:
             raise QpackFormatError(p, Reason.NOT_A_MODEL, "artifact holds no quantized tensors to benchmark")
         return None, {b: np.concatenate(v) for b, v in codes.items()}

@@ -419,7 +419,7 @@ def row_blocks(rows: int, numel: int, chunk_numel: int, max_blocks: int = 8) -> 
 def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
     """Rows r0:r1 of a quantized tensor, as a quantized tensor of its own."""
     shape = (r1 - r0,) + tuple(q.shape[1:]) if len(q.shape) > 1 else (r1 - r0, q.q.shape[1])
-    return Quantized(np.ascontiguousarray(q.q[r0:r1]), np.ascontiguousarray(q.scales[r0:r1]), shape, q.bits,
+    return Quantized(q.q[r0:r1].contiguous(), q.scales[r0:r1].contiguous(), shape, q.bits,
                      q.scheme, q.group_size, dict(q.params))
 
 

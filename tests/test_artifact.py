@@ -123,15 +123,15 @@ def test_round_trip_exact(tmp_path):
         if isinstance(e.payload, Quantized):
             p = e.payload
             assert isinstance(got, Quantized)
-            assert np.array_equal(got.q, p.q) and got.q.dtype == np.int8
-            assert got.scales.dtype == np.float16 and got.scales.tobytes() == p.scales.tobytes()
+            assert np.array_equal(got.q, p.q) and got.q.dtype == torch.int8
+            assert got.scales.dtype == torch.float16 and got.scales.numpy().tobytes() == p.scales.numpy().tobytes()
             assert (got.shape, got.bits, got.scheme, got.group_size, got.params) == \
                    (tuple(p.shape), p.bits, p.scheme, p.group_size, p.params)
             assert torch.equal(got.dequantize(), p.dequantize())
             lr = art.lowrank(e.name)
             if e.lowrank:
                 for mine, theirs in zip(lr, e.lowrank):
-                    assert np.array_equal(mine.q, theirs.q) and mine.scales.tobytes() == theirs.scales.tobytes()
+                    assert np.array_equal(mine.q, theirs.q) and mine.scales.numpy().tobytes() == theirs.scales.numpy().tobytes()
             else:
                 assert lr is None
         else:
@@ -159,7 +159,7 @@ def test_every_width_and_layout(bits, layout):
     q = quant((3, 13), bits, seed=bits)
     art = loads_artifact(build_artifact([TensorEntry("w", q, layout=layout)]))
     got = art.quantized("w")
-    assert np.array_equal(got.q, q.q) and got.scales.tobytes() == q.scales.tobytes()
+    assert np.array_equal(got.q, q.q) and got.scales.numpy().tobytes() == q.scales.numpy().tobytes()
 
 
 def test_deterministic_bytes(tmp_path):
@@ -473,5 +473,5 @@ def test_random_entries_round_trip(seed):
     q = make_quantizer("rtn", bits, group).quantize(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)))
     art = loads_artifact(build_artifact([TensorEntry("t", q, layout=layout, codec=codec, scale_codec=codec)]))
     got = art.quantized("t")
-    assert np.array_equal(got.q, q.q) and got.scales.tobytes() == q.scales.tobytes() and got.shape == shape
+    assert np.array_equal(got.q, q.q) and got.scales.numpy().tobytes() == q.scales.numpy().tobytes() and got.shape == shape
     assert torch.equal(art.tensor("t"), q.dequantize())

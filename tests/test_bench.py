@@ -131,8 +131,8 @@ def test_cli_artifact_input(tmp_path):
     r = run_cli(str(path), "--json", "--codecs", "raw")
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
-    assert obj["entropy_bits_per_weight"]["6"] == pytest.approx(formula_entropy(q6.q.reshape(-1)))
-    assert obj["entropy_bits_per_weight"]["4"] == pytest.approx(formula_entropy(q4.q.reshape(-1)))
+    assert obj["entropy_bits_per_weight"]["6"] == pytest.approx(formula_entropy(q6.q.numpy().reshape(-1)))
+    assert obj["entropy_bits_per_weight"]["4"] == pytest.approx(formula_entropy(q4.q.numpy().reshape(-1)))
     r = run_cli(str(path), "--json", "--codecs", "raw", "--bits", "8")
     assert r.exit_code == 2 and "holds codes at [4, 6] bits only" in r.stderr
 

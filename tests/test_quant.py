@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qpack.errors import QpackInputError
-from qpack.quant import QUANTIZERS, make_quantizer, qmax
+from qpack.quant import QUANTIZERS, Quantized, make_quantizer, qmax
 from qpack.quant.gptq_lite import clip_ratios
 from qpack.quant.lqer import fit_lqer, lowrank_delta, quant_error, top_error_tensors
 from qpack.quant.sdclip import DEFAULT_K, RECORD_K
@@ -79,7 +79,7 @@ def test_gptq_lite_beats_rtn_on_heavy_tails():
 def test_gptq_lite_codes_are_round_of_scales():
     w = heavy_tailed(seed=3)
     out = make_quantizer("gptq_lite", 5, 16).quantize(w)
-    s = np.repeat(out.scales.astype(np.float32), 16, axis=1)[:, :80]
+    s = np.repeat(out.scales.numpy().astype(np.float32), 16, axis=1)[:, :80]
     np.testing.assert_array_equal(out.q, ref_codes(w.numpy(), s, qmax(5)).astype(np.int8))
     assert out.params["grid"] == 41 and out.params["min_ratio"] == pytest.approx(0.8)
 
@@ -105,8 +105,8 @@ def test_sdclip_matches_reference(bits, group_size):
     std = np.stack([x[:, a:b].std(axis=1) for a, b in spans], axis=1)
     want = np.maximum((std * k / qmax(bits)).astype(np.float32).astype(np.float16), TINY16)
     # The std is summed in float32 by torch, here in float64: allow one fp16 ulp.
-    np.testing.assert_allclose(out.scales.astype(np.float64), want.astype(np.float64), rtol=1e-3)
-    s = np.concatenate([np.repeat(out.scales[:, i : i + 1].astype(np.float32), b - a, axis=1)
+    np.testing.assert_allclose(out.scales.numpy().astype(np.float64), want.astype(np.float64), rtol=1e-3)
+    s = np.concatenate([np.repeat(out.scales.numpy()[:, i : i + 1].astype(np.float32), b - a, axis=1)
                         for i, (a, b) in enumerate(spans)], axis=1)
     np.testing.assert_array_equal(out.q, ref_codes(w.numpy(), s, qmax(bits)).astype(np.int8))
     assert out.params == {"k": pytest.approx(k)}
@@ -119,7 +119,7 @@ def test_sdclip_k_and_defaults():
     assert all(a >= b - 1e-12 for a, b in zip(steps, steps[1:]))
     w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
     out = make_quantizer("sdclip", 6, k=4.0).quantize(w)
-    np.testing.assert_allclose(out.scales.astype(np.float32)[:, 0],
+    np.testing.assert_allclose(out.scales.numpy().astype(np.float32)[:, 0],
                                (w.std(dim=1, correction=0) * 4.0 / 31).numpy(), rtol=1e-3)
     # A larger k is a coarser step: fewer distinct codes.
     few = make_quantizer("sdclip", 6, k=30.0).quantize(w)
@@ -136,7 +136,7 @@ def test_data_free_quantizers_shapes_and_ranges(name, shape):
     for bits in (2, 4, 8):
         out = make_quantizer(name, bits).quantize(w)
         assert out.shape == shape and out.scheme == name and out.bits == bits
-        assert np.abs(out.q).max() <= qmax(bits)
+        assert int(out.q.abs().max()) <= qmax(bits)
         assert out.dequantize().shape == shape
 
 
@@ -152,7 +152,7 @@ def test_zero_rows_stay_zero(name):
 def test_rtn_error_at_most_half_a_step():
     w = heavy_tailed(seed=5)
     out = make_quantizer("rtn", 6, 16).quantize(w)
-    s = np.repeat(out.scales.astype(np.float32), 16, axis=1)[:, :80]
+    s = np.repeat(out.scales.numpy().astype(np.float32), 16, axis=1)[:, :80]
     err = np.abs(out.dequantize().numpy() - w.numpy())
     # fp16 rounding of the scale can leave the absmax element a hair outside the grid.
     assert (err <= 0.5 * s + np.abs(w.numpy()) * 1e-3).all()
@@ -221,3 +221,91 @@ def test_top_error_tensors():
     wq = torch.tensor([[1.0, 1.0], [1.0, 4.0]])
     assert quant_error(w, wq) == pytest.approx(1.0 + 4.0)
     assert quant_error(w, wq, torch.tensor([10.0, 0.5])) == pytest.approx(0.5 * 1 + 10 * 4)
+
+
+# sha256[:16] of codes + scales bytes, produced by the numpy-holding implementation (main at d82d3d4) on the
+# inputs of golden_cases(); the torch-holding one must reproduce them bit for bit on the CPU.
+GOLDEN = {
+    "rtn-4-None-[]": "22f920b68c3dc4e1",
+    "rtn-6-16-[]": "106a658e1dae347c",
+    "gptq_lite-5-None-[]": "59f4ea73af49ad37",
+    "gptq_lite-3-32-[('grid', 9)]": "9757ef388a8db5ca",
+    "sdclip-6-None-[]": "c9da82be060d3a74",
+    "sdclip-4-16-[('k', 3.0)]": "2bc068b02eb70a23",
+    "gptq-2-None-[]": "d757b28d56b644ab",
+    "gptq-6-None-[]": "81e006204edc2966",
+    "gptq-4-32-[('actorder', False)]": "72994b435b7bd022",
+    "gptq-5-None-[('clip_search', True), ('grid', 11)]": "9ebf110b49de6c98",
+    "gptq-8-16-[('blocksize', 7)]": "aa63ccbdf5c07e3e",
+    "lqer": "cb50cc56e9daeb999c69a2d1c7928097",
+}
+
+
+def _digest(q) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(q.q.cpu())).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(q.scales.cpu())).tobytes())
+    return h.hexdigest()[:16]
+
+
+def golden_cases() -> dict[str, str]:
+    g = torch.Generator().manual_seed(1234)
+    w = torch.randn(40, 72, generator=g) * torch.rand(40, 1, generator=g)
+    x = torch.randn(300, 72, generator=g) @ (torch.eye(72) + 0.2 * torch.randn(72, 72, generator=g))
+    x[:, 5] = 0  # one dead input column
+    h = x.T @ x / 300
+    out = {}
+    for name, bits, gs, params in [("rtn", 4, None, {}), ("rtn", 6, 16, {}), ("gptq_lite", 5, None, {}),
+                                   ("gptq_lite", 3, 32, {"grid": 9}), ("sdclip", 6, None, {}),
+                                   ("sdclip", 4, 16, {"k": 3.0}), ("gptq", 2, None, {}), ("gptq", 6, None, {}),
+                                   ("gptq", 4, 32, {"actorder": False}),
+                                   ("gptq", 5, None, {"clip_search": True, "grid": 11}),
+                                   ("gptq", 8, 16, {"blocksize": 7})]:
+        q = make_quantizer(name, bits, gs, **params).quantize(w, h)
+        out[f"{name}-{bits}-{gs}-{sorted(params.items())}"] = _digest(q)
+    a, b = fit_lqer(w, make_quantizer("rtn", 3).quantize(w), 4)
+    out["lqer"] = _digest(a) + _digest(b)
+    return out
+
+
+def test_codes_bit_identical_to_the_numpy_implementation():
+    assert golden_cases() == GOLDEN
+
+
+def test_quantized_holds_torch_tensors_and_accepts_numpy():
+    w = heavy_tailed(6, 20, seed=9)
+    for name in ("rtn", "gptq_lite", "sdclip"):
+        out = make_quantizer(name, 4).quantize(w)
+        assert isinstance(out.q, torch.Tensor) and out.q.dtype == torch.int8
+        assert isinstance(out.scales, torch.Tensor) and out.scales.dtype == torch.float16
+        assert out.device == torch.device("cpu") and out.cpu() is out
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-7, 8, size=(3, 5)).astype(np.int8)
+    scales = rng.uniform(0.1, 1.0, size=(3, 1)).astype(np.float16)
+    q = Quantized(codes, scales, (3, 5), 4, "rtn")
+    assert isinstance(q.q, torch.Tensor) and isinstance(q.scales, torch.Tensor)
+    want = codes.astype(np.float32) * scales.astype(np.float32)
+    np.testing.assert_array_equal(q.dequantize().numpy(), want)
+    ro = np.frombuffer(codes.tobytes(), dtype=np.int8).reshape(3, 5)  # read-only, as artifact decoding gives
+    assert torch.equal(Quantized(ro, scales, (3, 5), 4, "rtn").q, q.q)
+    with pytest.raises(QpackInputError, match="int8"):
+        Quantized(codes.astype(np.int16), scales, (3, 5), 4, "rtn")
+    with pytest.raises(QpackInputError, match="float16"):
+        Quantized(codes, scales.astype(np.float32), (3, 5), 4, "rtn")
+    with pytest.raises(QpackInputError, match="torch tensor or a numpy array"):
+        Quantized(codes.tolist(), scales, (3, 5), 4, "rtn")
+    with pytest.raises(QpackInputError, match="meta"):
+        Quantized(torch.from_numpy(codes), torch.from_numpy(scales).to("meta"), (3, 5), 4, "rtn")
+
+
+@pytest.mark.parametrize("name,group_size", [("rtn", None), ("rtn", 16), ("gptq_lite", 16), ("sdclip", None),
+                                             ("sdclip", 16)])
+def test_data_free_quantizers_stay_on_the_input_device(name, group_size):
+    # The meta device has no data: any .numpy(), any tensor made without device= (which lands on the CPU and
+    # meets a meta tensor) raises, so this finds host round trips without needing a GPU.
+    w = torch.empty(12, 40, device="meta")
+    out = make_quantizer(name, 4, group_size).quantize(w)
+    assert out.q.device.type == out.scales.device.type == "meta" and out.q.shape == (12, 40)
+    assert out.dequantize().device.type == "meta"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,12 +41,28 @@ def n_groups(cols: int, group_size: int | None) -> int:
     return 1 if not group_size else math.ceil(cols / group_size)
 
 
+def _as_tensor(x: Any, what: str) -> torch.Tensor:
+    """A torch tensor as is; a numpy array becomes one (shared memory, on the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        try:
+            # A read-only buffer (np.frombuffer) would make torch warn; one copy is the price of silence.
+            return torch.from_numpy(x if x.flags.writeable else x.copy())
+        except TypeError:
+            raise QpackInputError(f"{what} of numpy dtype {x.dtype} cannot become a torch tensor") from None
+    raise QpackInputError(f"{what} must be a torch tensor or a numpy array, got {type(x).__name__}")
+
+
 @dataclass
 class Quantized:
-    """Integer codes plus scales for one tensor; enough to rebuild it exactly as the quantizer meant."""
+    """Integer codes plus scales for one tensor; enough to rebuild it exactly as the quantizer meant.
 
-    q: np.ndarray  # int8, shape (rows, cols), values in [-qmax(bits), qmax(bits)]
-    scales: np.ndarray  # float16, shape (rows, n_groups(cols, group_size))
+    `q` and `scales` are torch tensors on one device (numpy arrays given here are converted); bytes are made
+    from them only where an artifact is written (qpack.artifact)."""
+
+    q: torch.Tensor  # int8, shape (rows, cols), values in [-qmax(bits), qmax(bits)]
+    scales: torch.Tensor  # float16, shape (rows, n_groups(cols, group_size)), on q's device
     shape: tuple[int, ...]  # original tensor shape
     bits: int
     scheme: str
@@ -56,32 +72,58 @@ class Quantized:
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise QpackInputError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
-        if self.q.dtype != np.int8 or self.q.ndim != 2:
-            raise QpackInputError(f"codes must be a 2-D int8 array, got {self.q.dtype} {self.q.shape}")
+        self.q = _as_tensor(self.q, "codes")
+        self.scales = _as_tensor(self.scales, "scales")
+        if self.q.dtype != torch.int8 or self.q.ndim != 2:
+            raise QpackInputError(f"codes must be a 2-D int8 tensor, got {self.q.dtype} {tuple(self.q.shape)}")
         rows, cols = self.q.shape
         if math.prod(self.shape) != rows * cols:
-            raise QpackInputError(f"codes {self.q.shape} do not match shape {self.shape}")
+            raise QpackInputError(f"codes {tuple(self.q.shape)} do not match shape {self.shape}")
         want = (rows, n_groups(cols, self.group_size))
-        if self.scales.dtype != np.float16 or self.scales.shape != want:
-            raise QpackInputError(f"scales must be float16 {want}, got {self.scales.dtype} {self.scales.shape}")
+        if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != want:
+            raise QpackInputError(f"scales must be float16 {want}, got {self.scales.dtype} "
+                                  f"{tuple(self.scales.shape)}")
+        if self.scales.device != self.q.device:
+            raise QpackInputError(f"codes on {self.q.device} and scales on {self.scales.device} must share a device")
 
     @property
     def numel(self) -> int:
-        return int(self.q.size)
+        return int(self.q.numel())
+
+    @property
+    def device(self) -> torch.device:
+        """Where the codes and scales live."""
+        return self.q.device
+
+    def to(self, device: torch.device | str) -> "Quantized":
+        """The same codes and scales on `device` (self when already there)."""
+        device = torch.device(device)
+        if self.q.device == device:
+            return self
+        return replace(self, q=self.q.to(device), scales=self.scales.to(device), params=dict(self.params))
+
+    def cpu(self) -> "Quantized":
+        """The same codes and scales on the CPU."""
+        return self.to("cpu")
 
     def dequantize(self) -> torch.Tensor:
-        """q * scale in float32, reshaped to the original shape."""
-        q = torch.from_numpy(self.q.astype(np.float32))
-        s = torch.from_numpy(self.scales.astype(np.float32))
+        """q * scale in float32 on the codes' device, reshaped to the original shape."""
+        q = self.q.to(torch.float32)
+        s = self.scales.to(torch.float32)
         if self.group_size:
             s = s.repeat_interleave(self.group_size, dim=1)[:, : q.shape[1]]
         return (q * s).reshape(self.shape)
 
 
-def scales_fp16(scale: torch.Tensor) -> np.ndarray:
-    """Round scales to fp16 the one way qpack does (zero or tiny scales become the smallest normal fp16)."""
-    s = scale.detach().to(torch.float32).clamp(min=float(np.finfo(np.float16).tiny), max=65504.0)
-    return s.to(torch.float16).numpy()
+FP16_TINY = float(torch.finfo(torch.float16).tiny)  # smallest normal fp16
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def scales_fp16(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to fp16 the one way qpack does (zero or tiny scales become the smallest normal fp16);
+    the result stays on `scale`'s device."""
+    s = scale.detach().to(torch.float32).clamp(min=FP16_TINY, max=FP16_MAX)
+    return s.to(torch.float16)
 
 
 class Quantizer(ABC):

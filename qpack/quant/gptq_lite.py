@@ -52,20 +52,21 @@ def _group_sum(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, group_size).sum(dim=2)
 
 
-def search_clip_scales(w: torch.Tensor, bits: int, group_size: int | None, ratios: Sequence[float]) -> np.ndarray:
-    """fp16 scales (rows, n_groups) minimising the squared error of each row or group over the clip ratios."""
+def search_clip_scales(w: torch.Tensor, bits: int, group_size: int | None, ratios: Sequence[float]) -> torch.Tensor:
+    """fp16 scales (rows, n_groups) on w's device minimising the squared error of each row or group over the
+    clip ratios."""
     m = qmax(bits)
     absmax = group_absmax(w, group_size)
     best_err = torch.full_like(absmax, float("inf"))
-    best = np.zeros(tuple(absmax.shape), dtype=np.float16)
+    best = torch.zeros(absmax.shape, dtype=torch.float16, device=w.device)
     for r in ratios:
         s16 = scales_fp16(absmax * r / m)
-        s = _expand(torch.from_numpy(s16.astype(np.float32)), group_size, w.shape[1])
+        s = _expand(s16.to(torch.float32), group_size, w.shape[1])
         q = torch.round(w / s).clamp_(-m, m)
         err = _group_sum((q * s - w).square_(), group_size)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best[better.numpy()] = s16[better.numpy()]
+        best = torch.where(better, s16, best)
     return best
 
 
@@ -81,4 +82,4 @@ class GPTQLite(Quantizer):
         scales = search_clip_scales(m, self.bits, self.group_size, ratios)
         q = quantize_with_scales(m, scales, self.bits, self.group_size)
         params = {"grid": len(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios)}
-        return Quantized(q.numpy(), scales, tuple(w.shape), self.bits, self.name, self.group_size, params)
+        return Quantized(q, scales, tuple(w.shape), self.bits, self.name, self.group_size, params)

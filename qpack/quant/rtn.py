@@ -16,9 +16,10 @@ def group_absmax(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return wp.reshape(rows, -1, group_size).amax(dim=2)
 
 
-def quantize_with_scales(w: torch.Tensor, scales16, bits: int, group_size: int | None) -> torch.Tensor:
-    """Codes round(w / s) clamped to [-qmax, qmax], using the fp16-rounded scales that will be stored."""
-    s = torch.from_numpy(scales16.astype("float32"))
+def quantize_with_scales(w: torch.Tensor, scales16: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Codes round(w / s) clamped to [-qmax, qmax] on w's device, using the fp16-rounded scales that will be
+    stored."""
+    s = torch.as_tensor(scales16, device=w.device).to(torch.float32)
     if group_size:
         s = s.repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
     m = qmax(bits)
@@ -33,4 +34,4 @@ class RoundToNearest(Quantizer):
         m = as_matrix(w)
         scales = scales_fp16(group_absmax(m, self.group_size) / qmax(self.bits))
         q = quantize_with_scales(m, scales, self.bits, self.group_size)
-        return Quantized(q.numpy(), scales, tuple(w.shape), self.bits, self.name, self.group_size, {})
+        return Quantized(q, scales, tuple(w.shape), self.bits, self.name, self.group_size, {})

@@ -50,4 +50,4 @@ class SDClip(Quantizer):
         m = as_matrix(w)
         scales = scales_fp16(group_std(m, self.group_size) * float(k) / qmax(self.bits))
         q = quantize_with_scales(m, scales, self.bits, self.group_size)
-        return Quantized(q.numpy(), scales, tuple(w.shape), self.bits, self.name, self.group_size, {"k": float(k)})
+        return Quantized(q, scales, tuple(w.shape), self.bits, self.name, self.group_size, {"k": float(k)})

@@ -42,10 +42,10 @@ def _quant(rng, rows: int, cols: int, bits: int, group: int | None):
 
 def expected_value(q) -> np.ndarray:
     """Dequantize as docs/FORMAT.md section 3 defines it, in numpy."""
-    s = q.scales.astype(np.float32)
+    s = q.scales.numpy().astype(np.float32)
     if q.group_size:
         s = np.repeat(s, q.group_size, axis=1)[:, : q.q.shape[1]]
-    return (q.q.astype(np.float32) * s).reshape(q.shape)
+    return (q.q.numpy().astype(np.float32) * s).reshape(q.shape)
 
 
 def sha(arr: np.ndarray) -> str:
