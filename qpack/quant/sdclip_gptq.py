@@ -42,7 +42,7 @@ def row_importance(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> torch.T
 
 
 def sdclip_scales(W: torch.Tensor, k: float, bits: int, H: torch.Tensor | None = None, lam: float = 0.0,
-                  percdamp: float = 0.01) -> np.ndarray:
+                  percdamp: float = 0.01) -> torch.Tensor:
     """fp16 per-row scales (rows, 1): k * std(row) * (1 + lam * (r_i - 1)) / qmax(bits)."""
     c = float(k) * W.std(dim=1, correction=1)
     if lam > 0:
@@ -80,6 +80,6 @@ class SDClipGPTQ(Quantizer):
         p = self.params
         W = as_matrix(w)
         scales = sdclip_scales(W, p["k"], self.bits, hessian, p["lam"], p["percdamp"])
-        q, info = GPTQ(W, hessian).solve(scales, self.bits, None, p["blocksize"], p["percdamp"], True)
+        q, info = GPTQ(W, hessian, percdamp=p["percdamp"]).solve(scales, self.bits, None, p["blocksize"])
         params = {"k": p["k"], "lam": p["lam"], **info}
         return Quantized(q, scales, tuple(w.shape), self.bits, self.name, None, params)

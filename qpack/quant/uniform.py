@@ -33,7 +33,7 @@ def uniform_scales(W: torch.Tensor, step: float, bits: int, rows: str = "flat") 
     std = W.std(dim=1, correction=0, keepdim=True) if rows == "std" else W.std(correction=0).expand(W.shape[0], 1)
     s = step * std
     s = torch.maximum(s, W.abs().amax(dim=1, keepdim=True) / qmax(bits))
-    return torch.from_numpy(scales_fp16(s).astype(np.float32))
+    return scales_fp16(s).to(torch.float32)
 
 
 @register_quantizer("uniform")
@@ -64,15 +64,24 @@ class Uniform(Quantizer):
                 raise QpackInputError(f"uniform: {key} must be a positive integer, got {p[key]!r}")
 
     def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None) -> Quantized:
+        from .gptq import GPTQ
+
+        prepared = None if hessian is None else GPTQ(as_matrix(w), hessian, percdamp=self.params["percdamp"])
+        return self.quantize_prepared(w, prepared)
+
+    def quantize_prepared(self, w: torch.Tensor, prepared=None) -> Quantized:
+        """quantize() with the GPTQ preparation of w (qpack.quant.gptq.GPTQ) done once by the caller, or None
+        for independent rounding: a grid of steps then costs one Cholesky per matrix."""
         from ..rd.grid_gptq import code_lengths, gptq_grid
 
         p = self.params
         W = as_matrix(w)
         m = qmax(self.bits)
         S = uniform_scales(W, p["step"], self.bits, p["rows"])
-        q = gptq_grid(W, hessian, S, m, 0.0, None, p["percdamp"], p["blocksize"])
+        q = gptq_grid(W, None, S, self.bits, 0.0, None, p["percdamp"], p["blocksize"], prepared)
         if p["rdo"] > 0:
             for _ in range(p["iters"]):
-                q = gptq_grid(W, hessian, S, m, p["rdo"], code_lengths(q, m), p["percdamp"], p["blocksize"])
-        params = {"step": p["step"], "rows": p["rows"], "rdo": p["rdo"], "gptq": hessian is not None}
-        return Quantized(q, S.numpy().astype(np.float16), tuple(w.shape), self.bits, self.name, None, params)
+                q = gptq_grid(W, None, S, self.bits, p["rdo"], code_lengths(q, m), p["percdamp"], p["blocksize"],
+                              prepared)
+        params = {"step": p["step"], "rows": p["rows"], "rdo": p["rdo"], "gptq": prepared is not None}
+        return Quantized(q, S.to(torch.float16), tuple(w.shape), self.bits, self.name, None, params)

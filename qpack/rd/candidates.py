@@ -20,8 +20,12 @@ def rate_candidates(w: torch.Tensor, h: torch.Tensor | None, steps: list[float],
                     rows: str = "flat", bits: int = 8, gptq: bool = True) -> list[tuple[str, Quantized]]:
     """(label, Quantized) per step: uniform codes at `bits`, GPTQ on the grid when `h` is given and `gptq`,
     RDO rounding when `rdo` > 0."""
+    from ..quant.base import as_matrix
+    from ..quant.gptq import GPTQ
+
+    prepared = GPTQ(as_matrix(w), h) if (gptq and h is not None) else None  # one Cholesky for every step
     out = []
     for step in steps:
-        q = make_quantizer("uniform", bits, step=step, rdo=rdo, rows=rows).quantize(w, h if gptq else None)
+        q = make_quantizer("uniform", bits, step=step, rdo=rdo, rows=rows).quantize_prepared(w, prepared)
         out.append((f"uniform/step{step:.4g}" + (f"/rdo{rdo:g}" if rdo else ""), q))
     return out

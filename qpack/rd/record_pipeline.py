@@ -116,9 +116,9 @@ def raw_stream(parts: dict[str, Quantized | torch.Tensor]) -> bytes:
     chunks = []
     for p in parts.values():
         if isinstance(p, Quantized):
-            chunks += [np.ascontiguousarray(p.q).tobytes(), np.ascontiguousarray(p.scales).tobytes()]
+            chunks += [p.q.cpu().contiguous().numpy().tobytes(), p.scales.cpu().contiguous().numpy().tobytes()]
         else:
-            chunks.append(p.contiguous().numpy().tobytes())
+            chunks.append(p.cpu().contiguous().numpy().tobytes())
     return b"".join(chunks)
 
 
