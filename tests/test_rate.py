@@ -90,11 +90,16 @@ def _model(seed=0):
     return sd, hs
 
 
-@pytest.mark.parametrize("bpp", [2.5, 4.0, 6.0])
-def test_rate_path_lands_under_and_within_half_a_percent(tmp_path, bpp):
+@pytest.fixture(scope="module")
+def prepared():
     sd, hs = _model()
+    return sd, prepare_rate(sd, hs, steps=step_grid(0.05, 4.0, 4), rdo=0.1)
+
+
+@pytest.mark.parametrize("bpp", [2.5, 4.0, 6.0])
+def test_rate_path_lands_under_and_within_half_a_percent(tmp_path, prepared, bpp):
+    sd, prepared = prepared
     params = sum(t.numel() for t in sd.values())
-    prepared = prepare_rate(sd, hs, steps=step_grid(0.05, 4.0, 8), rdo=0.1)
     budget = int(bpp * params / 8)
     res = build_rate(prepared, budget, tmp_path / "m.qpk")
     size = (tmp_path / "m.qpk").stat().st_size
@@ -106,10 +111,8 @@ def test_rate_path_lands_under_and_within_half_a_percent(tmp_path, bpp):
     assert err < 0.5
 
 
-def test_rate_path_spends_bytes_where_the_loss_is():
-    sd, hs = _model()
-    prepared = prepare_rate(sd, hs, steps=step_grid(0.05, 4.0, 8))
-    res = build_rate(prepared, 40_000)
+def test_rate_path_spends_bytes_where_the_loss_is(prepared):
+    res = build_rate(prepared[1], 40_000)
     steps = {}
     for part, lbl in res.steps.items():
         steps.setdefault(part.split("#")[0], []).append(float(lbl.split("step")[1].split("/")[0]))
