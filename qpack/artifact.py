@@ -208,6 +208,7 @@ def _encode_quant(
     verify: bool
 ) -> tuple[dict, list[Section]]:
     q = q.cpu()  # bytes are made from numpy arrays on the CPU
+    scales = q.scales.numpy()
     try:
         codes = encode_codes(q.q.numpy(), q.bits, layout)
     except ValueError as exc:

@@ -216,6 +216,15 @@ def test_quantize_widths_equals_one_quantizer_per_width_and_factorizes_once(monk
     assert len(calls) == 2 + 2 * 7
 
 
+@pytest.mark.parametrize("group_size,params", [(None, {}), (32, {"actorder": False, "blocksize": 16}),
+                                               (None, {"clip_search": True, "blocksize": 24, "dtype": "float64"})])
+def test_stacked_widths_equal_one_sweep_per_width(group_size, params):
+    W, X, H = make_layer(seed=14)
+    stacked = quantize_widths(W.float(), H.float(), [2, 3, 5, 8], group_size, stacked=True, **params)
+    for bits, q in stacked.items():
+        _same(q, make_quantizer("gptq", bits, group_size, **params).quantize(W.float(), H.float()))
+
+
 @pytest.mark.parametrize("actorder", [True, False])
 def test_prepared_state_is_not_changed_by_a_sweep(actorder):
     W, X, H = make_layer(seed=9)
@@ -309,3 +318,20 @@ def test_grid_and_rounding_errors():
         GPTQ(W.float(), H.float()).quantize(3, rounding=RateDistortionRounding(torch.ones(15), 0.1))
     with pytest.raises(QpackInputError, match="lam"):
         RateDistortionRounding(torch.ones(15), -1.0)
+    with pytest.raises(QpackInputError, match="one scale tensor per width"):
+        GPTQ(W.float(), H.float()).solve_stacked([], [])
+
+
+def test_thread_tuning_only_on_the_cpu(monkeypatch):
+    from qpack.quant.gptq import _one_thread
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    with _one_thread(torch.device("cuda")):
+        pass
+    with _one_thread(torch.device("meta")):
+        pass
+    assert calls == []
+    with _one_thread(torch.device("cpu")):
+        assert calls == [1]
+    assert calls == [1, torch.get_num_threads()]

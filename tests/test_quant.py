@@ -287,3 +287,14 @@ def test_quantized_holds_torch_tensors_and_accepts_numpy():
         Quantized(codes.tolist(), scales, (3, 5), 4, "rtn")
     with pytest.raises(QpackInputError, match="meta"):
         Quantized(torch.from_numpy(codes), torch.from_numpy(scales).to("meta"), (3, 5), 4, "rtn")
+
+
+@pytest.mark.parametrize("name,group_size", [("rtn", None), ("rtn", 16), ("gptq_lite", 16), ("sdclip", None),
+                                             ("sdclip", 16)])
+def test_data_free_quantizers_stay_on_the_input_device(name, group_size):
+    # The meta device has no data: any .numpy(), any tensor made without device= (which lands on the CPU and
+    # meets a meta tensor) raises, so this finds host round trips without needing a GPU.
+    w = torch.empty(12, 40, device="meta")
+    out = make_quantizer(name, 4, group_size).quantize(w)
+    assert out.q.device.type == out.scales.device.type == "meta" and out.q.shape == (12, 40)
+    assert out.dequantize().device.type == "meta"

@@ -154,7 +154,8 @@ class GPTQ:
                  percdamp: float = 0.01, actorder: bool = True):
         rows, cols = W.shape
         if tuple(H.shape) != (cols, cols):
-            raise QpackInputError(f"gptq: Hessian shape {tuple(H.shape)} does not match the weight's {cols} input columns")
+            raise QpackInputError(f"gptq: Hessian shape {tuple(H.shape)} does not match the weight's {cols} input "
+                                  "columns")
         if not torch.isfinite(H).all():
             raise QpackInputError("gptq: the Hessian holds NaN or infinite values")
         if not float(percdamp) > 0:
@@ -194,16 +195,43 @@ class GPTQ:
         with _one_thread(self.W.device):
             return self._solve(scales, bits, group_size, blocksize, rounding), self.info
 
+    def _expand(self, scales: torch.Tensor, group_size: int | None) -> torch.Tensor:
+        """fp16 scales (rows, n_groups) as one scale per weight (rows, cols) in W's dtype and device."""
+        rows, cols = self.W.shape
+        S = torch.as_tensor(scales, device=self.W.device).to(torch.float32).to(self.W.dtype)
+        return S.repeat_interleave(group_size, dim=1)[:, :cols] if group_size else S.expand(rows, cols)
+
     def _solve(self, scales: torch.Tensor, bits: int, group_size: int | None, blocksize: int,
                rounding: Rounding | None) -> torch.Tensor:
-        W, Hinv = self.W.clone(), self.Hinv
+        return self._sweep(self.W.clone(), self._expand(scales, group_size), qmax(bits), blocksize, rounding)
+
+    def solve_stacked(self, scales: Sequence[torch.Tensor], bits: Sequence[int], group_size: int | None = None,
+                      blocksize: int = 128) -> list[torch.Tensor]:
+        """Codes for several (scales, bits) in one sweep over W's rows repeated once per entry. Rows are
+        independent given H, so each part equals its own `solve` up to the block matmul's summation order (bit
+        for bit on this machine's CPU); one sweep instead of len(bits) divides the per-column kernel launches
+        that bound GPTQ on a GPU."""
+        if len(scales) != len(bits) or not bits:
+            raise QpackInputError("gptq: solve_stacked needs one scale tensor per width, and at least one")
+        if not isinstance(blocksize, int) or blocksize < 1:
+            raise QpackInputError(f"gptq: blocksize must be a positive integer, got {blocksize!r}")
+        rows = self.W.shape[0]
+        W = self.W.repeat(len(bits), 1)
+        S = torch.cat([self._expand(s, group_size) for s in scales])
+        m = torch.cat([torch.full((rows,), float(qmax(b)), dtype=W.dtype, device=W.device) for b in bits])
+        with _one_thread(self.W.device):
+            Q = self._sweep(W, S, m, blocksize, None)
+        return list(Q.split(rows))
+
+    def _sweep(self, W: torch.Tensor, S: torch.Tensor, m: int | torch.Tensor, blocksize: int,
+               rounding: Rounding | None) -> torch.Tensor:
+        """The column sweep on W (changed in place when not permuted) with scales S and code bound m (an int, or
+        one bound per row)."""
         rows, cols = W.shape
-        S = torch.as_tensor(scales, device=W.device).to(torch.float32).to(W.dtype)
-        S = S.repeat_interleave(group_size, dim=1)[:, :cols] if group_size else S.expand(rows, cols)
+        Hinv = self.Hinv
         if self.perm is not None:
             W, S = W[:, self.perm], S[:, self.perm]
         order = self.perm.tolist() if (self.perm is not None and rounding is not None) else None
-        m = qmax(bits)
         Q = torch.zeros_like(W)
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
@@ -212,11 +240,13 @@ class GPTQ:
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 w, s = W1[:, i], S[:, i1 + i]
-                if rounding is None:
-                    q = torch.round(w / s).clamp_(-m, m)
-                else:
+                if rounding is not None:
                     index = order[i1 + i] if order is not None else i1 + i
                     q = rounding(Column(index, w, s, m, Hinv1[i, i]))
+                elif isinstance(m, int):
+                    q = torch.round(w / s).clamp_(-m, m)
+                else:
+                    q = torch.minimum(torch.maximum(torch.round(w / s), -m), m)
                 Q[:, i1 + i] = q
                 err = (w - q * s) / Hinv1[i, i]
                 # Lazy update: only the rest of this block now; later blocks get one matmul below.
@@ -232,14 +262,23 @@ class GPTQ:
                  params: dict[str, Any] | None = None) -> Quantized:
         """A Quantized at `bits` from the prepared state: scales from the rule (applied to W with dead columns
         zeroed) or as given, then the sweep. `shape` is the original tensor's shape (default W's)."""
+        S = self.scales_for(scales, bits, group_size)
+        Q, _ = self.solve(S, bits, group_size, blocksize, rounding)
+        return self.result(Q, S, bits, group_size, blocksize, rounding, shape, params)
+
+    def scales_for(self, scales: ScaleRule | torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+        """The fp16 scales a rule gives for W (dead columns zeroed), or the given tensor on W's device."""
         if callable(scales):
-            S = scales(self.W.to(torch.float32), bits, group_size)
-        else:
-            S = torch.as_tensor(scales).to(self.W.device)
-        Q, info = self.solve(S, bits, group_size, blocksize, rounding)
+            return scales(self.W.to(torch.float32), bits, group_size)
+        return torch.as_tensor(scales).to(self.W.device)
+
+    def result(self, Q: torch.Tensor, S: torch.Tensor, bits: int, group_size: int | None, blocksize: int,
+               rounding: Rounding | None = None, shape: tuple[int, ...] | None = None,
+               params: dict[str, Any] | None = None) -> Quantized:
+        """Codes and scales from this matrix as a Quantized, with what the preparation and sweep used as params."""
         extra = dict(getattr(rounding, "params", None) or ({} if rounding is None else {"rounding": "custom"}))
         recorded = {"actorder": self.actorder, "blocksize": blocksize, "dtype": str(self.W.dtype).split(".")[-1],
-                    **(params or {}), **info, **extra}
+                    **(params or {}), **self.info, **extra}
         return Quantized(Q, S, tuple(shape or self.W.shape), bits, "gptq", group_size, recorded)
 
 
@@ -291,14 +330,18 @@ class GPTQQuantizer(Quantizer):
             return clip_search_scales(clip_ratios(p["grid"], p["min_ratio"]))
         return absmax_scales
 
-    def quantize_prepared(self, prepared: GPTQ, shape: tuple[int, ...], rounding: Rounding | None = None) -> Quantized:
-        """This quantizer's result from an already prepared matrix (same bits, group size and grid)."""
+    def recorded_params(self) -> dict[str, Any]:
+        """The grid parameters a result records (the sweep adds its own)."""
         p = self.params
-        params = {"clip_search": bool(p["clip_search"])}
+        params: dict[str, Any] = {"clip_search": bool(p["clip_search"])}
         if p["sdclip_k"] is not None:
             params["sdclip_k"] = float(p["sdclip_k"])
-        return prepared.quantize(self.bits, self.group_size, self.scale_rule(), p["blocksize"], rounding,
-                                 tuple(shape), params)
+        return params
+
+    def quantize_prepared(self, prepared: GPTQ, shape: tuple[int, ...], rounding: Rounding | None = None) -> Quantized:
+        """This quantizer's result from an already prepared matrix (same bits, group size and grid)."""
+        return prepared.quantize(self.bits, self.group_size, self.scale_rule(), self.params["blocksize"], rounding,
+                                 tuple(shape), self.recorded_params())
 
     def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None) -> Quantized:
         if hessian is None:
@@ -309,9 +352,11 @@ class GPTQQuantizer(Quantizer):
 
 
 def quantize_widths(w: torch.Tensor, hessian: torch.Tensor, widths: Sequence[int], group_size: int | None = None,
-                    rounding: Rounding | None = None, **params: Any) -> dict[int, Quantized]:
+                    rounding: Rounding | None = None, stacked: bool | None = None,
+                    **params: Any) -> dict[int, Quantized]:
     """GPTQ of one weight at every width in `widths`, prepared (damped, permuted, factorized) once; each result
-    equals make_quantizer("gptq", bits, group_size, **params).quantize(w, hessian)."""
+    equals make_quantizer("gptq", bits, group_size, **params).quantize(w, hessian). `stacked` sweeps all widths
+    at once (GPTQ.solve_stacked; default: off the CPU, where kernel launches dominate; never with `rounding`)."""
     quantizers = {int(b): GPTQQuantizer(int(b), group_size, **params) for b in widths}
     if not quantizers:
         return {}
@@ -319,4 +364,13 @@ def quantize_widths(w: torch.Tensor, hessian: torch.Tensor, widths: Sequence[int
     for qz in quantizers.values():
         qz.scale_rule()
     prepared = first.prepare(w, hessian)
-    return {b: qz.quantize_prepared(prepared, tuple(w.shape), rounding) for b, qz in quantizers.items()}
+    if stacked is None:
+        stacked = prepared.W.device.type != "cpu"
+    if not stacked or rounding is not None:
+        return {b: qz.quantize_prepared(prepared, tuple(w.shape), rounding) for b, qz in quantizers.items()}
+    bits = list(quantizers)
+    scales = [prepared.scales_for(quantizers[b].scale_rule(), b, group_size) for b in bits]
+    blocksize = first.params["blocksize"]
+    codes = prepared.solve_stacked(scales, bits, group_size, blocksize)
+    return {b: prepared.result(Q, S, b, group_size, blocksize, None, tuple(w.shape), quantizers[b].recorded_params())
+            for b, Q, S in zip(bits, codes, scales)}

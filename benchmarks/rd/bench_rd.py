@@ -1,0 +1,181 @@
+"""Bytes against sliding val_bpb: qpack (default, and the rate-aware techniques one at a time) against the
+parameter-golf records' own pipeline, on one checkpoint, from the same train-split calibration tokens.
+
+    python benchmarks/rd/bench_rd.py --ckpt /work/runs/cpu-smoke/final.pt --data /work/data \
+        --window 256 --out benchmarks/rd/cpu-smoke
+
+The baseline (qpack.rd.record_pipeline): GPTQ on SDClip's k*std grid, matrices int6, embedding int8, byte
+shuffle + brotli-11, a common k multiplier bisected to each target size; its settings are the records' own
+(2026-04-05, -06 Hessian-aware, -27 per-role) plus the embedding/matrix k ratio searched on the model; at each
+size the baseline is its best setting. Its bytes are the compressed stream alone (no container); qpack's are
+the whole .qpk. Writes results.json (resumable: points already there are skipped), README.md and rd.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench import common_args, markdown_table, plot_lines, prepare, score  # noqa: E402
+
+from qpack.checkpoint import load_state_dict, save_state_dict  # noqa: E402
+from qpack.rd import record_pipeline as rp  # noqa: E402
+
+RECORD_RATIO = 20.0 / 12.85  # the 2026-04-05 record's embedding k over its matrix k
+
+
+def baseline_settings(ratios: list[float], presets: list[str]) -> dict[str, tuple[rp.RecordSettings, float | None]]:
+    """name -> (settings, embedding k ratio or None for the preset's own k's)."""
+    names = {"04-05": "record 04-05 (k 12.85, emb int8 k 20)", "04-06": "record 04-06 (+ Hessian-aware, lambda 0.175)",
+             "04-27": "record 04-27 (mlp 11.5, attn 13, emb int7 k 14)"}
+    out = {names[p]: (rp.PRESETS["2026-" + p], None) for p in presets}
+    for r in ratios:
+        out[f"04-05, emb k = {r:g} x matrix k"] = (rp.PRESETS["2026-04-05"], r)
+    return out
+
+
+def interp_bytes(curve: list[tuple[int, float]], bpb: float) -> float | None:
+    """Bytes at which a (bytes, bpb) curve reaches `bpb`, linear in log(bytes); None outside its range."""
+    pts = sorted(curve)
+    for (b0, y0), (b1, y1) in zip(pts, pts[1:]):
+        if min(y0, y1) <= bpb <= max(y0, y1) and y0 != y1:
+            t = (bpb - y0) / (y1 - y0)
+            return math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0)))
+    return None
+
+
+def main() -> None:
+    ap = common_args(__doc__.splitlines()[0], "benchmarks/rd/out")
+    ap.add_argument("--bits", default="3,3.75,4.5,5.25,6", help="target sizes in bits per parameter")
+    ap.add_argument("--ratios", default="0.4,0.8", help="embedding/matrix k ratios searched for the baseline")
+    ap.add_argument("--presets", default="04-05,04-06,04-27", help="the records' own settings tried for the baseline")
+    ap.add_argument("--rdo", type=float, default=0.1, help="RDO Lagrange multiplier of the rate path")
+    ap.add_argument("--series", default="all", help="comma list of series to run (default all)")
+    ap.set_defaults(tokens=32768)
+    args = ap.parse_args()
+
+    from qpack.compress import CompressConfig, compress
+    from qpack.rd.compress_rate import build_rate, prepare_rate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {"points": []}
+    done = {(p["series"], p["target"]) for p in results["points"]}
+
+    sd, config, _ = load_state_dict(args.ckpt)
+    setup = prepare(args)
+    params = setup.params
+    if "unquantized" not in results:
+        results["unquantized"] = score(args.ckpt, args.data, args.tokens, setup.window, setup.stride)
+    base_bpb = results["unquantized"]["val_bpb"]
+    print(f"params {params:,}; unquantized val_bpb {base_bpb:.4f}", flush=True)
+    targets = [int(float(b) * params / 8) for b in args.bits.split(",")]
+    results["meta"] = {"ckpt": args.ckpt, "params": params, "tokens": args.tokens, "window": setup.window,
+                       "stride": setup.stride, "calib_tokens": args.calib_tokens, "targets": targets,
+                       "rdo": args.rdo}
+    wanted = None if args.series == "all" else set(args.series.split(","))
+
+    def record(series: str, kind: str, target: int, nbytes: int, path: Path, seconds: float, extra=None) -> None:
+        s = score(path, args.data, args.tokens, setup.window, setup.stride)
+        p = {"series": series, "kind": kind, "target": target, "bytes": nbytes, "bits_per_param": 8 * nbytes / params,
+             "val_bpb": s["val_bpb"], "gap": s["val_bpb"] - base_bpb, "compress_seconds": seconds, **(extra or {})}
+        results["points"].append(p)
+        res_path.write_text(json.dumps(results, indent=2))
+        print(json.dumps(p), flush=True)
+
+    tmp = out / "tmp"
+    tmp.mkdir(exist_ok=True)
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    for name, (settings, ratio) in baseline_settings(ratios, [p for p in args.presets.split(",") if p]).items():
+        if wanted and "baseline" not in wanted:
+            break
+        cache: dict = {}
+        st = settings if ratio is None else settings.scaled(1.0, ratio)
+        for target in targets:
+            if (name, target) in done:
+                continue
+            t0 = time.perf_counter()
+            fit = rp.fit_size(sd, setup.hessians, st, target, cache=cache)
+            sec = time.perf_counter() - t0
+            save_state_dict(tmp / "base.pt", rp.dequantized(fit.parts, sd), config)
+            record(name, "baseline", target, fit.size, tmp / "base.pt", sec,
+                   {"mult": fit.mult, "k": {r: v * fit.mult for r, v in st.k.items()}})
+
+    qpack_series = {
+        "qpack default (compress --budget)": None,
+        "rate: uniform step, RTN": dict(gptq=False, rdo=0.0),
+        "rate: uniform step + GPTQ": dict(gptq=True, rdo=0.0),
+        f"rate: uniform step + GPTQ + RDO {args.rdo:g}": dict(gptq=True, rdo=args.rdo),
+    }
+    for name, opts in qpack_series.items():
+        if wanted and name.split(":")[0].split(" ")[0] not in wanted:
+            continue
+        prepared, prep_s = None, 0.0
+        for target in targets:
+            if (name, target) in done:
+                continue
+            path = tmp / "q.qpk"
+            t0 = time.perf_counter()
+            if opts is None:
+                r = compress(args.ckpt, path, CompressConfig(budget=target), hessians=setup.hessians)
+                nbytes = r.bytes_total
+            else:
+                if prepared is None:
+                    prepared = prepare_rate(sd, setup.hessians, config, **opts)
+                    prep_s = time.perf_counter() - t0
+                nbytes = build_rate(prepared, target, path).bytes_total
+            record(name, "qpack", target, nbytes, path, time.perf_counter() - t0 + prep_s)
+    write_report(out, results, args)
+
+
+def write_report(out: Path, results: dict, args) -> None:
+    """README.md (tables), rd.png (curves)."""
+    pts = results["points"]
+    meta = results["meta"]
+    series: dict[str, list] = {}
+    for p in pts:
+        series.setdefault(p["series"], []).append(p)
+    # the baseline at each size: its best setting there
+    best: dict[int, dict] = {}
+    for p in pts:
+        if p["kind"] == "baseline" and (p["target"] not in best or p["val_bpb"] < best[p["target"]]["val_bpb"]):
+            best[p["target"]] = p
+    rows = []
+    qnames = [n for n in series if series[n][0]["kind"] == "qpack"]
+    for t in sorted(best):
+        b = best[t]
+        row = [f"{b['bits_per_param']:.2f}", f"{b['bytes']:,}", f"{b['val_bpb']:.4f}", b["series"]]
+        for n in qnames:
+            need = interp_bytes([(q["bytes"], q["val_bpb"]) for q in series[n]], b["val_bpb"])
+            row.append("out of range" if need is None else f"{need / b['bytes']:.3f}")
+        rows.append(row)
+    ratio_table = markdown_table(["baseline bits/param", "baseline bytes", "baseline val_bpb", "best setting"]
+                                 + [f"{n}: bytes ratio" for n in qnames], rows)
+    all_rows = [[p["series"], f"{p['bytes']:,}", f"{p['bits_per_param']:.3f}", f"{p['val_bpb']:.4f}",
+                 f"{p['gap']:+.4f}"] for p in sorted(pts, key=lambda p: (p["kind"], p["series"], p["bytes"]))]
+    points_table = markdown_table(["series", "bytes", "bits/param", "val_bpb", "gap"], all_rows)
+    curves = {n: [(q["bytes"], q["val_bpb"]) for q in v] for n, v in series.items()}
+    curves["baseline: best setting per size"] = [(b["bytes"], b["val_bpb"]) for b in best.values()]
+    plot_lines(out / "rd.png", curves, "bytes (qpack: whole .qpk; baseline: brotli stream alone)", "sliding val bpb",
+               f"{Path(meta['ckpt']).parent.name}: val bpb against bytes")
+    (out / "README.md").write_text(
+        f"# Rate-distortion on {Path(meta['ckpt']).parent.name}\n\n"
+        f"Checkpoint `{meta['ckpt']}` ({meta['params']:,} parameters), unquantized sliding val_bpb "
+        f"{results['unquantized']['val_bpb']:.4f}; val_bpb on the first {meta['tokens']:,} val tokens, window "
+        f"{meta['window']}, stride {meta['stride']}; Hessians from the same {meta['calib_tokens']:,} train-split "
+        "tokens for every series. Ratio = bytes qpack needs to reach the baseline's val_bpb (interpolated on its "
+        "curve, linear in log bytes) over the baseline's bytes; below 1 means qpack needs fewer bytes. qpack's "
+        "bytes are the whole artifact; the baseline's are its compressed stream alone.\n\n"
+        f"```\npython benchmarks/rd/bench_rd.py --ckpt {meta['ckpt']} --data {args.data} --window {meta['window']} "
+        f"--tokens {meta['tokens']} --out {args.out}\n```\n\n"
+        + ratio_table + "\n\n## Every point\n\n" + points_table + "\n\n![val bpb against bytes](rd.png)\n")
+    print(ratio_table)
+
+
+if __name__ == "__main__":
+    main()
