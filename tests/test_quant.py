@@ -279,6 +279,8 @@ def test_quantized_holds_torch_tensors_and_accepts_numpy():
     np.testing.assert_array_equal(q.dequantize().numpy(), want)
     ro = np.frombuffer(codes.tobytes(), dtype=np.int8).reshape(3, 5)  # read-only, as artifact decoding gives
     assert torch.equal(Quantized(ro, scales, (3, 5), 4, "rtn").q, q.q)
+    big_endian = Quantized(codes, scales.astype(">f2"), (3, 5), 4, "rtn")
+    assert torch.equal(big_endian.scales, q.scales)
     with pytest.raises(QpackInputError, match="int8"):
         Quantized(codes.astype(np.int16), scales, (3, 5), 4, "rtn")
     with pytest.raises(QpackInputError, match="float16"):

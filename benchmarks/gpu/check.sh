@@ -139,6 +139,7 @@ if [ "$DRY" = 1 ]; then
   BUDGET=${CHECK_BUDGET:-350KB}
   CALIB_TOKENS=2048
   SPEED_REPEAT=1
+  SPEED_DIV=4
   PYTEST_MARK=cuda  # skipped without a GPU: checks that the tests collect
 else
   DEVICE=cuda
@@ -150,6 +151,7 @@ else
   BUDGET=${CHECK_BUDGET:-16MB}
   CALIB_TOKENS=16384
   SPEED_REPEAT=3
+  SPEED_DIV=1
   PYTEST_MARK=cuda
 fi
 
@@ -158,11 +160,11 @@ stage versions versions
 # tests/test_cuda.py and any other test file that marks tests `cuda`
 mapfile -t CUDA_TESTS < <(grep -l "mark.cuda" tests/test_*.py)
 stage pytest_cuda "$PY" -m pytest -q -m "$PYTEST_MARK" -p no:cacheprovider "${CUDA_TESTS[@]}"
-gptq_speed() {
-  "$PY" benchmarks/gpu/gptq_speed.py --device "$DEVICE" --rows 512 --cols 1536 --repeat "$1" &&
-    "$PY" benchmarks/gpu/gptq_speed.py --device "$DEVICE" --rows 1536 --cols 512 --repeat "$1"
+gptq_speed() {  # the golf MLP's two shapes (fc: 1024x512, proj: 512x1024) scaled by $1
+  "$PY" benchmarks/gpu/gptq_speed.py --device "$DEVICE" --rows $((1024 / $1)) --cols $((512 / $1)) --repeat "$2" &&
+    "$PY" benchmarks/gpu/gptq_speed.py --device "$DEVICE" --rows $((512 / $1)) --cols $((1024 / $1)) --repeat "$2"
 }
-stage gptq_speed gptq_speed "$SPEED_REPEAT"
+stage gptq_speed gptq_speed "$SPEED_DIV" "$SPEED_REPEAT"
 stage data make_data "$CORPUS_BYTES" || exit 2
 stage train "$PY" -m qpack.cli train --preset "$PRESET" --data "$WORK/data" --out "$WORK/run" "${TRAIN_ARGS[@]}" \
   || { mkdir -p "$WORK/run" && stage random_ckpt random_ckpt "$WORK/run/final.pt" "$PRESET"; } || exit 2

@@ -46,6 +46,8 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
+        if not x.dtype.isnative:  # torch only takes native byte order ('>f2' from a foreign buffer)
+            x = x.astype(x.dtype.newbyteorder("="))
         try:
             # A read-only buffer (np.frombuffer) would make torch warn; one copy is the price of silence.
             return torch.from_numpy(x if x.flags.writeable else x.copy())
