@@ -138,7 +138,7 @@ def find_aliases(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
             seen[key] = name
         if t.ndim >= 2 and t.numel() >= 1024:
             # The first row is a cheap fingerprint: full comparisons only between tensors that share it.
-            group = (tuple(t.shape), t.dtype, t.detach().reshape(t.shape[0], -1)[0].cpu().numpy().tobytes())
+            group = (tuple(t.shape), t.dtype, t.detach().reshape(t.shape[0], -1)[0].contiguous().cpu().view(torch.uint8).numpy().tobytes())
             for other in by_shape.get(group, []):
                 if torch.equal(sd[other], t):
                     aliases[name] = other
