@@ -344,6 +344,14 @@ def load(path):
     for e in ts:
         if e["name"] not in used:
             out[e["name"]] = _tensor(e, raw)
+    dt = meta.get("dtypes") or {}
+    if not isinstance(dt, dict):
+        _err("meta dtypes must be an object")
+    for k, d in dt.items():
+        if d not in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"):
+            _err(f"meta dtype {d!r} is unknown")
+        if k in out:
+            out[k] = out[k].to(getattr(torch, d))
     for a, t in al.items():
         if not isinstance(t, str) or t not in out or a in out:
             _err(f"alias {a!r} is inconsistent")
