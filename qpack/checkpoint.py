@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import QpackError, QpackFormatError, QpackInputError, Reason, read_error
+from .errors import QpackError, QpackFormatError, QpackInputError, Reason
 from .filekind import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, ZIP_MAGIC, sniff
 from .fsio import atomic_write_with
 from .jsonio import canonical_json, parse_json

@@ -6,7 +6,6 @@ the goldens with `python tests/test_compress_determinism.py --update` and say wh
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess

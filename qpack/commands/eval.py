@@ -8,7 +8,10 @@ from pathlib import Path
 
 import click
 
+from ..eval.mixer import MixerConfig
 from ._common import print_table
+
+_MIX = MixerConfig()  # the flags' defaults are the library's, tuned on a train slice (benchmarks/eval/tune_mixer.py)
 
 
 def _orders(text: str) -> tuple[int, ...]:
@@ -28,9 +31,9 @@ def _orders(text: str) -> tuple[int, ...]:
 @click.option("--stride", type=int, help="targets scored per window after the first [default: window // 2]")
 @click.option("--plain/--no-plain", default=True, show_default=True, help="also score plain chunks (stride = window)")
 @click.option("--mixer", is_flag=True, help="add the Hedge mixture with n-gram experts")
-@click.option("--mixer-orders", default="1,2,3,4,5", show_default=True, help="n-gram orders of the experts")
-@click.option("--mixer-eta", default=0.5, show_default=True, type=float, help="Hedge learning rate")
-@click.option("--mixer-decay", default=0.8, show_default=True, type=float,
+@click.option("--mixer-orders", default=",".join(map(str, _MIX.orders)), show_default=True, help="n-gram orders of the experts")
+@click.option("--mixer-eta", default=_MIX.eta, show_default=True, type=float, help="Hedge learning rate")
+@click.option("--mixer-decay", default=_MIX.decay, show_default=True, type=float,
               help="per-token discount of past losses (1 = plain cumulative Hedge)")
 @click.option("--ttt", is_flag=True, help="add score-first test-time training")
 @click.option("--ttt-chunk", default=2048, show_default=True, type=int, help="targets per TTT chunk")
