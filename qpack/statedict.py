@@ -138,7 +138,9 @@ def find_aliases(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
             seen[key] = name
         if t.ndim >= 2 and t.numel() >= 1024:
             # The first row is a cheap fingerprint: full comparisons only between tensors that share it.
-            group = (tuple(t.shape), t.dtype, t.detach().reshape(t.shape[0], -1)[0].contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            first = t.detach().reshape(t.shape[0], -1)[0].cpu()
+            first = first.view(torch.int16) if t.dtype == torch.bfloat16 else first  # numpy has no bfloat16
+            group = (tuple(t.shape), t.dtype, first.numpy().tobytes())
             for other in by_shape.get(group, []):
                 if torch.equal(sd[other], t):
                     aliases[name] = other
