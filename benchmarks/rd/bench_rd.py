@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {"points": []}
-    done = {(p["series"], p["target"]) for p in results["points"]}
+    done = {(p["series"], p["target"]) for p in results["points"] + results.get("unreachable", [])}
 
     sd, config, _ = load_state_dict(args.ckpt)
     setup = prepare(args)
@@ -88,8 +89,7 @@ def main() -> None:
         res_path.write_text(json.dumps(results, indent=2))
         print(json.dumps(p), flush=True)
 
-    tmp = out / "tmp"
-    tmp.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_rd_"))  # scratch checkpoints and artifacts, never in the results
     ratios = [float(r) for r in args.ratios.split(",") if r]
     for name, (settings, ratio) in baseline_settings(ratios, [p for p in args.presets.split(",") if p]).items():
         if wanted and "baseline" not in wanted:
@@ -102,6 +102,11 @@ def main() -> None:
             t0 = time.perf_counter()
             fit = rp.fit_size(sd, setup.hessians, st, target, cache=cache)
             sec = time.perf_counter() - t0
+            if not fit.reached:  # int6/int8 codes cannot make a stream this large: no point at this size
+                print(f"{name}: at most {fit.size:,} bytes, below the target {target:,}", flush=True)
+                results.setdefault("unreachable", []).append({"series": name, "target": target, "max_bytes": fit.size})
+                res_path.write_text(json.dumps(results, indent=2))
+                continue
             save_state_dict(tmp / "base.pt", rp.dequantized(fit.parts, sd), config)
             record(name, "baseline", target, fit.size, tmp / "base.pt", sec,
                    {"mult": fit.mult, "k": {r: v * fit.mult for r, v in st.k.items()}})
