@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.4,0.8", help="embedding/matrix k ratios searched for the baseline")
     ap.add_argument("--presets", default="04-05,04-06,04-27", help="the records' own settings tried for the baseline")
     ap.add_argument("--rdo", type=float, default=0.1, help="RDO Lagrange multiplier of the rate path")
+    ap.add_argument("--qpack-extra-bits", default="2.5", help="extra sizes (bits/param) for qpack's curves only, "
+                    "so that they bracket the baseline's smallest point")
     ap.add_argument("--series", default="all", help="comma list of series to run (default all)")
     ap.set_defaults(tokens=32768)
     args = ap.parse_args()
@@ -121,7 +123,8 @@ def main() -> None:
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:
             continue
         prepared, prep_s = None, 0.0
-        for target in targets:
+        extra = [int(float(b) * params / 8) for b in args.qpack_extra_bits.split(",") if b]
+        for target in sorted(targets + extra):
             if (name, target) in done:
                 continue
             path = tmp / "q.qpk"
