@@ -81,3 +81,11 @@ def test_missing_hessian_is_an_input_error():
     del hs["tok_emb.weight"]
     with pytest.raises(QpackInputError, match="tok_emb"):
         rp.quantize_record(sd, hs, rp.PRESETS["2026-04-05"])
+
+
+def test_a_size_past_the_widths_ceiling_is_reported_not_faked():
+    sd, hs = _model()
+    settings = rp.PRESETS["2026-04-05"]
+    raw = len(rp.raw_stream(rp.quantize_record(sd, hs, settings)))
+    fit = rp.fit_size(sd, hs, settings, 2 * raw)  # more bytes than int6/int8 codes can ever take
+    assert not fit.reached and fit.size < raw and fit.mult >= rp.MIN_MULT

@@ -8,7 +8,7 @@ from ..errors import QpackInputError
 from ..quant.base import Quantized, make_quantizer
 
 
-def step_grid(lo: float = 0.1, hi: float = 4.0, per_octave: int = 4) -> list[float]:
+def step_grid(lo: float = 0.03, hi: float = 4.0, per_octave: int = 4) -> list[float]:
     """Steps (in standard deviations) from lo to hi, `per_octave` per doubling."""
     if not 0 < lo < hi or per_octave < 1:
         raise QpackInputError(f"step grid needs 0 < lo < hi and per_octave >= 1, got {lo}, {hi}, {per_octave}")

@@ -21,6 +21,7 @@ from ..errors import QpackInputError
 from ..quant.base import Quantized, make_quantizer
 
 ROLES = ("embed", "attn", "mlp", "other")
+MIN_MULT = 1 / 16  # below this the clip (under one std at int6) only throws weights away
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class Fit:
     mult: float
     size: int
     parts: dict = field(repr=False)
+    reached: bool = True  # False when the widths cannot make a stream that large (the fit is their largest)
 
 
 def _proxy_size(parts: dict[str, Quantized | torch.Tensor]) -> int:
@@ -203,7 +205,8 @@ def fit_size(sd: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], set
             proxy(min(lo * 2, 64.0))
             continue
         if lo is None:
-            if hi < 1e-3:
+            # a finer grid no longer grows the stream once the codes pile up at the clip: the widths' ceiling
+            if hi / 2 < MIN_MULT or (hi / 2 in trials and trials[hi / 2][1] <= trials[hi][1]):
                 measure(hi)
                 break
             proxy(hi / 2)
@@ -225,5 +228,5 @@ def fit_size(sd: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], set
     fits = [m for m, n in exact.items() if n <= target]
     if not fits:
         raise QpackInputError(f"record pipeline: no multiplier found that fits {target:,} bytes")
-    m = min(fits)
-    return Fit(m, exact[m], trials[m][0])
+    m = max(fits, key=lambda m: exact[m])  # the largest stream that fits (its finest grid when the size is reached)
+    return Fit(m, exact[m], trials[m][0], exact[m] >= target * (1 - tol))
