@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..artifact import TensorEntry, build_artifact_encoded, encode_entry
+from ..artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry
 from ..budget import Candidate, Choices, min_bytes, solve
 from ..codecs import make_codec
-from ..compress import estimate_loss, find_aliases, is_quantizable, row_blocks, slice_rows
+from ..compress import estimate_loss, is_quantizable, slice_rows
+from ..statedict import find_aliases, row_blocks
 from ..errors import BudgetError, QpackInputError
 from .candidates import rate_candidates, step_grid
 
@@ -43,8 +44,9 @@ def _encode(name: str, payload) -> tuple[dict, list, int]:
         options = [(make_codec("ans", {}), make_codec("raw", {})), (make_codec("ans", {}), make_codec("ans", {}))]
     for codec, scale_codec in options:
         entry = TensorEntry(name, payload, codec=codec, scale_codec=scale_codec or codec)
-        man, secs = encode_entry(entry)
-        n = sum(len(s.data) for s in secs)
+        encoded = encode_entry(entry)
+        man, secs = encoded.manifest, list(encoded.sections)
+        n = encoded.nbytes
         if best is None or n < best[2]:
             best = (man, secs, n)
     return best
@@ -117,8 +119,8 @@ def build_rate(prepared: RateChoices, budget: int, output: str | os.PathLike | N
     pick = [min(range(len(c.candidates)), key=lambda i: c.candidates[i].nbytes) for c in choices]
     best = None
     for attempt in range(8):
-        blob = build_artifact_encoded(prepared.fixed + [c.candidates[i].data for c, i in zip(choices, pick)],
-                                      prepared.meta)
+        parts = prepared.fixed + [c.candidates[i].data for c, i in zip(choices, pick)]
+        blob = build_artifact([EncodedEntry(m, tuple(secs)) for m, secs in parts], prepared.meta, verify=False)
         total = len(blob)
         if attempt == 0 and total > budget:
             raise BudgetError(f"budget {budget:,} bytes is below the smallest reachable size, {total:,} bytes",
