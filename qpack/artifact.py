@@ -115,8 +115,7 @@ class EncodedEntry:
     def codec_label(self) -> str:
         """Label of the codec of the entry's main section (codes, or a passthrough tensor's data)."""
         spec = self.sections[0].codec
-        inner = ",".join(f"{k}={v}" for k, v in sorted(spec["params"].items()))
-        return f"{spec['name']}({inner})" if inner else spec["name"]
+        return make_codec(spec["name"], spec["params"]).label()
 
 
 def _raw() -> Codec:

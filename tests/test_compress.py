@@ -243,3 +243,11 @@ def test_lazy_widths_lose_little_against_every_width(tmp_path, monkeypatch):
         assert res.bytes_total <= b and full.bytes_total <= b
         loss = lambda r: sum(t.est_loss for t in r.tensors)  # noqa: E731
         assert loss(res) <= 1.05 * loss(full), (b, loss(res), loss(full))
+
+
+def test_table_codec_labels_are_the_short_ones(tmp_path):
+    # the per-tensor table names codecs the way people write them; the manifest keeps the full spec
+    res = compress(_state_dict(), tmp_path / "a.qpk", _cfg(budget=40_000, codecs=("zstd", "ans")))
+    labels = {t.codec for t in res.tensors}
+    assert labels <= {"zstd-19", "ans", "raw"}, labels
+    assert "zstd-19" in labels or "ans" in labels
