@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import trainers.gpt.model as gpt
+import qpack.models.gpt as gpt
 from qpack import models
 from qpack.cli import main
 from qpack.data import shards

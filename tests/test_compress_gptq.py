@@ -11,7 +11,7 @@ import qpack
 from qpack.calibrate import collect
 from qpack.compress import CompressConfig, compress
 
-from trainers.gpt.model import GPT, GPTConfig
+from qpack.models.gpt import GPT, GPTConfig
 
 VOCAB, SEQ = 96, 64
 

@@ -17,7 +17,7 @@ from qpack.hessian import calibration_batches, collect_hessians
 from qpack.quant import make_quantizer
 from qpack.quant.gptq import GPTQ, RateDistortionRounding, quantize_widths
 from qpack.quant.lqer import fit_lqer
-from trainers.gpt.model import build_from_config
+from qpack.models.gpt import build_from_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from trainers.gpt.model import GPT
+from qpack.models.gpt import GPT
 from trainers.gpt.train import Trainer, TrainConfig, read_metrics, with_values
 
 VOCAB = 40

@@ -322,7 +322,7 @@ def test_ttt_is_score_first_and_train_before_score_is_caught():
 @pytest.mark.parametrize("options", [{}, {"smear_gate": True, "bigram_buckets": 64}, {"xsa_last": 1, "value_residual": True},
                                      {"unet_skips": True, "recur_layers": (0,)}])
 def test_the_gpt_is_causal_under_sliding_eval(options):
-    import trainers.gpt.model as gpt
+    import qpack.models.gpt as gpt
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(vocab_size=V, n_layer=2, n_embd=16, n_head=2, n_kv_head=1, bigram_dim=8, **options))
     with torch.no_grad():

@@ -169,7 +169,7 @@ def test_calibration_batches_limits():
 
 
 def test_reference_gpt_gets_every_matrix_and_the_tied_head():
-    import trainers.gpt.model as gpt
+    import qpack.models.gpt as gpt
     cfg = gpt.GPTConfig(**{k: v for k, v in dict(vocab_size=32, n_layer=2, n_embd=16, n_head=2, n_kv_head=1,
                                                  tie_embeddings=True).items()
                            if k in gpt.GPTConfig.__dataclass_fields__})

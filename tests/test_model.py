@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-from importlib.metadata import entry_points
 
 import pytest
 import torch
 
 from qpack.errors import QpackInputError
 from qpack.quant import make_quantizer
-from trainers.gpt.model import GPT, GPTConfig, build_from_config, count_params
+from qpack.models.gpt import GPT, GPTConfig, build_from_config, count_params
 from trainers.gpt.muon import Muon, orthogonalize, split_params
 from trainers.gpt.qat import rtn_dequantized, set_fake_quant
 
@@ -90,13 +89,14 @@ def test_recurrence_schedule():
     assert GPTConfig(**TINY).schedule == [0, 1, 2, 3]
 
 
-def test_config_round_trip_through_json_and_entry_point():
+def test_config_round_trip_through_json_and_the_builtin_arch():
     cfg = GPTConfig(**TINY, **OPTIONS["everything"])
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["arch"] == "gpt" and d["version"] == 1
     assert GPTConfig.from_dict(d) == cfg
-    (ep,) = [e for e in entry_points(group="qpack.models") if e.name == "gpt"]
-    assert ep.load() is build_from_config
+    from qpack.models import get_model_factory
+
+    assert get_model_factory("gpt") is build_from_config
     model = build_from_config(d)
     assert isinstance(model, GPT) and model.cfg == cfg
 
@@ -189,7 +189,7 @@ def test_fake_quant_forward_uses_quantized_weights_and_passes_gradients():
 
 def test_attention_inputs_stay_bf16_under_autocast(monkeypatch):
     """On CUDA flash-attn is taken only for half-precision q, k, v: every option must keep them bf16."""
-    import trainers.gpt.model as model_module
+    import qpack.models.gpt as model_module
 
     seen = []
     real = model_module.attend

@@ -115,3 +115,35 @@ def test_entry_point_from_installed_distribution(tmp_path):
     assert out["type"] == "Linear" and out["shape"] == [5, 3]
     assert {"fakelin", "missing", "gpt"} <= set(out["names"])
     assert "failed to load" in out["missing"] and "ModuleNotFoundError" in out["missing"]
+
+
+def test_compress_and_eval_of_a_gpt_checkpoint_never_import_trainers(tmp_path):
+    # the library stands alone: the reference GPT is qpack.models.gpt, built in as arch "gpt"
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from qpack.models.gpt import GPTConfig, build_from_config
+        import qpack.quant.base as qb
+        assert {{"gptq", "gptq_lite", "rtn", "sdclip"}} <= set(qb.QUANTIZERS.names())  # registered on import
+        cfg = GPTConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=2).to_dict()
+        torch.manual_seed(0)
+        model = build_from_config(cfg)
+        torch.save({{"model": model.state_dict(), "config": cfg}}, r"{tmp_path / 'm.pt'}")
+        import qpack
+        from qpack.calibrate import build_model, collect
+        sd = torch.load(r"{tmp_path / 'm.pt'}", weights_only=True)
+        m = build_model(sd["model"], sd["config"], None)
+        h = collect(m, torch.randint(0, 64, (512,)).numpy(), 64)
+        qpack.compress(sd["model"], r"{tmp_path / 'm.qpk'}", model_config=cfg, hessians=h, fixed_bits=6)
+        from qpack.eval.run import load_model
+        loaded = load_model(r"{tmp_path / 'm.qpk'}")
+        assert loaded.model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 64)
+        bad = [name for name in sys.modules if name == "trainers" or name.startswith("trainers.")]
+        assert not bad, bad
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -72,7 +72,7 @@ def test_seed_preset_records_end_to_end_at_tiny_scale(data_dir, tmp_path, preset
                                   progress=False, overrides=("--vocab_size=300", "--val_tokens=1024", "--threads=1"),
                                   calib_tokens=1024, eval_tokens=700))
     for name in ("README.md", "submission.json", "record.log", "model.qpk", f"train_seed1.log", "code/train.py",
-                 "code/model.py", "code/presets.py"):
+                 "code/gpt.py", "code/presets.py"):
         assert (out / name).is_file(), name
     assert CHALLENGE_FIELDS <= set(sub)
     assert sub["scale"] == "tiny" and sub["train_steps"] == 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.gpt.model import GPT, Block, Borrowed, GPTConfig, count_params
+from qpack.models.gpt import GPT, Block, Borrowed, GPTConfig, count_params
 from trainers.gpt.qat import rtn_dequantized, set_fake_quant
 
 torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from qpack.errors import QpackInputError
-from trainers.gpt.model import build_from_config, count_params
+from qpack.models.gpt import build_from_config, count_params
 from trainers.gpt.presets import preset_config
 from trainers.gpt.train import (TokenStream, TrainConfig, lr_scale, next_batch, parse_overrides, read_metrics, train,
                                 with_values)

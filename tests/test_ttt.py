@@ -179,7 +179,7 @@ def test_cosine_over_chunks_reaches_the_optimizer(monkeypatch):
 
 def test_last_k_plus_control_and_grouped_adamw_on_the_gpt():
     from qpack.eval.ttt import RECIPES, param_groups
-    from trainers.gpt.model import GPT
+    from qpack.models.gpt import GPT
     from trainers.gpt.presets import preset_config
 
     model = GPT(preset_config("pr790", "tiny").model)

@@ -67,8 +67,10 @@ TINY_BITS_PER_PARAM = 5  # the default budget at scale tiny, as bits per paramet
 
 
 def code_files() -> list[Path]:
-    """The trainer's source files: what a submission ships beside the artifact."""
-    return sorted(p for p in CODE_DIR.glob("*.py"))
+    """The trainer's source files and the model's (qpack/models/gpt.py): what a submission ships beside the artifact."""
+    from qpack.models import gpt
+
+    return sorted([*CODE_DIR.glob("*.py"), Path(gpt.__file__)], key=lambda p: p.name)
 
 
 def _log_to(path: Path) -> Callable[[str], None]:

@@ -59,9 +59,8 @@ trap summary EXIT
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
-# Packages the GPU image lacks come as wheels. qpack runs from this checkout (PYTHONPATH); its `qpack.models` entry
-# point (arch "gpt" -> trainers.gpt.model) needs distribution metadata, so a minimal .dist-info is written beside
-# the wheels instead of installing the package.
+# Packages the GPU image lacks come as wheels. qpack runs from this checkout (PYTHONPATH); arch "gpt" is built in
+# (qpack.models.gpt), so no package metadata is needed.
 SITE=/tmp/qpack-site
 setup() {
   mkdir -p "$SITE"
@@ -74,13 +73,6 @@ setup() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       "$WHEELS"/*.whl || return 2
   fi
-  if ! "$PY" -c "import sys; from qpack.models import model_names; sys.exit('gpt' not in model_names())" 2>/dev/null; then
-    mkdir -p "$SITE/qpack_checkout-0.1.0.dist-info"
-    printf 'Metadata-Version: 2.1\nName: qpack-checkout\nVersion: 0.1.0\n' \
-      >"$SITE/qpack_checkout-0.1.0.dist-info/METADATA"
-    printf '[qpack.models]\ngpt = trainers.gpt.model:build_from_config\n' \
-      >"$SITE/qpack_checkout-0.1.0.dist-info/entry_points.txt"
-  fi
   "$PY" -c "import qpack; from qpack.models import model_names; print('qpack', qpack.__version__, 'from', qpack.__file__, 'models', model_names())"
 }
 
@@ -89,7 +81,7 @@ setup() {
 random_ckpt() {
   "$PY" - "$1" "$2" <<'EOF'
 import sys, torch
-from trainers.gpt.model import build_from_config
+from qpack.models.gpt import build_from_config
 from trainers.gpt.presets import preset_config
 cfg = preset_config(sys.argv[2])
 torch.manual_seed(0)

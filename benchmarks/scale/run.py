@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/scale/run.py --out benchmarks/scale/results.json
 
-Builds the parameter-golf shapes with trainers/gpt/model.py (random weights with realistic scales and heavy
+Builds the parameter-golf shapes with qpack/models/gpt.py (random weights with realistic scales and heavy
 tails: sizes and times, not quality, are measured), writes them as checkpoints, collects Hessians on 16,384
 random-but-Zipfian calibration tokens, and runs every measurement in its own process so peak RSS is the
 measurement's own. Ratios (compress / plain GPTQ, refusal / compress, peak RSS / fp32 bytes) are the figures:
@@ -41,7 +41,7 @@ def prepare(shape: str, work: Path) -> dict:
     import torch
 
     from qpack.calibrate import collect
-    from trainers.gpt.model import GPT, GPTConfig
+    from qpack.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     cfg = GPTConfig(**SHAPES[shape])

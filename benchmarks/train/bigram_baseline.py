@@ -71,7 +71,7 @@ def main() -> None:
               "bigram": {"lambda": lam, "val_loss": nll / n, "val_bpb": nll / math.log(2) / nbytes}}
 
     if args.model:
-        from trainers.gpt.model import build_from_config
+        from qpack.models.gpt import build_from_config
         from trainers.gpt.train import TrainConfig, _nullcontext, evaluate, with_values
 
         ck = torch.load(args.model, map_location="cpu", weights_only=True)

@@ -25,7 +25,7 @@ import torch
 from ..errors import QpackInputError
 from .base import Quantized, Quantizer, as_matrix, qmax, register_quantizer, scales_fp16
 from .gptq_lite import DEFAULT_GRID, DEFAULT_MIN_RATIO, clip_ratios, search_clip_scales
-from .rtn import group_absmax
+from .grid import group_absmax
 from .sdclip import group_std
 
 MAX_DAMP_RETRIES = 6  # damping x10 per retry: 1% of mean diag -> at most 10^4 %, far past any sane H

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import QpackInputError
 from .base import Quantized, Quantizer, as_matrix, qmax, register_quantizer, scales_fp16
-from .rtn import group_absmax, quantize_with_scales
+from .grid import group_absmax, quantize_with_scales
 
 DEFAULT_GRID = 41  # ratios 1.0, 0.995, ..., 0.80
 DEFAULT_MIN_RATIO = 0.80

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import QpackInputError
 from .base import Quantized, Quantizer, as_matrix, qmax, register_quantizer, scales_fp16
-from .rtn import quantize_with_scales
+from .grid import quantize_with_scales
 
 RECORD_K = 12.85  # the records' k at int6
 DEFAULT_K = {2: 1.22, 3: 1.95, 4: RECORD_K * 7 / 31, 5: RECORD_K * 15 / 31, 6: RECORD_K, 7: RECORD_K, 8: RECORD_K}

@@ -1,1 +1,1 @@
-"""The reference GPT: model.py (GPT + seed-record options), muon.py, train.py (TrainConfig, train()), presets.py."""
+"""The reference GPT trainer: muon.py, qat.py, train.py (TrainConfig, train()), presets.py; the model is qpack.models.gpt."""

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from qpack.quant import make_quantizer, qmax
-from qpack.quant.rtn import group_absmax
+from qpack.quant.grid import group_absmax
 
-from .model import GPT, Linear
+from qpack.models.gpt import GPT, Linear
 
 FP16_TINY = float(np.finfo(np.float16).tiny)
 FP16_MAX = 65504.0

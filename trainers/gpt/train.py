@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from qpack.errors import QpackError, QpackFormatError, QpackInputError, Reason
 
-from .model import GPT, GPTConfig
+from qpack.models.gpt import GPT, GPTConfig
 from .muon import Muon, split_params
 
 
@@ -804,7 +804,7 @@ def config_from_args(preset: str | None, data: str | None, out: str | None, over
 
 def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config and the model's parameter count, without data or training."""
-    from .model import count_params
+    from qpack.models.gpt import count_params
 
     check_config(cfg)
     return {"config": cfg.to_dict(), "params": count_params(cfg.model)}

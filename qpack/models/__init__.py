@@ -1,6 +1,7 @@
 """Rebuild a model from a checkpoint/artifact config: `{"arch": NAME, ...}` -> nn.Module.
 
-Names come from the entry-point group `qpack.models` (the trainer registers `gpt`) or from `register_model`.
+Names come from qpack's built-in models (`gpt`: qpack.models.gpt, the reference GPT with every seed switch), the
+entry-point group `qpack.models` (plugins), or `register_model`.
 A name read from a file is only ever looked up, never imported; `load_model_factory("module:factory")` imports,
 and exists for the CLI's `--arch`, where a person typed the string.
 """
@@ -10,12 +11,14 @@ import importlib
 import re
 from typing import Any, Callable
 
-from .errors import QpackError, QpackInputError
+from ..errors import QpackError, QpackInputError
 
 ENTRY_POINT_GROUP = "qpack.models"
 ModelFactory = Callable[[dict], Any]  # config dict (arch included) -> torch.nn.Module
 
 _REGISTERED: dict[str, ModelFactory] = {}
+#: built-in arch names -> the submodule of qpack.models that defines `build_from_config` (imported on first use)
+_BUILTIN: dict[str, str] = {"gpt": "gpt"}
 _SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -23,7 +26,7 @@ def register_model(name: str, factory: ModelFactory) -> None:
     """Register `factory` under `name` in this process (plugins and tests); a name may be registered once."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w-]*", name):
         raise QpackError(f"invalid model name {name!r}")
-    if name in _REGISTERED:
+    if name in _REGISTERED or name in _BUILTIN:
         raise QpackError(f"model {name!r} is already registered")
     if not callable(factory):
         raise QpackError(f"model factory for {name!r} is not callable")
@@ -43,13 +46,15 @@ def _entry_points() -> dict:
 
 def model_names() -> list[str]:
     """Every arch name build_model can resolve: registered ones and installed entry points."""
-    return sorted(set(_REGISTERED) | set(_entry_points()))
+    return sorted(set(_BUILTIN) | set(_REGISTERED) | set(_entry_points()))
 
 
 def get_model_factory(arch: str) -> ModelFactory:
     """The factory registered for `arch`; an unknown name raises QpackInputError listing the known ones."""
     if arch in _REGISTERED:
         return _REGISTERED[arch]
+    if isinstance(arch, str) and arch in _BUILTIN:
+        return importlib.import_module(f"{__name__}.{_BUILTIN[arch]}").build_from_config
     eps = _entry_points()
     ep = eps.get(arch) if isinstance(arch, str) else None
     if ep is None:
