@@ -228,3 +228,15 @@ def test_checkpoint_saved_on_a_device_that_is_absent_loads_on_the_cpu(setup):
         assert r.exit_code == 0, r.output
     a, b = qpack.load(tmp / "cpu.qpk"), qpack.load(tmp / "gpu.qpk")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_checkpoint_is_read_once_for_calibration_and_compress(setup, monkeypatch):
+    import qpack.checkpoint as ckpt_mod
+
+    tmp, ckpt, shards = setup
+    real, calls = ckpt_mod.load_state_dict, []
+    monkeypatch.setattr(ckpt_mod, "load_state_dict", lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
+    r = _run(ckpt, "--calib", shards, "--arch", "tinylm_mod:make", "--calib-tokens", "2048", "--seq-len", "32",
+             "--bits", "6", "-o", tmp / "once.qpk", "-q")
+    assert r.exit_code == 0, r.output
+    assert calls == [ckpt]

@@ -85,10 +85,13 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
 
     hessians = None
     progress = None if quiet or as_json else progress_bar
+    from ..checkpoint import load_state_dict
+
+    checkpoint = load_state_dict(model)  # read once: calibration and compress share it
     if calib is not None:
-        hessians = _calibrate(model, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch, forward_spec,
+        hessians = _calibrate(checkpoint, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch, forward_spec,
                               seq_len, device, progress is not None)
-    result = compress(model, output, cfg, hessians=hessians, dry_run=dry_run, progress=progress)
+    result = compress(checkpoint, output, cfg, hessians=hessians, dry_run=dry_run, progress=progress)
 
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
@@ -128,24 +131,22 @@ def _check_flags(calib, scheme: str, loss_proxy: str, code_files, code_codec, **
         raise QpackInputError("--code-codec compresses the --code files: pass --code FILE as well")
 
 
-def _calibrate(model: Path, calib: Path, n_tokens: int, tokenizer, arch, forward_spec, seq_len, device,
+def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, forward_spec, seq_len, device,
                progress: bool) -> dict:
-    """Hessians for MODEL's weights from the calibration data, computed on `device` and returned on the CPU."""
+    """Hessians for the checkpoint's weights from the calibration data, computed on `device`, returned on the CPU."""
     import torch
 
     from ..calibrate import build_model, calibrate, load_calibration_tokens, resolve_seq_len
-    from ..checkpoint import load_state_dict
     from ..errors import QpackInputError
     from ..forward import adapter_for
 
     if device == "cuda" and not torch.cuda.is_available():
         raise QpackInputError("--device cuda: no CUDA device is available")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sd, config, extra = load_state_dict(model)
+    sd, config, extra = checkpoint
     vocab = (config or {}).get("vocab_size")
     tokens = load_calibration_tokens(calib, n_tokens, tokenizer, vocab)
     net = build_model(sd, config, arch).to(device)
-    del sd
     adapter = adapter_for(net, forward_spec)
     length = resolve_seq_len(seq_len, config, extra, available=len(tokens) - adapter.extra_tokens)
     hessians = calibrate(net, tokens, forward=adapter.forward, seq_len=length, progress=progress)
