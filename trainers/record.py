@@ -86,7 +86,7 @@ def _log_to(path: Path) -> Callable[[str], None]:
 
 def run_record(cfg: RecordConfig) -> dict[str, Any]:
     """Run the whole pipeline and write the record folder; returns submission.json's content."""
-    from qpack.calibrate import build_model, collect, load_calibration_tokens
+    from qpack.calibrate import build_model, collect, load_calibration_tokens, resolve_seq_len
     from qpack.checkpoint import load_state_dict
     from qpack.data.build import ensure_data
     from qpack.eval.mixer import MixerConfig
@@ -136,8 +136,8 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     if compress_kw_scheme(cfg, recipe) in ("auto", "gptq", "search"):
         tokens = load_calibration_tokens(paths.root, cfg.calib_tokens, vocab_size=model_config.get("vocab_size"))
         net = build_model(sd, model_config, None)
-        seq = int(model_config.get("max_seq_len") or model_config.get("seq_len") or tcfg.seq_len)
-        hessians = collect(net, tokens, min(seq, tcfg.seq_len), progress=False)
+        seq = resolve_seq_len(None, model_config, extra, available=len(tokens))  # the one rule, as the CLI's
+        hessians = collect(net, tokens, seq, progress=False)
         del net
     calib_seconds = time.perf_counter() - t_calib  # reads training data: counts against the training cap
     artifact = work / "model.qpk"
@@ -150,7 +150,7 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     if cfg.codecs != ("ans", "zstd") or "codecs" not in compress_kw:
         compress_kw["codecs"] = cfg.codecs
     ccfg = CompressConfig(budget=budget, code_bytes=code_bytes, **compress_kw)
-    result = compress(final, artifact, ccfg, hessians=hessians)
+    result = compress((sd, model_config, extra), artifact, ccfg, hessians=hessians)  # read once
     compress_seconds = time.perf_counter() - t0
     (work / "compress.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     log(f"compress: {result.bytes_total:,} bytes total ({result.bytes_model:,} model + {code_bytes:,} code) "
