@@ -32,10 +32,12 @@ _SEED_COMMON: dict[str, Any] = dict(
 SEED_ROPE_BASE = 10000.0 * 2.0 ** (16 / 14)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # about 0.59M parameters; about a minute on 2 CPU cores (2,048 tokens per step)
+    # about 0.59M parameters; about 3 minutes on 2 idle CPU cores (2,048 tokens per step). 900 steps with a
+    # long warmdown (the val loss falls in the warmdown) beat a bigram fitted on the same train tokens:
+    # 2.3406 against 2.5401 bpb on the whole val split (300 steps, warmdown 0.3 gave 2.69)
     "cpu-smoke": dict(
         vocab_size=1024, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, mlp_mult=2.0,
-        seq_len=256, batch_size=8, max_steps=300, warmup_steps=10, warmdown_frac=0.3,
+        seq_len=256, batch_size=8, max_steps=900, warmup_steps=10, warmdown_frac=0.5,
         log_every=25, val_every=100, val_tokens=65536, ckpt_every=100, device="cpu",
         out="runs/cpu-smoke",
     ),
