@@ -16,10 +16,12 @@ class Registry(Generic[T]):
         self.error = error
         self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator: register the decorated object under `name`."""
+    def register(self, name: str, set_name: bool = False) -> Callable[[T], T]:
+        """Decorator: register the decorated object under `name` (and set its `.name` when `set_name`)."""
 
         def deco(obj: T) -> T:
+            if set_name:
+                obj.name = name  # type: ignore[attr-defined]
             self.add(name, obj)
             return obj
 

@@ -68,6 +68,18 @@ def _n_groups(size: int, group: int) -> int:
     return 1 if group == 0 or group >= size else -(-size // group)
 
 
+def _group_tables(sym: np.ndarray, group: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, int, bytes]]:
+    """Per group of `sym`: (symbols, counts[256], used symbols, lo, hi, the frame's table bytes for it)."""
+    start = 0
+    for length in _group_lengths(sym.size, group):
+        part = sym[start : start + length]
+        start += length
+        counts = np.bincount(part, minlength=256)
+        used = np.flatnonzero(counts)
+        lo, hi = int(used[0]), int(used[-1])
+        yield part, counts, used, lo, hi, bytes([lo, hi - lo]) + b"".join(_varint(int(c)) for c in counts[lo : hi + 1])
+
+
 def _group_lengths(size: int, group: int) -> Iterator[int]:
     """Symbols in each group, lazily: a hostile header may claim billions of groups."""
     n = _n_groups(size, group)
@@ -109,14 +121,9 @@ class Ans(Codec):
         sym = np.frombuffer(bytes(data), dtype=np.uint8)
         group = self.params["group"]
         header = [bytes([_VERSION]), _varint(group), struct.pack("<I", zlib.crc32(sym.tobytes()))]
-        tables, jobs, start = [], [], 0
-        for length in _group_lengths(sym.size, group):
-            part = sym[start : start + length]
-            start += length
-            counts = np.bincount(part, minlength=256)
-            used = np.flatnonzero(counts)
-            lo, hi = int(used[0]), int(used[-1])
-            tables.append(bytes([lo, hi - lo]) + b"".join(_varint(int(c)) for c in counts[lo : hi + 1]))
+        tables, jobs = [], []
+        for part, counts, used, lo, hi, table in _group_tables(sym, group):
+            tables.append(table)
             if used.size > 1:  # a single-symbol group costs no bits
                 jobs.append(((part - lo).astype(np.int32), _model(counts[lo : hi + 1])))
         coder = constriction.stream.stack.AnsCoder()
@@ -132,21 +139,16 @@ class Ans(Codec):
         sym = np.frombuffer(data, dtype=np.uint8)
         group = self.params["group"]
         head = [bytes([2]), _varint(group), struct.pack("<I", zlib.crc32(data))]
-        tables, lanes, words, start = [], [], [], 0
-        for length in _group_lengths(sym.size, group):
-            part = sym[start : start + length]
-            start += length
-            counts = np.bincount(part, minlength=256)
-            used = np.flatnonzero(counts)
-            lo, hi = int(used[0]), int(used[-1])
-            tables.append(bytes([lo, hi - lo]) + b"".join(_varint(int(c)) for c in counts[lo : hi + 1]))
+        tables, lanes, words = [], [], []
+        for part, counts, used, lo, hi, table in _group_tables(sym, group):
+            tables.append(table)
             if used.size == 1:  # a single-symbol group costs no bits
                 continue
             per = lane_length(counts[used], self.params["lane_bytes"])
             model = _model(counts[lo : hi + 1])
             lanes.append(_varint(per))
             symbols = (part - lo).astype(np.int32)
-            for a in range(0, length, per):
+            for a in range(0, part.size, per):
                 coder = constriction.stream.stack.AnsCoder()
                 coder.encode_reverse(symbols[a : a + per], model)
                 w = coder.get_compressed().astype("<u4")

@@ -86,13 +86,7 @@ _plugins_loaded = False
 
 def register_codec(name: str):
     """Class decorator: register a Codec subclass under `name` (sets cls.name)."""
-
-    def deco(cls: type[Codec]) -> type[Codec]:
-        cls.name = name
-        CODECS.add(name, cls)
-        return cls
-
-    return deco
+    return CODECS.register(name, set_name=True)
 
 
 def load_plugins() -> list[str]:

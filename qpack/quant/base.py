@@ -158,13 +158,7 @@ QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization scheme", QpackInp
 
 def register_quantizer(name: str):
     """Class decorator: register a Quantizer subclass under `name` (sets cls.name)."""
-
-    def deco(cls: type[Quantizer]) -> type[Quantizer]:
-        cls.name = name
-        QUANTIZERS.add(name, cls)
-        return cls
-
-    return deco
+    return QUANTIZERS.register(name, set_name=True)
 
 
 def make_quantizer(name: str, bits: int, group_size: int | None = None, **params: Any) -> Quantizer:
