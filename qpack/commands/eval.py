@@ -9,9 +9,11 @@ from pathlib import Path
 import click
 
 from ..eval.mixer import MixerConfig
+from ..eval.ttt import TTTConfig
 from ._common import print_table
 
 _MIX = MixerConfig()  # the flags' defaults are the library's, tuned on a train slice (benchmarks/eval/tune_mixer.py)
+_TTT = TTTConfig()  # likewise (benchmarks/eval/tune_ttt.py)
 
 
 def _orders(text: str) -> tuple[int, ...]:
@@ -36,10 +38,10 @@ def _orders(text: str) -> tuple[int, ...]:
 @click.option("--mixer-decay", default=_MIX.decay, show_default=True, type=float,
               help="per-token discount of past losses (1 = plain cumulative Hedge)")
 @click.option("--ttt", is_flag=True, help="add score-first test-time training")
-@click.option("--ttt-chunk", default=2048, show_default=True, type=int, help="targets per TTT chunk")
-@click.option("--ttt-lr", default=1e-3, show_default=True, type=float)
-@click.option("--ttt-epochs", default=1, show_default=True, type=int)
-@click.option("--ttt-optimizer", default="adamw", show_default=True, type=click.Choice(["sgd", "adamw"]))
+@click.option("--ttt-chunk", default=_TTT.chunk, show_default=True, type=int, help="targets per TTT chunk")
+@click.option("--ttt-lr", default=_TTT.lr, show_default=True, type=float)
+@click.option("--ttt-epochs", default=_TTT.epochs, show_default=True, type=int)
+@click.option("--ttt-optimizer", default=_TTT.optimizer, show_default=True, type=click.Choice(["sgd", "adamw"]))
 @click.option("--ttt-params", default="all", show_default=True, help="all, last:K (blocks) or lora:R")
 @click.option("--ttt-reset/--no-ttt-reset", default=False, show_default=True,
               help="restore the original weights when a document (BOS) starts")

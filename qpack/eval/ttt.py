@@ -30,8 +30,8 @@ from .sliding import Window, _autocast, plan_windows, window_logprobs
 class TTTConfig:
     """Score-first TTT settings."""
 
-    # lr and optimizer from a small grid on cpu-smoke (20k val tokens): AdamW 1e-3 on all weights did best
-    chunk: int = 2048  # targets per chunk (rounded up to whole scoring windows)
+    # lr, chunk and optimizer from a grid on a held-out train slice (benchmarks/eval/tune_ttt.py), never val tokens
+    chunk: int = 1024  # targets per chunk (rounded up to whole scoring windows)
     lr: float = 1e-3
     epochs: int = 1  # passes over each chunk after it is scored
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9)
