@@ -44,6 +44,19 @@ def bpb_of(nll: np.ndarray, nbytes: np.ndarray) -> float:
     return score(nll, nbytes).val_bpb
 
 
+def val_slice(data: Path, n: int, luts, space_counts) -> tuple[np.ndarray, np.ndarray]:
+    """The first n + 1 val tokens and their targets' bytes: scored for the record only, never to choose."""
+    val = load_split(data, "val").astype(np.int64)[: n + 1]
+    return val, target_bytes(val, luts, space_counts)
+
+
+def write_report(lines: list[str], out: Path) -> None:
+    """Write the tuning log to `out` and print it."""
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    print(text, end="")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -91,16 +104,13 @@ def main() -> None:
     _, orders, eta, decay = rows[0]
     chosen = MixerConfig(orders=orders, eta=eta, decay=decay)
 
-    val = load_split(args.data, "val").astype(np.int64)[: args.tokens + 1]
+    val, vbytes = val_slice(args.data, args.tokens, luts, space_counts)
     vnll = model_nll(val)
-    vbytes = target_bytes(val, luts, space_counts)
     lines.append(f"val (first {val.size - 1:,} tokens, for the record only): model {bpb_of(vnll, vbytes):.4f}, "
                  f"current defaults {bpb_of(mix_nll(vnll, val, vocab, old).nll, vbytes):.4f}, "
                  f"chosen {bpb_of(mix_nll(vnll, val, vocab, chosen).nll, vbytes):.4f}")
     lines.append(f"chosen: orders={orders} eta={eta} decay={decay}")
-    text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
-    print(text, end="")
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from tune_mixer import bpb_of, held_out_train_slice
+from tune_mixer import bpb_of, held_out_train_slice, val_slice, write_report
 
-from qpack.data.shards import load_split
 from qpack.data.tokenizer import byte_counting, load_tokenizer
 from qpack.eval.bpb import target_bytes
 from qpack.eval.run import load_model
@@ -67,15 +65,12 @@ def main() -> None:
                  f"(rank {rows.index(old_row) + 1} of {len(rows)})")
     _, lr, chunk, opt = rows[0]
     chosen = replace(old, lr=lr, chunk=chunk, optimizer=opt)
-    val = load_split(args.data, "val").astype(np.int64)[: args.tokens + 1]
-    vbytes = target_bytes(val, luts, space_counts)
+    val, vbytes = val_slice(args.data, args.tokens, luts, space_counts)
     lines.append(f"val (first {val.size - 1:,} tokens, for the record only): "
                  f"current defaults {bpb_of(ttt_nll(loaded.model, val, window, stride, old), vbytes):.4f}, "
                  f"chosen {bpb_of(ttt_nll(loaded.model, val, window, stride, chosen), vbytes):.4f}")
     lines.append(f"chosen: lr={lr} chunk={chunk} optimizer={opt}")
-    text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
-    print(text, end="")
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":
