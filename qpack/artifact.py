@@ -11,7 +11,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -80,6 +80,9 @@ def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
 
 
 CodecChoice = Codec | Sequence[Codec] | None  # one codec, or several: each section takes the smallest
+# One code layout, several (each tried with the entry's codecs), "auto" (every layout that holds the width), or
+# layout -> codecs (each layout tried with its own codecs only): the codes take the smallest (layout, codec).
+LayoutChoice = str | Sequence[str] | Mapping[str, CodecChoice]
 
 
 @dataclass
@@ -88,12 +91,13 @@ class TensorEntry:
 
     name: str
     payload: Quantized | torch.Tensor
-    layout: str = "byte"  # code layout (qpack.pack): "byte", "packed" or "trit"
+    layout: LayoutChoice = "byte"  # code layout (qpack.pack): "byte", "packed", "trit", several, or "auto"
     codec: CodecChoice = None  # codec(s) of the codes (or of a passthrough tensor); None means raw
     scale_codec: CodecChoice = None  # codec(s) of the fp16 scales; None means raw
     lowrank: tuple[Quantized, Quantized] | None = None  # LQER factors A (rows, r), B (r, cols)
     dtype: str | None = None  # original dtype of a quantized tensor (compress records it); default float32
     scale_layout: str = "auto"  # "plain", "shuffled" (high bytes, then low bytes) or "auto" (the smaller)
+    lowrank_layout: LayoutChoice | None = None  # code layout(s) of the LQER factors; None: as `layout`
 
 
 @dataclass(frozen=True)
@@ -137,14 +141,49 @@ def encode_smallest(name: str, codecs: Sequence[Codec], raws: Sequence[bytes], v
                     ) -> tuple[Section, int]:
     """The smallest encoding of any of `raws` (alternative layouts of one section) with any of `codecs`;
     returns the section and the index of the layout used. Ties keep the first codec, then the first layout."""
+    return _smallest(name, [(codec, i) for codec in codecs for i in range(len(raws))], raws, verify)
+
+
+def _smallest(name: str, trials: Sequence[tuple[Codec, int]], raws: Sequence[bytes], verify: bool
+              ) -> tuple[Section, int]:
+    """The smallest of the (codec, index into raws) trials, as (section, index); ties keep the earlier trial."""
     best: tuple[Section, int] | None = None
-    for codec in codecs:
-        for i, raw in enumerate(raws):
-            sec = encode_section(name, codec, raw, verify)
-            if best is None or len(sec.data) < len(best[0].data):
-                best = (sec, i)
+    for codec, i in trials:
+        sec = encode_section(name, codec, raws[i], verify)
+        if best is None or len(sec.data) < len(best[0].data):
+            best = (sec, i)
     assert best is not None
     return best
+
+
+def usable_layouts(bits: int) -> tuple[str, ...]:
+    """The code layouts that hold `bits`-bit codes and differ as bytes ("packed" at 8 bits is "byte" again)."""
+    return ("byte",) + (("packed",) if bits < 8 else ()) + (("trit",) if bits == 2 else ())
+
+
+def code_layouts(choice: LayoutChoice, bits: int, codecs: list[Codec], where: str) -> list[tuple[str, list[Codec]]]:
+    """The (layout, codecs) trials for `bits`-bit codes. A single named layout is used as it is (a width it
+    cannot hold is an error later); of several, those that cannot hold the width are skipped."""
+    if isinstance(choice, str):
+        if choice == "auto":
+            return [(lay, codecs) for lay in usable_layouts(bits)]
+        pairs, single = [(choice, codecs)], True
+    elif isinstance(choice, Mapping):
+        pairs, single = [(lay, _codecs(c)) for lay, c in choice.items()], False
+    elif isinstance(choice, Sequence):
+        pairs, single = [(lay, codecs) for lay in choice], False
+    else:
+        raise QpackInputError(f"tensor {where!r}: a code layout must be a name, a sequence or a mapping of names")
+    for lay, _ in pairs:
+        if not isinstance(lay, str) or lay not in LAYOUTS:
+            raise QpackInputError(f"tensor {where!r}: unknown code layout {lay!r}; known: {', '.join(LAYOUTS)}, auto")
+    if single:
+        return pairs
+    fits = [(lay, cs) for lay, cs in pairs if lay != "trit" or bits == 2]
+    if not fits:
+        raise QpackInputError(f"tensor {where!r}: none of the code layouts {[lay for lay, _ in pairs]} holds "
+                              f"{bits}-bit codes")
+    return fits
 
 
 def scales_to_bytes(scales: np.ndarray, layout: str) -> bytes:
@@ -203,16 +242,18 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def _encode_quant(
-    prefix: str, q: Quantized, layout: str, codecs: list[Codec], scale_codecs: list[Codec], scale_layout: str,
-    verify: bool
+    prefix: str, q: Quantized, layout: LayoutChoice, codecs: list[Codec], scale_codecs: list[Codec],
+    scale_layout: str, verify: bool
 ) -> tuple[dict, list[Section]]:
     q = q.cpu()  # bytes are made from numpy arrays on the CPU
-    scales = q.scales.numpy()
+    trials = code_layouts(layout, q.bits, codecs, prefix.rstrip(":"))
     try:
-        codes = encode_codes(q.q.numpy(), q.bits, layout)
+        raws = [encode_codes(q.q.numpy(), q.bits, lay) for lay, _ in trials]
     except ValueError as exc:
         raise QpackInputError(f"tensor {prefix!r}: {exc}") from None
-    code_sec, _ = encode_smallest(f"{prefix}codes", codecs, [codes], verify)
+    # Layout first, then codec: a tie keeps the earlier layout (byte before packed).
+    code_sec, which_code = _smallest(f"{prefix}codes", [(c, i) for i, (_, cs) in enumerate(trials) for c in cs],
+                                     raws, verify)
     layouts = SCALE_LAYOUTS if scale_layout == "auto" else (scale_layout,)
     scale_sec, which = encode_smallest(f"{prefix}scales", scale_codecs,
                                        [scales_to_bytes(q.scales.numpy(), lay) for lay in layouts], verify)
@@ -222,7 +263,7 @@ def _encode_quant(
         "bits": int(q.bits),
         "group_size": None if q.group_size is None else int(q.group_size),
         "params": _plain(q.params, prefix),
-        "layout": layout,
+        "layout": trials[which_code][0],
         "codes": {"section": code_sec.name, "codec": code_sec.codec},
         "scales": {"section": scale_sec.name, "codec": scale_sec.codec, "layout": layouts[which]},
     }
@@ -252,8 +293,6 @@ def encode_entry(entry: TensorEntry, verify: bool = False) -> EncodedEntry:
                     "data": {"section": sec.name, "codec": sec.codec}}
         return EncodedEntry(manifest, (sec,))
     q = _check_quantized(name, payload)
-    if entry.layout not in LAYOUTS:
-        raise QpackInputError(f"tensor {name!r}: unknown code layout {entry.layout!r}; known: {', '.join(LAYOUTS)}")
     dtype = entry.dtype or "float32"
     if dtype not in FLOAT_DTYPES:
         raise QpackInputError(f"tensor {name!r}: original dtype {dtype!r} must be one of {', '.join(FLOAT_DTYPES)}")
@@ -268,7 +307,8 @@ def encode_entry(entry: TensorEntry, verify: bool = False) -> EncodedEntry:
             raise QpackInputError(f"tensor {name!r}: low-rank factors {a.shape} @ {b.shape} do not make {rows}x{cols}")
         lowrank = {"rank": int(rank)}
         for key, f in (("a", a), ("b", b)):
-            fb, fs = _encode_quant(f"{name}:lowrank.{key}.", f, entry.layout, codec, scale_codec,
+            factor_layout = entry.layout if entry.lowrank_layout is None else entry.lowrank_layout
+            fb, fs = _encode_quant(f"{name}:lowrank.{key}.", f, factor_layout, codec, scale_codec,
                                    entry.scale_layout, verify)
             lowrank[key] = fb
             sections += fs

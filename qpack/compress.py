@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 import numpy as np
 import torch
 
-from .artifact import EncodedEntry, TensorEntry, encode_entry, build_artifact
+from .artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry, usable_layouts
 from .budget import Candidate, Choices, Fit, check_floor, fit, realize_lazily
 from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
-from .pack import encode_codes
+from .pack import LAYOUTS, encode_codes
 from .provenance import provenance
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
@@ -53,6 +53,8 @@ class CompressConfig:
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
     loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
+    # Code layouts (qpack.pack) each quantized candidate may be stored in; the smallest (layout, codec) wins.
+    layouts: tuple[str, ...] = ("byte", "packed", "trit")
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
@@ -79,6 +81,10 @@ class CompressConfig:
             raise QpackInputError(f"--sdclip-k applies to --scheme search or sdclip, not {self.scheme!r}")
         if not self.codecs:
             raise QpackInputError("at least one codec is needed")
+        if not self.layouts or any(lay not in LAYOUTS for lay in self.layouts):
+            raise QpackInputError(f"code layouts must be some of {', '.join(LAYOUTS)}, got {self.layouts!r}")
+        if not {"byte", "packed"} & set(self.layouts):
+            raise QpackInputError("code layouts need 'byte' or 'packed': 'trit' holds 2-bit codes only")
         for spec in self.codecs:
             parse_codec(spec)  # raises a clear error for unknown codecs or parameters
 
@@ -101,13 +107,14 @@ class TensorReport:
     bytes: int
     rel_error: float
     est_loss: float
+    layout: str | None = None  # code layout of a quantized tensor ("byte", "packed", "trit"); None: not quantized
 
     def as_dict(self) -> dict[str, Any]:
         numel = math.prod(self.shape) if self.shape else 1
         return {
             "name": self.name, "shape": list(self.shape), "scheme": self.scheme, "bits": self.bits,
-            "codec": self.codec, "bytes": self.bytes, "bits_per_param": 8 * self.bytes / max(numel, 1),
-            "rel_error": self.rel_error, "est_loss": self.est_loss,
+            "layout": self.layout, "codec": self.codec, "bytes": self.bytes,
+            "bits_per_param": 8 * self.bytes / max(numel, 1), "rel_error": self.rel_error, "est_loss": self.est_loss,
         }
 
 
@@ -448,24 +455,30 @@ class _Job:
             o: Option = c.data
             enc = lowranks.get(ch.name, o.encoded)
             out.append(TensorReport(ch.name, tuple(o.payload.shape), o.scheme + ("+lqer" if ch.name in lowranks else ""),
-                                    o.bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss))
+                                    o.bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss,
+                                    enc.manifest.get("layout")))
         return out
 
 
 class _Encoder:
-    """Encodes entries as they will be stored: each section with the smallest configured codec.
+    """Encodes entries as they will be stored: each section with the smallest configured codec and layout.
 
     Passthrough tensors are small and try every codec (and raw). For the big sections (codes at each width,
     fp16 candidates) a generic codec such as zstd costs a trial compression per candidate, so each codec is
     first tried on a 64 KiB sample of the first section of that kind, and kept for that kind only when it wins
-    or comes within 2% there. Every size the solver sees is still the exact size of the stored bytes."""
+    or comes within 2% there. Codes are sampled once per (codec, layout): the same 64 Ki codes one symbol per
+    byte, bit-packed, and as trits at 2 bits, and a pair is kept on the same 2% rule against the best pair, so
+    packed+zstd competes with byte+ans on equal terms. Every size the solver sees is still the exact size of
+    the stored bytes, in the layout and codec it is stored with."""
 
     SAMPLE = 1 << 16
 
     def __init__(self, cfg: CompressConfig):
         self.codecs: list[Codec] = [parse_codec(s) for s in cfg.codecs]
+        self.layouts = cfg.layouts
         self.raw = make_codec("raw")
         self._useful: dict[tuple, list[Codec]] = {}
+        self._pairs: dict[tuple[str, int], dict[str, list[Codec]]] = {}
 
     def _select(self, kind: tuple, sample: bytes) -> list[Codec]:
         if kind not in self._useful:
@@ -473,6 +486,22 @@ class _Encoder:
             best = min(sizes)
             self._useful[kind] = [c for c, n in zip(self.codecs, sizes) if n <= best * 1.02 + 16]
         return self._useful[kind]
+
+    def code_choice(self, q: Quantized, kind: str = "codes") -> dict[str, list[Codec]]:
+        """Layout -> the codecs worth a full trial for codes of q's width and kind ("codes" or "lowrank"),
+        chosen on the first such sample."""
+        key = (kind, q.bits)
+        if key not in self._pairs:
+            values = q.q.reshape(-1)[: self.SAMPLE].cpu().numpy()
+            # At 8 bits "packed" is byte for byte the "byte" layout: store it as "byte".
+            layouts = [lay for lay in self.layouts if lay in usable_layouts(q.bits)] or ["byte"]
+            sizes = {(lay, i): len(c.encode(encode_codes(values, q.bits, lay)))
+                     for lay in layouts for i, c in enumerate(self.codecs)}
+            best = min(sizes.values())
+            keep = {lay: [c for i, c in enumerate(self.codecs) if sizes[lay, i] <= best * 1.02 + 16]
+                    for lay in layouts}
+            self._pairs[key] = {lay: cs for lay, cs in keep.items() if cs}
+        return self._pairs[key]
 
     def passthrough(self, name: str, t: torch.Tensor) -> EncodedEntry:
         """A small tensor as it is, with the smallest of every codec and raw."""
@@ -485,11 +514,17 @@ class _Encoder:
             rows = max(1, self.SAMPLE // max(1, payload[0].numel() * payload.element_size()))
             codecs = self._select(("fp16",), _tensor_bytes(payload[:rows])[: self.SAMPLE])
             return encode_entry(TensorEntry(name, payload, codec=codecs))
-        sample = encode_codes(payload.q.reshape(-1)[: self.SAMPLE].cpu().numpy(), payload.bits, "byte")
-        codecs = self._select(("codes", payload.bits), sample)
         keep = dtype if dtype in ("float64", "float32", "float16", "bfloat16") else None
-        return encode_entry(TensorEntry(name, payload, codec=codecs, scale_codec=[self.raw, *self.codecs],
-                                        lowrank=lowrank, dtype=keep))
+        factor_layout = None
+        if lowrank is not None:  # both factors share one choice: the union of what each width keeps
+            factor_layout = {}
+            for f in lowrank:
+                for lay, cs in self.code_choice(f, "lowrank").items():
+                    have = factor_layout.setdefault(lay, [])
+                    have += [c for c in cs if c not in have]
+        return encode_entry(TensorEntry(name, payload, layout=self.code_choice(payload), codec=None,
+                                        scale_codec=[self.raw, *self.codecs], lowrank=lowrank, dtype=keep,
+                                        lowrank_layout=factor_layout))
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -96,9 +96,10 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
-    rows = [[t.name, "x".join(map(str, t.shape)), t.scheme, "-" if t.bits is None else str(t.bits), t.codec,
-             f"{t.bytes:,}", f"{8 * t.bytes / max(1, _numel(t.shape)):.3f}", f"{t.rel_error:.4f}"] for t in result.tensors]
-    print_table(["tensor", "shape", "scheme", "bits", "codec", "bytes", "bits/param", "rel err"], rows)
+    rows = [[t.name, "x".join(map(str, t.shape)), t.scheme, "-" if t.bits is None else str(t.bits), t.layout or "-",
+             t.codec, f"{t.bytes:,}", f"{8 * t.bytes / max(1, _numel(t.shape)):.3f}", f"{t.rel_error:.4f}"]
+            for t in result.tensors]
+    print_table(["tensor", "shape", "scheme", "bits", "layout", "codec", "bytes", "bits/param", "rel err"], rows)
     d = result.as_dict()
     click.echo("")
     click.echo(f"model bytes    {result.bytes_model:>14,}")
