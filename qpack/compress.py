@@ -466,10 +466,12 @@ class _Encoder:
     Passthrough tensors are small and try every codec (and raw). For the big sections (codes at each width,
     fp16 candidates) a generic codec such as zstd costs a trial compression per candidate, so each codec is
     first tried on a 64 KiB sample of the first section of that kind, and kept for that kind only when it wins
-    or comes within 2% there. Codes are sampled once per (codec, layout): the same 64 Ki codes one symbol per
-    byte, bit-packed, and as trits at 2 bits, and a pair is kept on the same 2% rule against the best pair, so
-    packed+zstd competes with byte+ans on equal terms. Every size the solver sees is still the exact size of
-    the stored bytes, in the layout and codec it is stored with."""
+    or comes within 2% there. Codes are sampled per tensor and width (its row blocks share the choice: an
+    embedding's codes compress unlike an attention matrix's, and one choice for all tensors cost 2-10% at
+    3-4 bits on cpu-smoke) and per (codec, layout): the same 64 Ki codes one symbol per byte, bit-packed, and
+    as trits at 2 bits, a pair kept on the same 2% rule against the best pair, so packed+zstd competes with
+    byte+ans on equal terms. Every size the solver sees is still the exact size of the stored bytes, in the
+    layout and codec it is stored with."""
 
     SAMPLE = 1 << 16
 
@@ -478,7 +480,7 @@ class _Encoder:
         self.layouts = cfg.layouts
         self.raw = make_codec("raw")
         self._useful: dict[tuple, list[Codec]] = {}
-        self._pairs: dict[tuple[str, int], dict[str, list[Codec]]] = {}
+        self._pairs: dict[tuple[str, str, int], dict[str, list[Codec]]] = {}
 
     def _select(self, kind: tuple, sample: bytes) -> list[Codec]:
         if kind not in self._useful:
@@ -487,10 +489,10 @@ class _Encoder:
             self._useful[kind] = [c for c, n in zip(self.codecs, sizes) if n <= best * 1.02 + 16]
         return self._useful[kind]
 
-    def code_choice(self, q: Quantized, kind: str = "codes") -> dict[str, list[Codec]]:
-        """Layout -> the codecs worth a full trial for codes of q's width and kind ("codes" or "lowrank"),
-        chosen on the first such sample."""
-        key = (kind, q.bits)
+    def code_choice(self, q: Quantized, family: str = "", kind: str = "codes") -> dict[str, list[Codec]]:
+        """Layout -> the codecs worth a full trial for codes of q's width in `family` (a tensor: its row blocks
+        share one choice) and kind ("codes", "lowrank.a" or "lowrank.b"), chosen on the first such sample."""
+        key = (kind, family, q.bits)
         if key not in self._pairs:
             values = q.q.reshape(-1)[: self.SAMPLE].cpu().numpy()
             # At 8 bits "packed" is byte for byte the "byte" layout: store it as "byte".
@@ -515,14 +517,15 @@ class _Encoder:
             codecs = self._select(("fp16",), _tensor_bytes(payload[:rows])[: self.SAMPLE])
             return encode_entry(TensorEntry(name, payload, codec=codecs))
         keep = dtype if dtype in ("float64", "float32", "float16", "bfloat16") else None
+        family = name.rsplit("#rows", 1)[0]  # row blocks of one tensor (qpack.statedict.part_name) share a choice
         factor_layout = None
         if lowrank is not None:  # both factors share one choice: the union of what each width keeps
             factor_layout = {}
-            for f in lowrank:
-                for lay, cs in self.code_choice(f, "lowrank").items():
+            for tag, f in zip("ab", lowrank):
+                for lay, cs in self.code_choice(f, family, f"lowrank.{tag}").items():
                     have = factor_layout.setdefault(lay, [])
                     have += [c for c in cs if c not in have]
-        return encode_entry(TensorEntry(name, payload, layout=self.code_choice(payload), codec=None,
+        return encode_entry(TensorEntry(name, payload, layout=self.code_choice(payload, family), codec=None,
                                         scale_codec=[self.raw, *self.codecs], lowrank=lowrank, dtype=keep,
                                         lowrank_layout=factor_layout))
 

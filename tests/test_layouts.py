@@ -233,6 +233,28 @@ def test_compress_with_ans_only_keeps_byte_codes_when_they_are_smaller(tmp_path)
     assert {t.layout for t in res.tensors if t.bits} == {"byte"}
 
 
+def test_each_tensor_gets_its_own_smallest_pair(tmp_path):
+    # "rep" repeats 8 rows, which zstd finds and an order-0 coder cannot; "iid" has no structure, so ANS on one
+    # symbol per byte wins there. A codec choice made once per width, on the first tensor, would store both
+    # with zstd.
+    torch.manual_seed(6)
+    sd = {"rep.weight": torch.distributions.Laplace(0.0, 0.05).sample((8, 128)).repeat(32, 1),
+          "iid.weight": torch.distributions.Laplace(0.0, 0.05).sample((256, 128))}
+    path = tmp_path / "m.qpk"
+    compress(sd, path, codecs=("ans", "zstd"), fixed_bits=4)
+    art = qpack.artifact.read_artifact(path)
+    picked = {}
+    for name in sd:
+        q = art.quantized(name)
+        sizes = {("byte", "ans"): len(ANS.encode(symbols(q).tobytes())), ("packed", "ans"): len(ANS.encode(packed(q))),
+                 ("byte", "zstd"): zstd19(symbols(q).tobytes()), ("packed", "zstd"): zstd19(packed(q))}
+        e = art.entry(name)
+        picked[name] = (e["layout"], e["codes"]["codec"]["name"])
+        assert picked[name] == min(sizes, key=sizes.get), (name, sizes)
+        assert art.section_bytes(name)["codes"] == min(sizes.values())
+    assert picked["rep.weight"][1] == "zstd" and picked["iid.weight"] == ("byte", "ans")
+
+
 def test_compress_layouts_restrict_the_choice(tmp_path):
     only_byte = compress(heavy_tailed_model(), None, codecs=("zstd",), fixed_bits=4, layouts=("byte",), dry_run=True)
     auto = compress(heavy_tailed_model(), None, codecs=("zstd",), fixed_bits=4, dry_run=True)
