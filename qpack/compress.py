@@ -463,15 +463,14 @@ class _Job:
 class _Encoder:
     """Encodes entries as they will be stored: each section with the smallest configured codec and layout.
 
-    Passthrough tensors are small and try every codec (and raw). For the big sections (codes at each width,
-    fp16 candidates) a generic codec such as zstd costs a trial compression per candidate, so each codec is
-    first tried on a 64 KiB sample of the first section of that kind, and kept for that kind only when it wins
-    or comes within 2% there. Codes are sampled per tensor and width (its row blocks share the choice: an
-    embedding's codes compress unlike an attention matrix's, and one choice for all tensors cost 2-10% at
-    3-4 bits on cpu-smoke) and per (codec, layout): the same 64 Ki codes one symbol per byte, bit-packed, and
-    as trits at 2 bits, a pair kept on the same 2% rule against the best pair, so packed+zstd competes with
-    byte+ans on equal terms. Every size the solver sees is still the exact size of the stored bytes, in the
-    layout and codec it is stored with."""
+    Passthrough tensors are small and try every codec (and raw). For the big sections a generic codec such as
+    zstd costs a trial compression per candidate, so trials are pre-selected on a sample and kept when they win
+    or come within 2% there. fp16 candidates: each codec on 64 KiB of the first one. Codes: every (layout,
+    codec) pair on the first 64 Ki codes of each tensor at each width (one symbol per byte, bit-packed, and as
+    trits at 2 bits), a pair kept against the best pair, so packed+zstd competes with byte+ans on equal terms;
+    a tensor's row blocks share its choice. (One choice per width for all tensors, made on the embedding's
+    sample, made cpu-smoke 13% larger at --bits 3 and 0.8% at --bits 4.) Every size the solver sees is
+    still the exact size of the stored bytes, in the layout and codec they are stored with."""
 
     SAMPLE = 1 << 16
 
