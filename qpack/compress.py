@@ -492,16 +492,20 @@ class _Encoder:
         """Layout -> the codecs worth a full trial for codes of q's width in `family` (a tensor: its row blocks
         share one choice) and kind ("codes", "lowrank.a" or "lowrank.b"), chosen on the first such sample."""
         key = (kind, family, q.bits)
-        if key not in self._pairs:
-            values = q.q.reshape(-1)[: self.SAMPLE].cpu().numpy()
-            # At 8 bits "packed" is byte for byte the "byte" layout: store it as "byte".
-            layouts = [lay for lay in self.layouts if lay in usable_layouts(q.bits)] or ["byte"]
-            sizes = {(lay, i): len(c.encode(encode_codes(values, q.bits, lay)))
-                     for lay in layouts for i, c in enumerate(self.codecs)}
-            best = min(sizes.values())
-            keep = {lay: [c for i, c in enumerate(self.codecs) if sizes[lay, i] <= best * 1.02 + 16]
-                    for lay in layouts}
-            self._pairs[key] = {lay: cs for lay, cs in keep.items() if cs}
+        if key in self._pairs:
+            return self._pairs[key]
+        values = q.q.reshape(-1)
+        # At 8 bits "packed" is byte for byte the "byte" layout: store it as "byte".
+        layouts = [lay for lay in self.layouts if lay in usable_layouts(q.bits)] or ["byte"]
+        sample = values[: self.SAMPLE].cpu().numpy()
+        sizes = {(lay, i): len(c.encode(encode_codes(sample, q.bits, lay)))
+                 for lay in layouts for i, c in enumerate(self.codecs)}
+        best = min(sizes.values())
+        keep = {lay: [c for i, c in enumerate(self.codecs) if sizes[lay, i] <= best * 1.02 + 16] for lay in layouts}
+        self._pairs[key] = {lay: cs for lay, cs in keep.items() if cs}
+        if values.numel() <= self.SAMPLE:  # the sample was all of q: its sizes are exact, only the best is worth it
+            lay, i = min(sizes, key=lambda li: (sizes[li], layouts.index(li[0]), li[1]))
+            return {lay: [self.codecs[i]]}
         return self._pairs[key]
 
     def passthrough(self, name: str, t: torch.Tensor) -> EncodedEntry:

@@ -192,7 +192,8 @@ def test_a_mapping_tries_each_layout_with_its_own_codecs_only():
 def heavy_tailed_model() -> dict[str, torch.Tensor]:
     """Laplace and Student-t matrices (trained weights are heavy-tailed like these) and a norm that passes through."""
     torch.manual_seed(5)
-    return {"a.weight": torch.distributions.Laplace(0.0, 0.05).sample((256, 128)),
+    # a.weight holds more codes than compress's 64 Ki sample: its full trials are the pairs the sample kept
+    return {"a.weight": torch.distributions.Laplace(0.0, 0.05).sample((512, 256)),
             "b.weight": torch.distributions.StudentT(3.0).sample((128, 256)), "norm.weight": torch.ones(128),
             "c.weight": torch.randn(256, 128)}  # Gaussian: byte+zstd is (slightly) smaller
 
