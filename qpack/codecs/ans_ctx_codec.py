@@ -49,22 +49,24 @@ def _projection(width: int) -> np.ndarray:
     return np.where((h >> np.uint64(15)) & np.uint64(1), 1, -1).astype(np.int64)
 
 
-def plan_rows(sym: np.ndarray, width: int, neighbours: int) -> tuple[np.ndarray, np.ndarray, int]:
+def plan_rows(sym: np.ndarray, width: int, neighbours: int, exact: bool = True
+              ) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows to code against a reference, their references, and the estimated saving (1/256 bit) over order-0.
 
-    Rows are sorted by a projection; each row may take one of the `neighbours` rows before it in that order as
-    reference (so the references form no cycle). Two passes: the second prices residuals by the first's."""
+    Rows are sorted by a projection and each may pair with the `neighbours` rows after it in that order. Residual
+    costs are first guessed, then priced by the residuals of the cheapest pairs. With `exact` the references are
+    a minimum spanning forest of those pairs (a virtual root stands for "coded order-0", at the row's own cost),
+    so each cluster of near-copies is a tree and no reference cycle can arise; without it (quick, to choose a
+    width) the saving is that of each row taking its cheapest earlier neighbour."""
+    none = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
     x = sym.reshape(-1, width).astype(np.int16)
     n_rows = x.shape[0]
-    base = _costs(np.bincount(sym, minlength=256))
-    own = base[x].sum(axis=1)
+    own = _costs(np.bincount(sym, minlength=256))[x].sum(axis=1)
     order = np.argsort(x.astype(np.int64) @ _projection(width), kind="stable")
     xs = x[order]
-    resid = []
-    for o in range(1, min(neighbours, n_rows - 1) + 1):
-        resid.append(((xs[o:] - xs[:-o] + 128) & 255).astype(np.uint8))
+    resid = [((xs[o:] - xs[:-o] + 128) & 255).astype(np.uint8) for o in range(1, min(neighbours, n_rows - 1) + 1)]
     if not resid:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+        return none
     cost = _proxy_costs()
     for _ in range(2):
         best = np.full(n_rows, 1 << 60, dtype=np.int64)  # far above any row, and no overflow
@@ -76,14 +78,58 @@ def plan_rows(sym: np.ndarray, width: int, neighbours: int) -> tuple[np.ndarray,
             pick[o:][better] = o
         use = best + _REF_COST < own[order]
         if not use.any():
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+            return none
         chosen = np.concatenate([r[np.flatnonzero(use & (pick == o)) - o] for o, r in enumerate(resid, 1)])
         cost = _costs(np.bincount(chosen.reshape(-1), minlength=256))
     saving = int((own[order][use] - best[use] - _REF_COST).sum())
-    pos = np.flatnonzero(use)
-    rows, refs = order[pos], order[pos - pick[pos]]
-    at = np.argsort(rows, kind="stable")
-    return rows[at].astype(np.int64), refs[at].astype(np.int64), saving
+    if not exact:
+        return none[0], none[1], saving
+    return _forest(order, own, [cost[r].sum(axis=1) + _REF_COST for r in resid])
+
+
+def _forest(order: np.ndarray, own: np.ndarray, pair_costs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Kruskal's minimum spanning tree over the rows and a root (node n: coded order-0), oriented from the root:
+    (rows with a reference, their references, saving over order-0), rows increasing."""
+    n = own.size
+    us = [np.full(n, n, np.int64)] + [order[o:] for o in range(1, len(pair_costs) + 1)]
+    vs = [np.arange(n, dtype=np.int64)] + [order[:-o] for o in range(1, len(pair_costs) + 1)]
+    ws = np.concatenate([own.astype(np.int64)] + pair_costs)
+    us, vs = np.concatenate(us), np.concatenate(vs)
+    up = list(range(n + 1))
+
+    def root(i: int) -> int:
+        while up[i] != i:
+            up[i] = up[up[i]]
+            i = up[i]
+        return i
+
+    adj: list[list[int]] = [[] for _ in range(n + 1)]
+    taken, total = 0, 0
+    for e in np.argsort(ws, kind="stable").tolist():
+        a, b = int(us[e]), int(vs[e])
+        ra, rb = root(a), root(b)
+        if ra == rb:
+            continue
+        up[ra] = rb
+        adj[a].append(b)
+        adj[b].append(a)
+        total += int(ws[e])
+        taken += 1
+        if taken == n:
+            break
+    ref = np.full(n, -1, dtype=np.int64)
+    seen = np.zeros(n + 1, dtype=bool)
+    seen[n] = True
+    todo = [n]
+    while todo:  # orient every edge away from the root: a row's reference is its parent in the tree
+        a = todo.pop()
+        for b in adj[a]:
+            if not seen[b]:
+                seen[b] = True
+                ref[b] = a if a < n else -1
+                todo.append(b)
+    rows = np.flatnonzero(ref >= 0)
+    return rows, ref[rows], int(own.sum()) - total
 
 
 def _widths(size: int) -> list[int]:
@@ -119,7 +165,7 @@ class AnsCtx(Codec):
             rows = sym.size // w
             step = max(1, rows * w // _PLAN_SYMBOLS)  # a regular sample of rows keeps large streams quick
             sample = sym.reshape(rows, w)[::step].reshape(-1)
-            saving = plan_rows(sample, w, self.params["candidates"])[2] * step
+            saving = plan_rows(sample, w, self.params["candidates"], exact=False)[2] * step
             if saving > best:
                 best, best_w = saving, w
         return best_w
@@ -156,8 +202,9 @@ class AnsCtx(Codec):
                 a = np.frombuffer(self._sub(plain, size - n), dtype=np.uint8)
                 b = np.frombuffer(self._sub(resid, n), dtype=np.uint8)
                 out = ans_ctx_rebuild(w, size, rows, refs, a, b).tobytes()
-        except QpkLoadError as exc:
-            raise CodecError(str(exc)) from None
+        except QpkLoadError as exc:  # the shared parser's messages; its varint reader says "ans:"
+            msg = str(exc)
+            raise CodecError(msg if msg.startswith("ans_ctx") else f"ans_ctx: {msg}") from None
         if zlib.crc32(out) != crc:
             raise CodecError("ans_ctx: decoded data fails its CRC-32 (corrupt frame)")
         return out
