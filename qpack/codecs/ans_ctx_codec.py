@@ -59,20 +59,22 @@ def plan_rows(sym: np.ndarray, width: int, neighbours: int, exact: bool = True
     so each cluster of near-copies is a tree and no reference cycle can arise; without it (quick, to choose a
     width) the saving is that of each row taking its cheapest earlier neighbour."""
     none = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
-    x = sym.reshape(-1, width).astype(np.int16)
+    x = sym.reshape(-1, width)
     n_rows = x.shape[0]
-    own = _costs(np.bincount(sym, minlength=256))[x].sum(axis=1)
-    order = np.argsort(x.astype(np.int64) @ _projection(width), kind="stable")
+    own = _row_costs(_costs(np.bincount(sym, minlength=256)), x)
+    # float64 holds these integer sums (< 2^38) exactly, and BLAS makes the product quick
+    order = np.argsort(x.astype(np.float64) @ _projection(width).astype(np.float64), kind="stable")
     xs = x[order]
-    resid = [((xs[o:] - xs[:-o] + 128) & 255).astype(np.uint8) for o in range(1, min(neighbours, n_rows - 1) + 1)]
+    # uint8 arithmetic wraps: exactly the frame's (x - x_ref + 128) mod 256
+    resid = [xs[o:] - xs[:-o] + np.uint8(128) for o in range(1, min(neighbours, n_rows - 1) + 1)]
     if not resid:
         return none
     cost = _proxy_costs()
-    for _ in range(2):
+    for _ in range(2 if exact else 1):  # choosing a width needs only the sign and rough size of the saving
         best = np.full(n_rows, 1 << 60, dtype=np.int64)  # far above any row, and no overflow
         pick = np.zeros(n_rows, dtype=np.int64)
         for o, r in enumerate(resid, 1):
-            c = cost[r].sum(axis=1)
+            c = _row_costs(cost, r)
             better = c < best[o:]
             best[o:][better] = c[better]
             pick[o:][better] = o
@@ -84,7 +86,12 @@ def plan_rows(sym: np.ndarray, width: int, neighbours: int, exact: bool = True
     saving = int((own[order][use] - best[use] - _REF_COST).sum())
     if not exact:
         return none[0], none[1], saving
-    return _forest(order, own, [cost[r].sum(axis=1) + _REF_COST for r in resid])
+    return _forest(order, own, [_row_costs(cost, r) + _REF_COST for r in resid])
+
+
+def _row_costs(cost: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each row's code length under the per-byte `cost` table (int64 sums of int32 lookups)."""
+    return np.take(cost.astype(np.int32), rows).sum(axis=1, dtype=np.int64)
 
 
 def _forest(order: np.ndarray, own: np.ndarray, pair_costs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -165,7 +172,7 @@ class AnsCtx(Codec):
             rows = sym.size // w
             step = max(1, rows * w // _PLAN_SYMBOLS)  # a regular sample of rows keeps large streams quick
             sample = sym.reshape(rows, w)[::step].reshape(-1)
-            saving = plan_rows(sample, w, self.params["candidates"], exact=False)[2] * step
+            saving = plan_rows(sample, w, min(4, self.params["candidates"]), exact=False)[2] * step
             if saving > best:
                 best, best_w = saving, w
         return best_w
