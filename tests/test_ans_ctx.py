@@ -209,3 +209,12 @@ def test_exported_loader_matches_qpack_load(tmp_path):
 
 def test_codec_errors_are_qpack_errors():
     assert issubclass(CodecError, QpackError)
+
+
+def test_plain_frame_kept_when_rows_do_not_pay_after_all():
+    from qpack.codecs.ans_ctx_codec import plan_rows
+
+    data = bytes(range(16)) * 2  # the plan codes row 1 against row 0, but two tables cost more than one
+    assert plan_rows(np.frombuffer(data, np.uint8), 16, 8)[0].tolist() == [1]
+    frame = make_codec("ans_ctx", {"width": 16}).encode(data)
+    assert frame_width(frame) == 0 and len(frame) == len(make_codec("ans").encode(data)) + 6
