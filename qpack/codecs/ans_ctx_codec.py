@@ -8,7 +8,7 @@ brotli finds as matches. This codec finds, for each row, a similar earlier row i
 projection, and codes the row as its difference from that reference when the estimate says it pays; the
 other rows are coded order-0. The frame is specified in qpack/loader/parts/ans_ctx_part.py (its parser and
 rebuild live there, shared with the exported loader). The stream is seen as rows of `width` symbols; with
-width 0 the encoder tries the widths that divide the stream and keeps the one estimated smallest, and it
+width 0 the encoder tries the model-like widths (2^k, 3 * 2^k, 5 * 2^k) that divide the stream and keeps the one estimated smallest, and it
 always keeps the plain (order-0) frame when that is not larger.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .base import Codec, CodecError, register_codec
 _VERSION = 1
 _ONE = 256  # costs are in 1/256 bit, integers, so that the plan is the same on every machine
 _REF_COST = 24 * _ONE  # about what a row's index gap and reference take in the frame
-_MIN_W, _MAX_AUTO_W = 16, 1 << 15
+_MIN_W, _MAX_AUTO_W = 32, 1 << 15
 _PLAN_SYMBOLS = 1 << 18  # auto width is chosen on a sample of rows of about this many symbols
 
 
@@ -102,6 +102,11 @@ def _forest(order: np.ndarray, own: np.ndarray, pair_costs: list[np.ndarray]) ->
     vs = [np.arange(n, dtype=np.int64)] + [order[:-o] for o in range(1, len(pair_costs) + 1)]
     ws = np.concatenate([own.astype(np.int64)] + pair_costs)
     us, vs = np.concatenate(us), np.concatenate(vs)
+    # A pair dearer than both rows' own costs comes after both joined the root (ties too: the stable sort puts
+    # root edges first), so it can never join the tree: dropping it first leaves the loop the useful pairs.
+    own_of = np.append(own, 0)
+    keep = (us == n) | (ws < np.maximum(own_of[us], own_of[vs]))
+    us, vs, ws = us[keep], vs[keep], ws[keep]
     up = list(range(n + 1))
 
     def root(i: int) -> int:
@@ -140,8 +145,10 @@ def _forest(order: np.ndarray, own: np.ndarray, pair_costs: list[np.ndarray]) ->
 
 
 def _widths(size: int) -> list[int]:
-    """Row widths the encoder tries by itself: multiples of 16 dividing `size` that leave at least 2 rows."""
-    return [w for w in range(_MIN_W, min(_MAX_AUTO_W, size // 2) + 1, _MIN_W) if size % w == 0]
+    """Row widths the encoder tries by itself: 2^k, 3 * 2^k and 5 * 2^k from 32 up (the widths of model
+    matrices) that divide `size` and leave at least 2 rows; each costs a planning pass, so not every divisor."""
+    out = {m << k for m in (1, 3, 5) for k in range(5, 16)}
+    return sorted(w for w in out if _MIN_W <= w <= min(_MAX_AUTO_W, size // 2) and size % w == 0)
 
 
 def _zigzag(v: int) -> int:
