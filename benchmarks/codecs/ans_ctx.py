@@ -10,6 +10,7 @@ sections, in bytes:
   ans           the `ans` codec (order-0, exact table)
   ans_ctx       the `ans_ctx` codec (rows coded against a reference row where that pays)
   brotli-11     brotli at quality 11
+  ans|zstd      the smaller of ans and zstd per section (what compress's default codec list stores)
 Encode and decode times are ratios to ans in the same run (a shared machine: no absolute timing is a fact).
 
     python benchmarks/codecs/ans_ctx.py /work/runs/cpu-smoke/final.pt --bits 4,5,6,8 --out benchmarks/codecs/ans_ctx.md
@@ -58,8 +59,8 @@ def timed(fn):
 def measure(path: Path) -> dict:
     """Sums over the artifact's codes sections (see the module docstring)."""
     art = read_artifact(path)
-    ans, ctx = make_codec("ans"), make_codec("ans_ctx")
-    tot = dict.fromkeys(["symbols", "H0", "prev-ctx", "row-class", "ans", "ans_ctx", "brotli-11",
+    ans, ctx, zstd = make_codec("ans"), make_codec("ans_ctx"), make_codec("zstd")
+    tot = dict.fromkeys(["symbols", "H0", "prev-ctx", "row-class", "ans", "ans_ctx", "brotli-11", "ans|zstd",
                          "enc_ans", "enc_ctx", "dec_ans", "dec_ctx"], 0.0)
     for name in art.names():
         qz = art.quantized(name)
@@ -82,6 +83,7 @@ def measure(path: Path) -> dict:
                      "prev-ctx": conditional_bytes(x, np.minimum(prev, 3)),
                      "row-class": conditional_bytes(x, np.repeat(rc, grid.shape[1])) + grid.shape[0] * 2 / 8,
                      "ans": len(a), "ans_ctx": len(c), "brotli-11": len(brotli.compress(raw, quality=11)),
+                     "ans|zstd": min(len(a), len(zstd.encode(raw))),
                      "enc_ans": ta, "enc_ctx": tc, "dec_ans": tda, "dec_ctx": tdc}.items():
             tot[k] += v
     return tot
@@ -93,7 +95,7 @@ def main() -> None:
     ap.add_argument("--bits", default="4,5,6,8")
     ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args()
-    cols = ["H0", "prev-ctx", "row-class", "ans", "ans_ctx", "brotli-11"]
+    cols = ["H0", "prev-ctx", "row-class", "ans", "ans_ctx", "brotli-11", "ans|zstd"]
     lines = [f"checkpoint {args.ckpt}; bytes summed over codes sections; % against ans", "",
              "| bits | symbols | " + " | ".join(cols) + " | ans_ctx encode / ans | ans_ctx decode / ans |",
              "|---" * (len(cols) + 4) + "|"]
