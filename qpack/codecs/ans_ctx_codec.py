@@ -179,7 +179,7 @@ class AnsCtx(Codec):
             rows = sym.size // w
             step = max(1, rows * w // _PLAN_SYMBOLS)  # a regular sample of rows keeps large streams quick
             sample = sym.reshape(rows, w)[::step].reshape(-1)
-            saving = plan_rows(sample, w, min(4, self.params["candidates"]), exact=False)[2] * step
+            saving = plan_rows(sample, w, 1, exact=False)[2] * step
             if saving > best:
                 best, best_w = saving, w
         return best_w
