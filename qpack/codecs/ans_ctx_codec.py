@@ -4,12 +4,13 @@ Measured on quantized GPT weights (README "## Codecs"), order-0 ANS leaves littl
 row: tables conditioned on the previous symbol's magnitude, or on a row or column class, lower the
 conditional entropy by under 1% and cost more than that in tables. The structure an order-0 coder misses
 is across rows: a trained embedding holds many near-copies of one row (tokens the data rarely shows), which
-brotli finds as matches. This codec finds, for each row, a similar earlier row in a sort by a fixed random
-projection, and codes the row as its difference from that reference when the estimate says it pays; the
-other rows are coded order-0. The frame is specified in qpack/loader/parts/ans_ctx_part.py (its parser and
-rebuild live there, shared with the exported loader). The stream is seen as rows of `width` symbols; with
-width 0 the encoder tries the model-like widths (2^k, 3 * 2^k, 5 * 2^k) that divide the stream and keeps the one estimated smallest, and it
-always keeps the plain (order-0) frame when that is not larger.
+brotli finds as matches. This codec sorts the rows by a fixed random projection, pairs each with its
+nearest neighbours in that order, and codes a row as its difference from a reference row (its parent in a
+minimum spanning forest of those pairs) when the estimate says it pays; the other rows are coded order-0.
+The frame is specified in qpack/loader/parts/ans_ctx_part.py (its parser and rebuild live there, shared
+with the exported loader). The stream is seen as rows of `width` symbols; with width 0 the encoder tries
+the model-like widths (2^k, 3 * 2^k, 5 * 2^k) that divide the stream and keeps the one estimated smallest,
+and it keeps the plain (order-0) frame whenever that is not larger.
 """
 from __future__ import annotations
 
