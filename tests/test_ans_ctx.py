@@ -218,3 +218,21 @@ def test_plain_frame_kept_when_rows_do_not_pay_after_all():
     assert plan_rows(np.frombuffer(data, np.uint8), 16, 8)[0].tolist() == [1]
     frame = make_codec("ans_ctx", {"width": 16}).encode(data)
     assert frame_width(frame) == 0 and len(frame) == len(make_codec("ans").encode(data)) + 6
+
+
+def test_deep_reference_chain_decodes_in_both_decoders():
+    # Row i refers to row i - 1 for 1,999 rows: the rebuild goes level by level, 1,999 levels deep.
+    from qpack.loader.parts.ans_ctx_part import _ans_ctx
+
+    rng = np.random.default_rng(9)
+    n, w = 2000, 16
+    first = rng.integers(0, 256, w, dtype=np.uint8)
+    steps = rng.integers(127, 130, (n - 1, w), dtype=np.uint8)  # residual bytes: differences -1, 0, +1
+    want = np.cumsum(np.vstack([first.astype(np.int64), steps.astype(np.int64) - 128]), axis=0) % 256
+    want = want.astype(np.uint8).tobytes()
+    ans = make_codec("ans")
+    frame = _frame(n * w, w, list(range(1, n)), list(range(n - 1)), ans.encode(first.tobytes()),
+                   ans.encode(steps.tobytes()))
+    frame = frame[:1] + struct.pack("<I", zlib.crc32(want)) + frame[5:]
+    assert make_codec("ans_ctx").decode(frame, n * w) == want
+    assert _ans_ctx([(frame, n * w, {})]) == [want]

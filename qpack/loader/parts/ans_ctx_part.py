@@ -74,19 +74,25 @@ def ans_ctx_rebuild(width, size, rows, refs, plain, resid):
     """The decoded stream from the parsed rows and the two decoded sub-streams (numpy uint8 arrays)."""
     nr = size // width
     out = np.zeros((nr, width), dtype=np.uint8)
-    todo = np.zeros(nr, dtype=bool)
-    todo[rows] = True
-    out[~todo] = plain.reshape(-1, width)
+    coded = np.zeros(nr, dtype=bool)
+    coded[rows] = True
+    out[~coded] = plain.reshape(-1, width)
     res = resid.reshape(-1, width)
-    left = np.arange(len(rows))
-    # Rows whose reference is decoded are rebuilt together; a reference cycle would leave rows forever.
-    while len(left):
-        ready = left[~todo[refs[left]]]
-        if not len(ready):
-            _err("ans_ctx: reference rows form a cycle")
-        out[rows[ready]] = res[ready] + out[refs[ready]] + np.uint8(128)
-        todo[rows[ready]] = False
-        left = left[todo[rows[left]]]
+    # Level by level from the order-0 rows: each level is the rows whose reference the last level rebuilt
+    # (found in the references sorted), so all the work is linear in the rows, whatever the trees' depth.
+    by_ref = np.argsort(refs, kind="stable")
+    sref = refs[by_ref]
+    cur = np.flatnonzero(~coded[refs])
+    done = 0
+    while len(cur):
+        out[rows[cur]] = res[cur] + out[refs[cur]] + np.uint8(128)
+        done += len(cur)
+        lo = np.searchsorted(sref, rows[cur], "left")
+        n = np.searchsorted(sref, rows[cur], "right") - lo
+        at = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+        cur = by_ref[at]
+    if done != len(rows):  # the rows never reached hang on a reference cycle
+        _err("ans_ctx: reference rows form a cycle")
     return out.reshape(-1)
 
 
