@@ -126,20 +126,20 @@ def test_hostile_frames_are_refused():
     row = bytes(range(16))
     plain = ans.encode(row * 2)
     resid = ans.encode(bytes([128]) * 32)
-    cases = {
-        "version": b"\x02" + bytes(8),
-        "short": b"\x01\x00",
-        "width does not divide": _frame(64, 24, [], [], plain, b""),
-        "more rows than the stream": _frame(64, 16, [0, 1, 2, 3, 4], [1, 2, 3, 4, 0], plain, resid),
-        "row past the end": _frame(64, 16, [5], [0], plain, resid),
-        "self reference": _frame(64, 16, [2], [2], plain, resid),
-        "reference past the end": _frame(64, 16, [2], [9], plain, resid),
-        "cycle": _frame(64, 16, [2, 3], [3, 2], plain, resid),
-        "sub-frame length past the end": _frame(64, 16, [2, 3], [0, 1], plain, resid)[:-len(resid) - 5],
-        "huge varint": b"\x01" + bytes(4) + b"\xff" * 10 + b"\x01",
+    cases = {  # frame -> what the refusal must say (each check is the first to see its defect)
+        "version": (b"\x02" + bytes(8), "unknown frame version"),
+        "short": (b"\x01\x00", "truncated"),
+        "width does not divide": (_frame(64, 24, [], [], plain, b""), "does not divide"),
+        "more rows than the stream": (_frame(64, 16, [0, 1, 2, 3, 4], [1, 2, 3, 4, 0], plain, resid), "more context rows"),
+        "row past the end": (_frame(64, 16, [5], [0], plain, resid), "past the last row"),
+        "self reference": (_frame(64, 16, [2], [2], plain, resid), "reference row out of range"),
+        "reference past the end": (_frame(64, 16, [2], [9], plain, resid), "reference row out of range"),
+        "cycle": (_frame(64, 16, [2, 3], [3, 2], plain, resid), "cycle"),
+        "sub-frame length past the end": (_frame(64, 16, [2, 3], [0, 1], plain, resid)[:-len(resid) - 5], "truncated"),
+        "huge varint": (b"\x01" + bytes(4) + b"\xff" * 10 + b"\x01", "varint longer"),
     }
-    for label, frame in cases.items():
-        with pytest.raises(CodecError, match="ans_ctx"):
+    for label, (frame, says) in cases.items():
+        with pytest.raises(CodecError, match=f"ans_ctx.*{says}"):
             codec.decode(frame, 64)
     # The same frame with its CRC right decodes: the refusals above come from the checks, not the CRC.
     good = _frame(64, 16, [2, 3], [0, 1], plain, resid)
