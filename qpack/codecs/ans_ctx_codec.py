@@ -1,7 +1,7 @@
 """`ans_ctx`: rANS where a row may be coded in the context of another row: as its difference from it.
 
 Measured on quantized GPT weights (README "## Codecs"), order-0 ANS leaves little on the table inside a
-row: tables conditioned on the previous symbol's magnitude, or on a row or column class, lower the
+row: tables conditioned on the previous symbol's magnitude, or on a row class, lower the
 conditional entropy by under 1% and cost more than that in tables. The structure an order-0 coder misses
 is across rows: a trained embedding holds many near-copies of one row (tokens the data rarely shows), which
 brotli finds as matches. This codec sorts the rows by a fixed random projection, pairs each with its
