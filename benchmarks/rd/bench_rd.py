@@ -135,6 +135,7 @@ def main() -> None:
         f"rate: uniform step + GPTQ + RDO {args.rdo:g}": dict(gptq=True, rdo=args.rdo),
         # {"compress": CompressConfig options}: compress --budget with those options
         "layouts: codes one symbol per byte only (compress --budget)": {"compress": dict(layouts=("byte",))},
+        "ctx: default + ans_ctx codec": {"compress": dict(codecs=("ans", "zstd", "ans_ctx"))},
     }
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:

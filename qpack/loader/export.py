@@ -17,7 +17,9 @@ from ..errors import QpackInputError
 PARTS_DIR = Path(__file__).resolve().parent / "parts"
 #: codec name -> part module; the order here is the order in the exported file.
 CODEC_PARTS = {"raw": "raw_part", "zlib": "zlib_part", "lzma": "lzma_part", "zstd": "zstd_part",
-               "brotli": "brotli_part", "ans": "ans_part"}
+               "brotli": "brotli_part", "ans": "ans_part", "ans_ctx": "ans_ctx_part"}
+#: codec -> the codecs whose parts its part calls (ans_ctx frames hold ans sub-frames).
+_NEEDS = {"ans_ctx": ("ans",)}
 _MARK = "# PART\n"
 _HEAD = '''"""qpack_load: reads qpack .qpk artifacts with the standard library, numpy and torch alone (codecs: {codecs}).
 
@@ -39,12 +41,14 @@ def _part(module: str) -> str:
 
 
 def parse_codecs(text: str) -> list[str]:
-    """'ans,zstd' -> ['raw', 'zstd', 'ans'] in file order; raw is always included (passthrough tensors use it)."""
+    """'ans,zstd' -> ['raw', 'zstd', 'ans'] in file order; raw is always included (passthrough tensors use it),
+    and so is every part a requested part calls ('ans_ctx' brings 'ans')."""
     names = {n.strip() for n in text.split(",") if n.strip()} | {"raw"}
     unknown = sorted(names - set(CODEC_PARTS))
     if unknown:
         raise QpackInputError(f"the loader has no decoder for codec(s) {', '.join(unknown)}; "
                               f"known: {', '.join(CODEC_PARTS)}")
+    names |= {d for n in names for d in _NEEDS.get(n, ())}
     return [n for n in CODEC_PARTS if n in names]
 
 
