@@ -53,6 +53,10 @@ class CompressConfig:
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
     loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
+    # rate-aware steps (scheme "uniform", qpack.quant.uniform): int8 codes on a grid of `step` standard deviations.
+    steps: tuple[float, ...] | None = None  # steps offered with a budget (None: the scheme's default, see _steps_for)
+    step: float | None = None  # scheme uniform without a budget: the one step for every matrix
+    rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
@@ -81,6 +85,13 @@ class CompressConfig:
             raise QpackInputError("at least one codec is needed")
         for spec in self.codecs:
             parse_codec(spec)  # raises a clear error for unknown codecs or parameters
+        _check_rate_options(self)
+
+
+def _check_rate_options(cfg: CompressConfig) -> None:
+    from .rd.steps import check_rate_options
+
+    check_rate_options(cfg)
 
 
 def _schemes() -> list[str]:
@@ -294,11 +305,17 @@ class _Job:
         if self.cfg.budget is None:
             return
         estimate = self.cfg.code_bytes + sum(o.encoded.nbytes for o in fixed.values())
-        bits = min(self.widths)
         for n in self.quant_names:
-            q = make_quantizer("rtn", bits, self.cfg.group_size).quantize(self.sd[n].detach().float())
+            w = self.sd[n].detach().float()
+            cheapest = []  # round-to-nearest at the fewest bits and/or on the coarsest uniform step
+            if _schemes_for(self.cfg, n in self.hessians):
+                cheapest.append(make_quantizer("rtn", min(self.widths), self.cfg.group_size).quantize(w))
+            steps = _steps_for(self.cfg, n in self.hessians)
+            if steps:
+                cheapest.append(_uniform(max(steps)).quantize(w))
             for b in self.blocks[n]:
-                estimate += _predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
+                estimate += min(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
+                                for q in cheapest)
         check_floor(self.cfg.budget, estimate)
 
     # -- quantize + price
@@ -307,6 +324,8 @@ class _Job:
         self._menu: dict[str, list[tuple[str, dict, int | None]]] = {}
         for n in self.quant_names:
             menu = [(s, p, b) for b in self.widths for s, p in _schemes_for(self.cfg, n in self.hessians)]
+            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo}, _UNIFORM_BITS)
+                     for st in _steps_for(self.cfg, n in self.hessians)]  # by step: neighbours err alike
             if self.cfg.budget is not None and self.cfg.fp16_candidate:
                 menu.append(("fp16", {}, None))  # kept last: see _fp16_index
             self._menu[n] = menu
@@ -338,17 +357,20 @@ class _Job:
         hd = torch.diagonal(h) if h is not None and self.cfg.loss_proxy != "mse" else None
         blocks = self.blocks[n]
         out: dict[str, list[Candidate]] = {b.entry: [] for b in blocks}
-        rtn: dict[int, Quantized] = {}
+        rtn: dict[Any, Quantized] = {}
         for scheme, params, bits in self._menu[n]:
-            if bits is not None and bits not in rtn:
-                rtn[bits] = make_quantizer("rtn", bits, self.cfg.group_size).quantize(w)
+            # widths: round-to-nearest at that width; uniform steps: rounding on that grid (no GPTQ, no RDO)
+            key = ("uniform", params["step"]) if scheme == "uniform" else bits
+            if bits is not None and key not in rtn:
+                rtn[key] = (_uniform(params["step"]) if scheme == "uniform"
+                            else make_quantizer("rtn", bits, self.cfg.group_size)).quantize(w)
             for b in blocks:
                 if bits is None:
                     p: Quantized | torch.Tensor = w[b.r0:b.r1].to(torch.float16)
                 else:
-                    p = slice_rows(rtn[bits], b.r0, b.r1) if len(blocks) > 1 else rtn[bits]
+                    p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
-                out[b.entry].append(Candidate(f"{scheme}/{bits}~", _predicted_bytes(p),
+                out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p),
                                               _diag_loss(w[b.r0:b.r1], wq, hd)))
         return out
 
@@ -367,7 +389,7 @@ class _Job:
         for b, p in zip(blocks, payloads):
             wb = w[b.r0:b.r1]
             wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(wb.shape)
-            label = "fp16" if bits is None else f"{scheme}/int{bits}"
+            label = _menu_label(scheme, params, bits)
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy)
@@ -376,6 +398,15 @@ class _Job:
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
                   h: torch.Tensor | None) -> Quantized:
         """One width of the real scheme; GPTQ factorizes each matrix's Hessian once for all its widths."""
+        if scheme == "uniform":  # every step sweeps the same prepared GPTQ (the one plain gptq uses too)
+            from .quant.gptq import GPTQ
+
+            if h is None:
+                return _uniform(**params).quantize(w)
+            key = (n, "gptq", ())
+            if key not in self._prepared:
+                self._prepared[key] = GPTQ(as_matrix(w), h)
+            return _uniform(**params).quantize_prepared(w, self._prepared[key])
         quantizer = make_quantizer(scheme, bits, self.cfg.group_size, **params)
         if not hasattr(quantizer, "prepare") or h is None:
             return quantizer.quantize(w, h)
@@ -588,8 +619,34 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
                      q.scheme, q.group_size, dict(q.params))
 
 
+_UNIFORM_BITS = 8  # qpack.rd.steps.UNIFORM_BITS: uniform codes are int8, the step sets the rate
+
+
+def _uniform(step: float, rdo: float = 0.0) -> Any:
+    """The uniform quantizer at one step (qpack.quant.uniform)."""
+    return make_quantizer("uniform", _UNIFORM_BITS, None, step=step, rdo=rdo)
+
+
+def _steps_for(cfg: CompressConfig, has_hessian: bool) -> tuple[float, ...]:
+    """The uniform steps on one tensor's menu (qpack.rd.steps.steps_for)."""
+    from .rd.steps import steps_for
+
+    return steps_for(cfg, has_hessian)
+
+
+def _menu_label(scheme: str, params: dict, bits: int | None) -> str:
+    """A menu item's name in the candidate tables: fp16, scheme/intB, or uniform/stepS."""
+    if bits is None:
+        return "fp16"
+    if scheme == "uniform":
+        return f"uniform/step{params['step']:.4g}" + (f"/rdo{params['rdo']:g}" if params.get("rdo") else "")
+    return f"{scheme}/int{bits}"
+
+
 def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict]]:
-    """The (scheme, params) pairs tried for one tensor."""
+    """The (scheme, params) pairs tried at every width for one tensor (uniform steps: see _steps_for)."""
+    if cfg.scheme == "uniform":
+        return []
     if cfg.scheme == "auto":
         return [("gptq", {}) if has_hessian else ("gptq_lite", {})]
     if cfg.scheme == "search":
