@@ -344,9 +344,18 @@ class _Job:
         # Room for the blocks, less a first guess at the manifest; qpack.budget.fit corrects it by measuring.
         capacity = self.cfg.budget - self.cfg.code_bytes - fixed_bytes - 96 * (len(blocks) + len(self._fixed)) - 512
         by_entry = {b.entry: b.tensor for b in blocks}
+        realize = lambda entry, i: self._realize(by_entry[entry], i, realized)  # noqa: E731
         try:
-            return realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized,
-                                  lambda entry, i: self._realize(by_entry[entry], i, realized), capacity)
+            choices = realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized, realize, capacity)
+            if not any(_steps_for(self.cfg, n in self.hessians) for n in self.quant_names):
+                return choices
+            from .rd.refine import realize_neighbours
+
+            def on_grid(entry: str, j: int) -> bool:  # a uniform step: its neighbours on the menu are finer/coarser
+                menu = self._menu[by_entry[entry]]
+                return 0 <= j < len(menu) and menu[j][0] == "uniform"
+
+            return realize_neighbours(choices, realized, realize, capacity, on_grid)
         finally:
             self._prepared.clear()
 
