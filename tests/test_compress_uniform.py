@@ -166,3 +166,13 @@ def test_cli_fixed_step(tmp_path):
     assert r.exit_code == 0, r.stderr
     s = _scales(sd["l2.weight"], 0.4)
     assert torch.equal(load(tmp_path / "m.qpk")["l2.weight"], torch.round(sd["l2.weight"] / s).clamp(-127, 127) * s)
+
+
+def test_mse_proxy_spends_bytes_where_the_weights_are_large():
+    # equal marginal mse per byte means one absolute step everywhere: relative errors fall as the scale grows
+    sd, hs = _model(5)
+    res = compress(sd, None, budget=int(3.5 * PARAMS / 8), hessians=hs, **OPTS)
+    rel = {}
+    for t in res.tensors:
+        rel.setdefault(t.name.split("#")[0], []).append(t.rel_error)
+    assert min(rel["l0.weight"]) > max(rel["l3.weight"])
