@@ -27,6 +27,7 @@ def _model(seed: int = 0):
 
 PARAMS = 512 * 64 + 64 + 4 * 256 * 64
 OPTS = dict(scheme="uniform", chunk_numel=4096)  # 8 row blocks per matrix: fine steps for the solver to fill with
+FAST = dict(OPTS, steps=DEFAULT_STEPS[::2])  # 4 steps per octave: half the candidates, for the tests of behaviour
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ def test_lands_under_and_within_half_a_percent(tmp_path, bpp):
 
 def test_artifact_holds_codes_on_one_grid_step_per_block(tmp_path):
     sd, hs = _model(1)
-    res = compress(sd, tmp_path / "m.qpk", budget=int(3.5 * PARAMS / 8), hessians=hs, **OPTS)
+    res = compress(sd, tmp_path / "m.qpk", budget=int(3.5 * PARAMS / 8), hessians=hs, **FAST)
     back = load(tmp_path / "m.qpk")
     found = set()
     for t in res.tensors:
@@ -98,7 +99,7 @@ def test_more_budget_never_raises_the_estimated_loss():
     sd, hs = _model(3)
     losses = []
     for bpp in (2.0, 3.5, 6.0):
-        res = compress(sd, None, budget=int(bpp * PARAMS / 8), hessians=hs, loss_proxy="hessian", **OPTS)
+        res = compress(sd, None, budget=int(bpp * PARAMS / 8), hessians=hs, loss_proxy="hessian", **FAST)
         losses.append(sum(t.est_loss for t in res.tensors))
     assert all(b <= a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.2 * losses[0]
@@ -123,7 +124,8 @@ def test_mixed_menu_takes_the_cheaper_kind_per_block():
     budget = int(3.0 * PARAMS / 8)
     kw = dict(budget=budget, hessians=hs, chunk_numel=4096, loss_proxy="hessian")
     loss = {name: sum(t.est_loss for t in compress(sd, None, **kw, **o).tensors)
-            for name, o in [("mixed", dict(steps=DEFAULT_STEPS[::2])), ("widths", {}), ("steps", dict(scheme="uniform"))]}
+            for name, o in [("mixed", dict(steps=DEFAULT_STEPS[::2])), ("widths", {}),
+                                 ("steps", dict(scheme="uniform", steps=DEFAULT_STEPS[::2]))]}
     assert loss["mixed"] < 0.8 * loss["widths"], loss
     assert loss["mixed"] < 1.05 * loss["steps"], loss
 
@@ -175,7 +177,7 @@ def test_cli_fixed_step(tmp_path):
 def test_mse_proxy_spends_bytes_where_the_weights_are_large():
     # equal marginal mse per byte means one absolute step everywhere: relative errors fall as the scale grows
     sd, hs = _model(5)
-    res = compress(sd, None, budget=int(3.5 * PARAMS / 8), hessians=hs, **OPTS)
+    res = compress(sd, None, budget=int(3.5 * PARAMS / 8), hessians=hs, **FAST)
     rel = {}
     for t in res.tensors:
         rel.setdefault(t.name.split("#")[0], []).append(t.rel_error)

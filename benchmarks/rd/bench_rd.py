@@ -75,6 +75,7 @@ def main() -> None:
 
     from qpack.compress import CompressConfig, compress
     from qpack.rd.candidates import step_grid
+    from qpack.rd.steps import DEFAULT_STEPS
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,8 +136,8 @@ def main() -> None:
         "uniform: no Hessians (rounding on the grid)": dict(scheme="uniform", hessians=False),
         "uniform: RDO 0.05": dict(scheme="uniform", rdo=0.05),
         f"uniform: RDO {args.rdo:g}": dict(scheme="uniform", rdo=args.rdo),
-        "uniform: 8 steps per octave": dict(scheme="uniform", steps=tuple(step_grid(0.03, 4.0, 8))),
-        "mixed: gptq widths + uniform steps": dict(scheme="auto", steps=tuple(step_grid(0.03, 4.0, 4))),
+        "uniform: 4 steps per octave": dict(scheme="uniform", steps=tuple(step_grid(0.03, 4.0, 4))),
+        "mixed: gptq widths + uniform steps": dict(scheme="auto", steps=DEFAULT_STEPS),
     }
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:

@@ -37,7 +37,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("--step", type=float, default=None, help="--scheme uniform without --budget: the grid step, in "
               "standard deviations of each matrix")
 @click.option("--steps", default=None, help="with --budget: uniform steps (comma list, in standard deviations) the "
-              "solver picks from [default for --scheme uniform: 0.03 to 4, 4 per octave]")
+              "solver picks from [default for --scheme uniform: 0.03 to 4, 8 per octave]")
 @click.option("--rdo", type=float, default=0.0, show_default=True,
               help="RDO rounding multiplier for uniform steps (0: nearest level)")
 @click.option("--loss-proxy", type=click.Choice(["mse", "hessian", "relative"]), default="mse", show_default=True,
