@@ -41,7 +41,7 @@ class CompressConfig:
     budget: int | None = None  # bytes for artifact + code; None: fixed `bits` for every matrix
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)  # candidate widths when a budget is set
     fixed_bits: int = 6  # width for every matrix when no budget is set
-    scheme: str = "auto"  # auto: gptq where a Hessian exists, else gptq_lite; "search": several schemes
+    scheme: str = "auto"  # auto: gptq where a Hessian exists (with a budget: uniform steps), else gptq_lite
     group_size: int | None = None  # scale group size in columns; None: one scale per row
     codecs: tuple[str, ...] = ("ans", "zstd")  # codec specs tried per section (the smallest is stored)
     passthrough_dtype: str = "fp16"  # how small tensors (norms, gains, scalars) are stored: fp16 or fp32
@@ -654,7 +654,9 @@ def _menu_label(scheme: str, params: dict, bits: int | None) -> str:
 
 def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict]]:
     """The (scheme, params) pairs tried at every width for one tensor (uniform steps: see _steps_for)."""
-    if cfg.scheme == "uniform":
+    from .rd.steps import auto_takes_steps
+
+    if cfg.scheme == "uniform" or auto_takes_steps(cfg, has_hessian):
         return []
     if cfg.scheme == "auto":
         return [("gptq", {}) if has_hessian else ("gptq_lite", {})]

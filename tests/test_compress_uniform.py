@@ -124,7 +124,7 @@ def test_mixed_menu_takes_the_cheaper_kind_per_block():
     budget = int(3.0 * PARAMS / 8)
     kw = dict(budget=budget, hessians=hs, chunk_numel=4096, loss_proxy="hessian")
     loss = {name: sum(t.est_loss for t in compress(sd, None, **kw, **o).tensors)
-            for name, o in [("mixed", dict(steps=DEFAULT_STEPS[::2])), ("widths", {}),
+            for name, o in [("mixed", dict(steps=DEFAULT_STEPS[::2])), ("widths", dict(steps=())),
                                  ("steps", dict(scheme="uniform", steps=DEFAULT_STEPS[::2]))]}
     assert loss["mixed"] < 0.8 * loss["widths"], loss
     assert loss["mixed"] < 1.05 * loss["steps"], loss
@@ -135,7 +135,7 @@ def test_mixed_menu_takes_the_cheaper_kind_per_block():
                                   dict(scheme="uniform", budget=10_000, steps=(0.5, 0.0)),
                                   dict(scheme="uniform", budget=10_000, steps=()),
                                   dict(scheme="uniform", budget=10_000, step=0.5), dict(step=0.5),
-                                  dict(scheme="uniform", steps=(0.5,)), dict(budget=10_000, rdo=0.1),
+                                  dict(scheme="uniform", steps=(0.5,)), dict(budget=10_000, rdo=0.1, steps=()),
                                   dict(scheme="uniform", step=0.5, group_size=32), dict(scheme="nope")])
 def test_config_refuses_bad_or_idle_options(opts):
     with pytest.raises(QpackInputError):
@@ -182,3 +182,15 @@ def test_mse_proxy_spends_bytes_where_the_weights_are_large():
     for t in res.tensors:
         rel.setdefault(t.name.split("#")[0], []).append(t.rel_error)
     assert min(rel["l0.weight"]) > max(rel["l3.weight"])
+
+
+def test_auto_with_hessians_and_a_budget_takes_uniform_steps():
+    sd, hs = _model(6)
+    budget = int(3.0 * PARAMS / 8)
+    auto = compress(sd, None, budget=budget, hessians=hs)
+    assert {t.scheme for t in auto.tensors if t.name.split("#")[0] in hs} <= {"uniform", "fp16"}
+    # the embedding has no Hessian: GPTQ-lite widths there; widths asked for (bits or steps=()): GPTQ widths
+    assert {t.scheme for t in auto.tensors if t.name.startswith("emb")} <= {"gptq_lite", "fp16"}
+    for opts in (dict(steps=()), dict(bits=(3, 4, 5))):
+        res = compress(sd, None, budget=budget, hessians=hs, **opts)
+        assert {t.scheme for t in res.tensors if t.name.split("#")[0] in hs} <= {"gptq", "fp16"}

@@ -131,7 +131,8 @@ def main() -> None:
 
     # name -> CompressConfig options for compress(..., budget=target); "hessians": False compresses without them
     qpack_series = {
-        "qpack default (compress --budget)": {},
+        "qpack default (compress --budget)": {},  # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps)
+        "qpack gptq widths (steps=())": dict(steps=()),  # the default before uniform steps
         "qpack --scheme uniform": dict(scheme="uniform"),
         "uniform: no Hessians (rounding on the grid)": dict(scheme="uniform", hessians=False),
         "uniform: RDO 0.05": dict(scheme="uniform", rdo=0.05),

@@ -32,7 +32,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="artifact path (default: MODEL with .qpk)")
 @click.option("--budget", help="size cap for artifact + code: 16MB = 16,000,000 bytes, 15.5MiB, or plain bytes")
 @click.option("--bits", default=None, help="with --budget: candidate widths (default 2,3,4,5,6,7,8); without: one width (default 6)")
-@click.option("--scheme", default="auto", show_default=True, help="auto (GPTQ with --calib, else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn, uniform (a step per block from a continuum)")
+@click.option("--scheme", default="auto", show_default=True, help="auto (with --calib: GPTQ, on uniform steps when --budget is set; else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn, uniform (a step per block from a continuum)")
 @click.option("--sdclip-k", multiple=True, type=float, help="with --scheme search: SDClip k values to try as well")
 @click.option("--step", type=float, default=None, help="--scheme uniform without --budget: the grid step, in "
               "standard deviations of each matrix")
