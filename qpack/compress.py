@@ -41,7 +41,7 @@ class CompressConfig:
     budget: int | None = None  # bytes for artifact + code; None: fixed `bits` for every matrix
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)  # candidate widths when a budget is set
     fixed_bits: int = 6  # width for every matrix when no budget is set
-    scheme: str = "auto"  # auto: gptq where a Hessian exists, else gptq_lite; "search": several schemes
+    scheme: str = "auto"  # auto: gptq where a Hessian exists (with a budget: uniform steps), else gptq_lite
     group_size: int | None = None  # scale group size in columns; None: one scale per row
     codecs: tuple[str, ...] = ("ans", "zstd")  # codec specs tried per section (the smallest is stored)
     passthrough_dtype: str = "fp16"  # how small tensors (norms, gains, scalars) are stored: fp16 or fp32
@@ -55,6 +55,10 @@ class CompressConfig:
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
     # Code layouts (qpack.pack) each quantized candidate may be stored in; the smallest (layout, codec) wins.
     layouts: tuple[str, ...] = ("byte", "packed", "trit")
+    # rate-aware steps (scheme "uniform", qpack.quant.uniform): int8 codes on a grid of `step` standard deviations.
+    steps: tuple[float, ...] | None = None  # steps offered with a budget (None: the scheme's default, see _steps_for)
+    step: float | None = None  # scheme uniform without a budget: the one step for every matrix
+    rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
@@ -87,6 +91,13 @@ class CompressConfig:
             raise QpackInputError("code layouts need 'byte' or 'packed': 'trit' holds 2-bit codes only")
         for spec in self.codecs:
             parse_codec(spec)  # raises a clear error for unknown codecs or parameters
+        _check_rate_options(self)
+
+
+def _check_rate_options(cfg: CompressConfig) -> None:
+    from .rd.steps import check_rate_options
+
+    check_rate_options(cfg)
 
 
 def _schemes() -> list[str]:
@@ -301,11 +312,17 @@ class _Job:
         if self.cfg.budget is None:
             return
         estimate = self.cfg.code_bytes + sum(o.encoded.nbytes for o in fixed.values())
-        bits = min(self.widths)
         for n in self.quant_names:
-            q = make_quantizer("rtn", bits, self.cfg.group_size).quantize(self.sd[n].detach().float())
+            w = self.sd[n].detach().float()
+            cheapest = []  # round-to-nearest at the fewest bits and/or on the coarsest uniform step
+            if _schemes_for(self.cfg, n in self.hessians):
+                cheapest.append(make_quantizer("rtn", min(self.widths), self.cfg.group_size).quantize(w))
+            steps = _steps_for(self.cfg, n in self.hessians)
+            if steps:
+                cheapest.append(_uniform(max(steps)).quantize(w))
             for b in self.blocks[n]:
-                estimate += _predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
+                estimate += min(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
+                                for q in cheapest)
         check_floor(self.cfg.budget, estimate)
 
     # -- quantize + price
@@ -314,6 +331,8 @@ class _Job:
         self._menu: dict[str, list[tuple[str, dict, int | None]]] = {}
         for n in self.quant_names:
             menu = [(s, p, b) for b in self.widths for s, p in _schemes_for(self.cfg, n in self.hessians)]
+            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo}, _UNIFORM_BITS)
+                     for st in _steps_for(self.cfg, n in self.hessians)]  # by step: neighbours err alike
             if self.cfg.budget is not None and self.cfg.fp16_candidate:
                 menu.append(("fp16", {}, None))  # kept last: see _fp16_index
             self._menu[n] = menu
@@ -332,9 +351,18 @@ class _Job:
         # Room for the blocks, less a first guess at the manifest; qpack.budget.fit corrects it by measuring.
         capacity = self.cfg.budget - self.cfg.code_bytes - fixed_bytes - 96 * (len(blocks) + len(self._fixed)) - 512
         by_entry = {b.entry: b.tensor for b in blocks}
+        realize = lambda entry, i: self._realize(by_entry[entry], i, realized)  # noqa: E731
         try:
-            return realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized,
-                                  lambda entry, i: self._realize(by_entry[entry], i, realized), capacity)
+            choices = realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized, realize, capacity)
+            if not any(_steps_for(self.cfg, n in self.hessians) for n in self.quant_names):
+                return choices
+            from .rd.refine import realize_neighbours
+
+            def on_grid(entry: str, j: int) -> bool:  # a uniform step: its neighbours on the menu are finer/coarser
+                menu = self._menu[by_entry[entry]]
+                return 0 <= j < len(menu) and menu[j][0] == "uniform"
+
+            return realize_neighbours(choices, realized, realize, capacity, on_grid)
         finally:
             self._prepared.clear()
 
@@ -345,17 +373,20 @@ class _Job:
         hd = torch.diagonal(h) if h is not None and self.cfg.loss_proxy != "mse" else None
         blocks = self.blocks[n]
         out: dict[str, list[Candidate]] = {b.entry: [] for b in blocks}
-        rtn: dict[int, Quantized] = {}
+        rtn: dict[Any, Quantized] = {}
         for scheme, params, bits in self._menu[n]:
-            if bits is not None and bits not in rtn:
-                rtn[bits] = make_quantizer("rtn", bits, self.cfg.group_size).quantize(w)
+            # widths: round-to-nearest at that width; uniform steps: rounding on that grid (no GPTQ, no RDO)
+            key = ("uniform", params["step"]) if scheme == "uniform" else bits
+            if bits is not None and key not in rtn:
+                rtn[key] = (_uniform(params["step"]) if scheme == "uniform"
+                            else make_quantizer("rtn", bits, self.cfg.group_size)).quantize(w)
             for b in blocks:
                 if bits is None:
                     p: Quantized | torch.Tensor = w[b.r0:b.r1].to(torch.float16)
                 else:
-                    p = slice_rows(rtn[bits], b.r0, b.r1) if len(blocks) > 1 else rtn[bits]
+                    p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
-                out[b.entry].append(Candidate(f"{scheme}/{bits}~", _predicted_bytes(p),
+                out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p),
                                               _diag_loss(w[b.r0:b.r1], wq, hd)))
         return out
 
@@ -374,7 +405,7 @@ class _Job:
         for b, p in zip(blocks, payloads):
             wb = w[b.r0:b.r1]
             wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(wb.shape)
-            label = "fp16" if bits is None else f"{scheme}/int{bits}"
+            label = _menu_label(scheme, params, bits)
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy)
@@ -383,6 +414,15 @@ class _Job:
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
                   h: torch.Tensor | None) -> Quantized:
         """One width of the real scheme; GPTQ factorizes each matrix's Hessian once for all its widths."""
+        if scheme == "uniform":  # every step sweeps the same prepared GPTQ (the one plain gptq uses too)
+            from .quant.gptq import GPTQ
+
+            if h is None:
+                return _uniform(**params).quantize(w)
+            key = (n, "gptq", ())
+            if key not in self._prepared:
+                self._prepared[key] = GPTQ(as_matrix(w), h)
+            return _uniform(**params).quantize_prepared(w, self._prepared[key])
         quantizer = make_quantizer(scheme, bits, self.cfg.group_size, **params)
         if not hasattr(quantizer, "prepare") or h is None:
             return quantizer.quantize(w, h)
@@ -629,8 +669,36 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
                      q.scheme, q.group_size, dict(q.params))
 
 
+_UNIFORM_BITS = 8  # qpack.rd.steps.UNIFORM_BITS: uniform codes are int8, the step sets the rate
+
+
+def _uniform(step: float, rdo: float = 0.0) -> Any:
+    """The uniform quantizer at one step (qpack.quant.uniform)."""
+    return make_quantizer("uniform", _UNIFORM_BITS, None, step=step, rdo=rdo)
+
+
+def _steps_for(cfg: CompressConfig, has_hessian: bool) -> tuple[float, ...]:
+    """The uniform steps on one tensor's menu (qpack.rd.steps.steps_for)."""
+    from .rd.steps import steps_for
+
+    return steps_for(cfg, has_hessian)
+
+
+def _menu_label(scheme: str, params: dict, bits: int | None) -> str:
+    """A menu item's name in the candidate tables: fp16, scheme/intB, or uniform/stepS."""
+    if bits is None:
+        return "fp16"
+    if scheme == "uniform":
+        return f"uniform/step{params['step']:.4g}" + (f"/rdo{params['rdo']:g}" if params.get("rdo") else "")
+    return f"{scheme}/int{bits}"
+
+
 def _schemes_for(cfg: CompressConfig, has_hessian: bool) -> list[tuple[str, dict]]:
-    """The (scheme, params) pairs tried for one tensor."""
+    """The (scheme, params) pairs tried at every width for one tensor (uniform steps: see _steps_for)."""
+    from .rd.steps import auto_takes_steps
+
+    if cfg.scheme == "uniform" or auto_takes_steps(cfg, has_hessian):
+        return []
     if cfg.scheme == "auto":
         return [("gptq", {}) if has_hessian else ("gptq_lite", {})]
     if cfg.scheme == "search":

@@ -1,4 +1,5 @@
-"""Rate-aware quantization: the uniform quantizer, RDO rounding inside GPTQ, and the budget-solved .qpk."""
+"""Rate-aware quantization: the uniform quantizer and RDO rounding inside GPTQ (compress with it:
+tests/test_compress_uniform.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,13 +7,11 @@ import pytest
 import torch
 
 from qpack.codecs import make_codec
-from qpack.errors import BudgetError, QpackInputError
+from qpack.errors import QpackInputError
 from qpack.pack import encode_codes
 from qpack.quant import make_quantizer
 from qpack.rd.candidates import rate_candidates, step_grid
-from qpack.rd.compress_rate import build_rate, compress_rate, prepare_rate
 from qpack.rd.grid_gptq import code_lengths, round_rdo
-from qpack.statedict import load
 
 
 def _layer(rows=64, cols=192, seed=0):
@@ -77,59 +76,6 @@ def test_gptq_on_the_grid_beats_rounding_and_nothing_clips():
 def test_bad_parameters_raise(params):
     with pytest.raises(QpackInputError):
         make_quantizer("uniform", 8, **params)
-
-
-def _model(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {"emb.weight": torch.randn(512, 64, generator=g) * 0.1, "norm.weight": torch.ones(64)}
-    hs = {}
-    for i in range(4):
-        sd[f"l{i}.weight"] = torch.randn(256, 64, generator=g) * 0.05 * (i + 1)
-        X = torch.randn(256, 64, generator=g)
-        hs[f"l{i}.weight"] = X.T @ X / 256
-    return sd, hs
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    sd, hs = _model()
-    return sd, prepare_rate(sd, hs, steps=step_grid(0.05, 4.0, 4), rdo=0.1)
-
-
-@pytest.mark.parametrize("bpp", [2.5, 4.0, 6.0])
-def test_rate_path_lands_under_and_within_half_a_percent(tmp_path, prepared, bpp):
-    sd, prepared = prepared
-    params = sum(t.numel() for t in sd.values())
-    budget = int(bpp * params / 8)
-    res = build_rate(prepared, budget, tmp_path / "m.qpk")
-    size = (tmp_path / "m.qpk").stat().st_size
-    assert size == res.bytes_total <= budget
-    assert size >= 0.995 * budget
-    back = load(tmp_path / "m.qpk")
-    assert set(back) == set(sd) and torch.equal(back["norm.weight"].float(), sd["norm.weight"])
-    err = float((back["l3.weight"] - sd["l3.weight"]).norm() / sd["l3.weight"].norm())
-    assert err < 0.5
-
-
-def test_rate_path_spends_bytes_where_the_loss_is(prepared):
-    res = build_rate(prepared[1], 40_000)
-    steps = {}
-    for part, lbl in res.steps.items():
-        steps.setdefault(part.split("#")[0], []).append(float(lbl.split("step")[1].split("/")[0]))
-    # mse proxy: equal marginal loss per byte means one absolute step, so relative steps fall as std grows
-    assert min(steps["l0.weight"]) > max(steps["l3.weight"])
-
-
-def test_rate_path_bad_input():
-    sd, hs = _model()
-    with pytest.raises(BudgetError):
-        compress_rate(sd, 100, hs, steps=[1.0])
-    with pytest.raises(QpackInputError):
-        compress_rate(sd, 10_000, hs, rdo=-1.0)
-    with pytest.raises(QpackInputError):
-        compress_rate(sd, 10_000, hs, loss_proxy="fisher")
-    with pytest.raises(QpackInputError):
-        compress_rate(sd, 0, hs)
 
 
 def test_rate_candidates_labels_and_monotone_bytes():

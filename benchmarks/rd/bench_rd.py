@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--bits", default="3,3.75,4.5,5.25,6", help="target sizes in bits per parameter")
     ap.add_argument("--ratios", default="0.4,0.8", help="embedding/matrix k ratios searched for the baseline")
     ap.add_argument("--presets", default="04-05,04-06,04-27", help="the records' own settings tried for the baseline")
-    ap.add_argument("--rdo", type=float, default=0.1, help="RDO Lagrange multiplier of the rate path")
+    ap.add_argument("--rdo", type=float, default=0.1, help="RDO Lagrange multiplier of the 'uniform: RDO' series")
     ap.add_argument("--qpack-extra-bits", default="2.5", help="extra sizes (bits/param) for qpack's curves only, "
                     "so that they bracket the baseline's smallest point")
     ap.add_argument("--series", default="all", help="comma list of series to run (default all)")
@@ -74,7 +74,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from qpack.compress import CompressConfig, compress
-    from qpack.rd.compress_rate import build_rate, prepare_rate
+    from qpack.rd.candidates import step_grid
+    from qpack.rd.steps import DEFAULT_STEPS
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,35 +129,32 @@ def main() -> None:
             record(name, "baseline", target, fit.size, tmp / "base.pt", sec,
                    {"mult": fit.mult, "k": {r: v * fit.mult for r, v in st.k.items()}})
 
+    # name -> CompressConfig options for compress(..., budget=target); "hessians": False compresses without them
     qpack_series = {
-        "qpack default (compress --budget)": None,
-        "rate: uniform step, RTN": dict(gptq=False, rdo=0.0),
-        "rate: uniform step + GPTQ": dict(gptq=True, rdo=0.0),
-        f"rate: uniform step + GPTQ + RDO {args.rdo:g}": dict(gptq=True, rdo=args.rdo),
-        # {"compress": CompressConfig options}: compress --budget with those options
-        "layouts: codes one symbol per byte only (compress --budget)": {"compress": dict(layouts=("byte",))},
-        "ctx: default + ans_ctx codec": {"compress": dict(codecs=("ans", "zstd", "ans_ctx"))},
+        "qpack default (compress --budget)": {},  # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps)
+        "qpack gptq widths (steps=())": dict(steps=()),  # the default before uniform steps
+        "qpack --scheme uniform": dict(scheme="uniform"),
+        "uniform: no Hessians (rounding on the grid)": dict(scheme="uniform", hessians=False),
+        "uniform: RDO 0.05": dict(scheme="uniform", rdo=0.05),
+        f"uniform: RDO {args.rdo:g}": dict(scheme="uniform", rdo=args.rdo),
+        "uniform: 4 steps per octave": dict(scheme="uniform", steps=tuple(step_grid(0.03, 4.0, 4))),
+        "mixed: gptq widths + uniform steps": dict(scheme="auto", steps=DEFAULT_STEPS),
+        "layouts: codes one symbol per byte only (compress --budget)": dict(layouts=("byte",)),
+        "ctx: default + ans_ctx codec": dict(codecs=("ans", "zstd", "ans_ctx")),
     }
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:
             continue
-        prepared, prep_s = None, 0.0
+        opts = dict(opts)
+        hessians = setup.hessians if opts.pop("hessians", True) else None
         extra = [int(float(b) * params / 8) for b in args.qpack_extra_bits.split(",") if b]
         for target in sorted(targets + extra):
             if (name, target) in done:
                 continue
             path = tmp / "q.qpk"
             t0 = time.perf_counter()
-            if opts is None or "compress" in opts:
-                r = compress(args.ckpt, path, CompressConfig(budget=target, **(opts or {}).get("compress", {})),
-                             hessians=setup.hessians)
-                nbytes = r.bytes_total
-            else:
-                if prepared is None:
-                    prepared = prepare_rate(sd, setup.hessians, config, **opts)
-                    prep_s = time.perf_counter() - t0
-                nbytes = build_rate(prepared, target, path).bytes_total
-            record(name, "qpack", target, nbytes, path, time.perf_counter() - t0 + prep_s)
+            r = compress(args.ckpt, path, CompressConfig(budget=target, **opts), hessians=hessians)
+            record(name, "qpack", target, r.bytes_total, path, time.perf_counter() - t0)
     write_report(out, results, args)
 
 

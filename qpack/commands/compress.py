@@ -18,13 +18,28 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise QpackInputError(f"--bits must be a comma-separated list of integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    from ..errors import QpackInputError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise QpackInputError(f"--steps must be a comma-separated list of numbers, got {text!r}") from None
+
+
 @click.command("compress")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="artifact path (default: MODEL with .qpk)")
 @click.option("--budget", help="size cap for artifact + code: 16MB = 16,000,000 bytes, 15.5MiB, or plain bytes")
 @click.option("--bits", default=None, help="with --budget: candidate widths (default 2,3,4,5,6,7,8); without: one width (default 6)")
-@click.option("--scheme", default="auto", show_default=True, help="auto (GPTQ with --calib, else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn")
+@click.option("--scheme", default="auto", show_default=True, help="auto (with --calib: GPTQ, on uniform steps when --budget is set; else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn, uniform (a step per block from a continuum)")
 @click.option("--sdclip-k", multiple=True, type=float, help="with --scheme search: SDClip k values to try as well")
+@click.option("--step", type=float, default=None, help="--scheme uniform without --budget: the grid step, in "
+              "standard deviations of each matrix")
+@click.option("--steps", default=None, help="with --budget: uniform steps (comma list, in standard deviations) the "
+              "solver picks from [default for --scheme uniform: 0.03 to 4, 8 per octave]")
+@click.option("--rdo", type=float, default=0.0, show_default=True,
+              help="RDO rounding multiplier for uniform steps (0: nearest level)")
 @click.option("--loss-proxy", type=click.Choice(["mse", "hessian", "relative"]), default="mse", show_default=True,
               help="how the solver compares errors across tensors (GPTQ still uses the Hessians)")
 @click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
@@ -49,7 +64,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--dry-run", is_flag=True, help="print the plan and predicted size; write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
-def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
+def command(model, output, budget, bits, scheme, sdclip_k, step, steps, rdo, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
             forward_spec, seq_len, device, lqer_rank, lqer_top, code_files, code_codec, passthrough, min_numel, dry_run,
             as_json, quiet):
     """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
@@ -67,7 +82,12 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
         raise QpackInputError(f"{output}: is a directory; give the artifact's file name (e.g. model.qpk)")
     output = output or model.with_suffix(".qpk")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
-                lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy)
+                lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy,
+                step=step, rdo=rdo)
+    if steps is not None:
+        opts["steps"] = _float_list(steps)
+    if bits and scheme == "uniform":
+        raise QpackInputError("--scheme uniform stores int8 codes on a grid of steps: give --step or --steps, not --bits")
     if budget is not None:
         opts["budget"] = parse_size(budget)
         if bits:

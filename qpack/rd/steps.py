@@ -1,0 +1,74 @@
+"""Which uniform steps `qpack compress` offers a matrix, and the checks on the options that set them.
+
+Scheme "uniform" (qpack.quant.uniform) stores int8 codes on a grid of `step` standard deviations; with an entropy
+coder the step is the rate knob, so with a budget each matrix's menu is a grid of steps (instead of, or besides,
+the widths) and the solver equalizes the marginal loss per byte across blocks. Without a budget one `step` is used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import QpackInputError
+from .candidates import step_grid
+
+#: The default menu of steps: 0.03 to 4 standard deviations, 8 per octave (57 steps). At 0.03 a Gaussian
+#: tensor's codes already span the whole int8 range (the step then widens so nothing clips); at 4 nearly
+#: every code is zero. 8 per octave measured better than 4 on cpu-smoke from 2.5 to 4.5 bits/param
+#: (benchmarks/rd, README "Rate-distortion").
+DEFAULT_STEPS: tuple[float, ...] = tuple(step_grid(0.03, 4.0, 8))
+UNIFORM_BITS = 8  # codes are stored at int8: the step, not the width, sets the rate
+
+
+def _positive(name: str, value: Any) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    if not ok:
+        raise QpackInputError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def auto_takes_steps(cfg: Any, has_hessian: bool) -> bool:
+    """Whether scheme "auto" puts uniform steps (GPTQ on the grid) on this matrix's menu instead of GPTQ widths:
+    with a Hessian and a budget, unless widths were asked for (`bits` narrowed from the default, or steps=()).
+    Measured: fewer bytes at equal val_bpb than the widths at most sizes (README "Rate-distortion")."""
+    default_bits = type(cfg).__dataclass_fields__["bits"].default
+    return (cfg.scheme == "auto" and has_hessian and cfg.budget is not None and cfg.steps is None
+            and tuple(cfg.bits) == tuple(default_bits))
+
+
+def steps_for(cfg: Any, has_hessian: bool) -> tuple[float, ...]:
+    """The uniform steps offered to one matrix under CompressConfig `cfg` (empty: none)."""
+    if cfg.budget is None:
+        return (float(cfg.step),) if cfg.scheme == "uniform" else ()
+    if cfg.steps is not None:
+        return tuple(float(s) for s in cfg.steps)
+    return DEFAULT_STEPS if cfg.scheme == "uniform" or auto_takes_steps(cfg, has_hessian) else ()
+
+
+def check_rate_options(cfg: Any) -> None:
+    """Refuse step/steps/rdo settings that are invalid or would do nothing (QpackInputError, one line)."""
+    if isinstance(cfg.rdo, bool) or not isinstance(cfg.rdo, (int, float)) or not math.isfinite(cfg.rdo) \
+            or cfg.rdo < 0:
+        raise QpackInputError(f"rdo (the RDO rounding multiplier) must be a number >= 0, got {cfg.rdo!r}")
+    if cfg.step is not None:
+        _positive("step", cfg.step)
+        if cfg.scheme != "uniform":
+            raise QpackInputError(f"--step applies to --scheme uniform, not {cfg.scheme!r}")
+        if cfg.budget is not None:
+            raise QpackInputError("--step fixes one step without --budget; with a budget the solver picks steps "
+                                  "(give a menu with --steps)")
+    if cfg.steps is not None:
+        if cfg.budget is None:
+            raise QpackInputError("--steps is the menu the budget solver picks from: it needs --budget "
+                                  "(without one, --scheme uniform --step S)")
+        if cfg.scheme == "uniform" and not cfg.steps:
+            raise QpackInputError("scheme uniform needs at least one step")
+        for s in cfg.steps:
+            _positive("step", s)
+    if cfg.scheme == "uniform":
+        if cfg.budget is None and cfg.step is None:
+            raise QpackInputError("scheme uniform needs --budget (the solver picks a step per block) or --step S")
+        if cfg.group_size is not None:
+            raise QpackInputError("scheme uniform has one step per row: --group-size does not apply")
+    if cfg.rdo > 0 and not steps_for(cfg, True) and not steps_for(cfg, False):
+        raise QpackInputError("rdo applies to uniform steps: use --scheme uniform (or give --steps)")
