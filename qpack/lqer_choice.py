@@ -1,0 +1,183 @@
+"""LQER inside the budget solver: which tensors get a low-rank error correction, at what rank and widths.
+
+Each quantized tensor gets one extra solver group, "<name>#lqer", beside its row blocks. Its options are
+"none" (0 bytes, no change) and every (rank, A width, B width) of the configured menu, each priced by the
+exact bytes its factors add to the stored entries and by its loss change (negative: the loss the correction
+removes), both measured against the quantization currently picked for that tensor's blocks. Factors span the
+whole tensor (one SVD of W - Wq over all its row blocks); a row-split tensor stores its rows of A in each
+block and B in every block, and the price counts those copies.
+
+The option's value depends on the blocks' picks and the picks on the options, so `LqerChooser.run` alternates:
+price against the current picks, solve everything with qpack.budget.fit (which builds and measures each
+choice, so the file never exceeds the budget), re-price, solve again, until the picks stop moving (at most
+`ROUNDS`). The build always fits the factors against the picks it builds, so what is stored is exact; of the
+rounds (and the plain fit without LQER), the one of least estimated loss is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .budget import Candidate, Choices, Fit, fit
+from .errors import QpackInputError
+from .quant.base import Quantized, as_matrix
+from .quant.lqer import FACTOR_BITS, fit_factors
+
+if TYPE_CHECKING:  # compress imports this module; the types are only for reading
+    from .artifact import EncodedEntry
+    from .compress import CompressConfig, Option, _Job
+
+ROUNDS = 3
+MODES = ("off", "auto")
+
+
+@dataclass(frozen=True)
+class LqerOption:
+    """One way to correct a tensor: the rank and the widths of its factors A and B."""
+
+    rank: int
+    a_bits: int
+    b_bits: int
+
+    @property
+    def label(self) -> str:
+        return f"lqer r{self.rank} A{self.a_bits} B{self.b_bits}"
+
+
+def check_config(cfg: "CompressConfig") -> None:
+    """Refuse LQER settings that cannot work (called from CompressConfig's validation)."""
+    if cfg.lqer not in MODES:
+        raise QpackInputError(f"--lqer must be one of {', '.join(MODES)}, got {cfg.lqer!r}")
+    if not cfg.lqer_ranks or any(not isinstance(r, int) or r <= 0 for r in cfg.lqer_ranks):
+        raise QpackInputError(f"--lqer-ranks must be positive integers, got {cfg.lqer_ranks}")
+    if not cfg.lqer_bits or any(b not in FACTOR_BITS for b in cfg.lqer_bits):
+        raise QpackInputError(f"--lqer-bits must be widths among {', '.join(map(str, FACTOR_BITS))}, "
+                              f"got {cfg.lqer_bits}")
+    if not isinstance(cfg.lqer_group, int) or cfg.lqer_group <= 0:
+        raise QpackInputError(f"--lqer-group must be a positive number of columns, got {cfg.lqer_group!r}")
+    if cfg.lqer == "auto":
+        if cfg.budget is None:
+            raise QpackInputError("--lqer auto needs --budget (the solver trades factor bytes against the rest)")
+        if cfg.lqer_rank > 0:
+            raise QpackInputError("--lqer auto chooses ranks itself; drop --lqer-rank/--lqer-top")
+
+
+def menu(cfg: "CompressConfig") -> list[LqerOption]:
+    """Every (rank, A width, B width) the solver may pick, in a fixed order."""
+    return [LqerOption(r, a, b) for r in sorted(set(cfg.lqer_ranks)) for a in sorted(set(cfg.lqer_bits))
+            for b in sorted(set(cfg.lqer_bits))]
+
+
+class LqerChooser:
+    """Adds LQER groups to one compress run's solved choices and re-solves (see the module docstring)."""
+
+    def __init__(self, job: "_Job", fixed: dict[str, "Option"], choices: list[Choices]):
+        self.job, self.fixed, self.choices = job, fixed, choices
+        self.cfg = job.cfg
+        self.menu = menu(self.cfg)
+        self.tensors = list(job.quant_names)
+        self.pos = {ch.name: i for i, ch in enumerate(choices)}
+        self._svd: dict[tuple, tuple] = {}
+        self._made: dict[tuple, tuple[dict[str, "EncodedEntry"], float]] = {}
+
+    # -- the state of one tensor under a pick
+    def _picked(self, n: str, pick: list[int]) -> list[tuple[Any, Candidate]]:
+        return [(b, self.choices[self.pos[b.entry]].candidates[pick[self.pos[b.entry]]]) for b in self.job.blocks[n]]
+
+    def _key(self, n: str, pick: list[int]) -> tuple:
+        return (n,) + tuple(pick[self.pos[b.entry]] for b in self.job.blocks[n])
+
+    def _block_loss(self, n: str, wb: torch.Tensor, wq: torch.Tensor) -> float:
+        from .compress import _loss  # the same loss the blocks' candidates were priced with
+
+        return _loss(wb, wq, self.job.hessians.get(n), self.cfg.loss_proxy)
+
+    def made(self, n: str, pick: list[int], opt: LqerOption) -> tuple[dict[str, "EncodedEntry"], float] | None:
+        """The block entries of `n` with the factors of `opt` fitted against `pick`, and the loss change they
+        bring; None when a block of `n` is not quantized (an fp16 block stores no factors)."""
+        picked = self._picked(n, pick)
+        if not all(isinstance(c.data.payload, Quantized) for _, c in picked):
+            return None
+        key = self._key(n, pick) + (opt,)
+        if key in self._made:
+            return self._made[key]
+        from .compress import slice_rows
+        from .statedict import dtype_name
+
+        w = as_matrix(self.job.sd[n].detach().float())
+        wq = torch.cat([as_matrix(c.data.payload.dequantize()) for _, c in picked], 0)
+        skey = self._key(n, pick)
+        if skey not in self._svd:
+            self._svd[skey] = torch.linalg.svd((w - wq).to(torch.float64), full_matrices=False)
+        rank = min(opt.rank, *w.shape)
+        qa, qb = fit_factors(w - wq, rank, opt.a_bits, opt.b_bits, self.cfg.lqer_group, self._svd[skey])
+        correction = (qa.dequantize() @ qb.dequantize()).to(torch.float32)
+        dtype = dtype_name(self.job.sd[n].dtype)
+        entries, delta = {}, 0.0
+        for b, c in picked:
+            a_rows = slice_rows(qa, b.r0, b.r1) if len(picked) > 1 else qa
+            entries[b.entry] = self.job.enc.candidate(b.entry, c.data.payload, dtype, (a_rows, qb))
+            wb, wqb = w[b.r0:b.r1], wq[b.r0:b.r1]
+            delta += self._block_loss(n, wb, wqb + correction[b.r0:b.r1]) - self._block_loss(n, wb, wqb)
+        self._made[key] = (entries, delta)
+        return self._made[key]
+
+    def price(self, n: str, pick: list[int]) -> Choices:
+        """The LQER group of tensor `n`, priced against `pick` (options that remove no loss are left out)."""
+        cands = [Candidate("none", 0, 0.0, None)]
+        for opt in self.menu:
+            got = self.made(n, pick, opt)
+            if got is None:
+                break
+            entries, delta = got
+            extra = sum(e.nbytes for e in entries.values()) - sum(
+                c.data.encoded.nbytes for _, c in self._picked(n, pick))
+            if delta < 0:
+                cands.append(Candidate(opt.label, extra, delta, opt))
+        return Choices(f"{n}#lqer", cands)
+
+    # -- solve and build
+    def _split(self, pick: list[int], groups: list[Choices]) -> tuple[list[int], dict[str, LqerOption]]:
+        nb = len(self.choices)
+        opts = {n: groups[i].candidates[p].data for i, (n, p) in enumerate(zip(self.tensors, pick[nb:]))}
+        return list(pick[:nb]), {n: o for n, o in opts.items() if o is not None}
+
+    def lowranks(self, block_pick: list[int], opts: dict[str, LqerOption]) -> dict[str, "EncodedEntry"]:
+        """The block entries that carry factors, fitted against `block_pick`."""
+        out: dict[str, "EncodedEntry"] = {}
+        for n, opt in opts.items():
+            got = self.made(n, block_pick, opt)
+            if got is not None:  # a block went to fp16 since pricing: no factors for that tensor
+                out.update(got[0])
+        return out
+
+    def loss(self, block_pick: list[int], opts: dict[str, LqerOption]) -> float:
+        """Estimated loss of a choice: the blocks' candidates plus each correction's (measured) change."""
+        total = sum(ch.candidates[i].loss for ch, i in zip(self.choices, block_pick))
+        for n, opt in opts.items():
+            got = self.made(n, block_pick, opt)
+            total += got[1] if got is not None else 0.0
+        return total
+
+    def run(self, plain: Fit) -> Fit:
+        """The best of the plain fit and up to ROUNDS price-and-solve rounds with LQER groups."""
+        best, best_loss = plain, self.loss(plain.pick, {})
+        pick, opts = list(plain.pick), {}
+        for _ in range(ROUNDS):
+            groups = [self.price(n, pick) for n in self.tensors]
+
+            def build(p: list[int], groups: list[Choices] = groups) -> tuple[bytes, dict]:
+                bp, o = self._split(p, groups)
+                return self.job.build(self.fixed, self.choices, bp, self.lowranks(bp, o))
+
+            got = fit(self.choices + groups, self.cfg.budget, self.cfg.code_bytes, build)
+            new_pick, new_opts = self._split(got.pick, groups)
+            loss = self.loss(new_pick, new_opts)
+            if loss < best_loss:
+                best, best_loss = Fit(new_pick, got.blob, got.total, got.extra), loss
+            if new_pick == pick and new_opts == opts:
+                break
+            pick, opts = new_pick, new_opts
+        return best
