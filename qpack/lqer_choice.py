@@ -15,6 +15,7 @@ rounds (and the plain fit without LQER), the one of least estimated loss is kept
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,8 @@ class LqerChooser:
         self.tensors = list(job.quant_names)
         self.pos = {ch.name: i for i, ch in enumerate(choices)}
         self._svd: dict[tuple, tuple] = {}
+        self._chol: dict[str, torch.Tensor] = {}
+        self._per_entry: float | None = None
         self._made: dict[tuple, tuple[dict[str, "EncodedEntry"], float]] = {}
 
     # -- the state of one tensor under a pick
@@ -89,14 +92,35 @@ class LqerChooser:
     def _key(self, n: str, pick: list[int]) -> tuple:
         return (n,) + tuple(pick[self.pos[b.entry]] for b in self.job.blocks[n])
 
-    def _block_loss(self, n: str, wb: torch.Tensor, wq: torch.Tensor) -> float:
-        from .compress import _loss  # the same loss the blocks' candidates were priced with
+    def _weights(self, n: str) -> torch.Tensor | None:
+        """L with H = L L^T for tensor `n`'s Hessian (1% damping), or None without one."""
+        h = self.job.hessians.get(n)
+        if h is None:
+            return None
+        if n not in self._chol:
+            h = h.to(torch.float64)
+            damp = 0.01 * float(torch.diagonal(h).mean()) + 1e-12
+            self._chol[n] = torch.linalg.cholesky(h + damp * torch.eye(h.shape[0], dtype=h.dtype))
+        return self._chol[n]
 
-        return _loss(wb, wq, self.job.hessians.get(n), self.cfg.loss_proxy)
+    def _svd_of(self, key: tuple, err: torch.Tensor, L: torch.Tensor | None) -> tuple:
+        """SVD of the error, whitened by L when a Hessian is known (the rank-r correction that removes the most
+        curvature-weighted error), mapped back so that U S Vh ~ err."""
+        if key not in self._svd:
+            if L is None:
+                self._svd[key] = torch.linalg.svd(err, full_matrices=False)
+            else:
+                U, S, Vh = torch.linalg.svd(err @ L, full_matrices=False)
+                self._svd[key] = (U, S, torch.linalg.solve_triangular(L, Vh, upper=False, left=False))
+        return self._svd[key]
 
     def made(self, n: str, pick: list[int], opt: LqerOption) -> tuple[dict[str, "EncodedEntry"], float] | None:
         """The block entries of `n` with the factors of `opt` fitted against `pick`, and the loss change they
-        bring; None when a block of `n` is not quantized (an fp16 block stores no factors)."""
+        bring; None when a block of `n` is not quantized (an fp16 block stores no factors).
+
+        The loss change is the share of the tensor's error the factors remove, measured Hessian-weighted when a
+        Hessian is known (GPTQ leaves its error where the curvature is low; plain squared error would overrate
+        correcting it), times the loss its blocks have under the solver's proxy: in the proxy's own units."""
         picked = self._picked(n, pick)
         if not all(isinstance(c.data.payload, Quantized) for _, c in picked):
             return None
@@ -108,21 +132,40 @@ class LqerChooser:
 
         w = as_matrix(self.job.sd[n].detach().float())
         wq = torch.cat([as_matrix(c.data.payload.dequantize()) for _, c in picked], 0)
-        skey = self._key(n, pick)
-        if skey not in self._svd:
-            self._svd[skey] = torch.linalg.svd((w - wq).to(torch.float64), full_matrices=False)
+        err = (w - wq).to(torch.float64)
+        L = self._weights(n)
         rank = min(opt.rank, *w.shape)
-        qa, qb = fit_factors(w - wq, rank, opt.a_bits, opt.b_bits, self.cfg.lqer_group, self._svd[skey])
-        correction = (qa.dequantize() @ qb.dequantize()).to(torch.float32)
+        qa, qb = fit_factors(err, rank, opt.a_bits, opt.b_bits, self.cfg.lqer_group,
+                             self._svd_of(self._key(n, pick), err, L))
+        rest = err - qa.dequantize().to(torch.float64) @ qb.dequantize().to(torch.float64)
+        weigh = (lambda e: float((e @ L).square().sum())) if L is not None else (lambda e: float(e.square().sum()))
+        before = weigh(err)
+        share = 1.0 - weigh(rest) / before if before > 0 else 0.0
         dtype = dtype_name(self.job.sd[n].dtype)
-        entries, delta = {}, 0.0
+        entries = {}
         for b, c in picked:
             a_rows = slice_rows(qa, b.r0, b.r1) if len(picked) > 1 else qa
             entries[b.entry] = self.job.enc.candidate(b.entry, c.data.payload, dtype, (a_rows, qb))
-            wb, wqb = w[b.r0:b.r1], wq[b.r0:b.r1]
-            delta += self._block_loss(n, wb, wqb + correction[b.r0:b.r1]) - self._block_loss(n, wb, wqb)
-        self._made[key] = (entries, delta)
+        self._made[key] = (entries, -share * sum(c.loss for _, c in picked))
         return self._made[key]
+
+    def _overhead(self, pick: list[int]) -> float:
+        """Container bytes (section table, compressed manifest) one entry's factors add beyond their sections,
+        measured once: every tensor at the menu's first option against a build without factors."""
+        if self._per_entry is None:
+            lowranks: dict[str, "EncodedEntry"] = {}
+            for n in self.tensors:
+                got = self.made(n, pick, self.menu[0])
+                if got is not None:
+                    lowranks.update(got[0])
+            self._per_entry = 0.0
+            if lowranks:
+                base = {ch.name: ch.candidates[i].data.encoded.nbytes for ch, i in zip(self.choices, pick)}
+                plain = len(self.job.build(self.fixed, self.choices, pick, {})[0])
+                full = len(self.job.build(self.fixed, self.choices, pick, lowranks)[0])
+                added = sum(e.nbytes - base[name] for name, e in lowranks.items())
+                self._per_entry = max(0.0, (full - plain - added) / len(lowranks))
+        return self._per_entry
 
     def price(self, n: str, pick: list[int]) -> Choices:
         """The LQER group of tensor `n`, priced against `pick` (options that remove no loss are left out)."""
@@ -134,6 +177,7 @@ class LqerChooser:
             entries, delta = got
             extra = sum(e.nbytes for e in entries.values()) - sum(
                 c.data.encoded.nbytes for _, c in self._picked(n, pick))
+            extra += math.ceil(self._overhead(pick) * len(entries))
             if delta < 0:
                 cands.append(Candidate(opt.label, extra, delta, opt))
         return Choices(f"{n}#lqer", cands)

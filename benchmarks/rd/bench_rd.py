@@ -133,6 +133,7 @@ def main() -> None:
         "rate: uniform step, RTN": dict(gptq=False, rdo=0.0),
         "rate: uniform step + GPTQ": dict(gptq=True, rdo=0.0),
         f"rate: uniform step + GPTQ + RDO {args.rdo:g}": dict(gptq=True, rdo=args.rdo),
+        "qpack + LQER (solver)": dict(compress=dict(lqer="auto")),  # CompressConfig options for compress
     }
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:
@@ -144,8 +145,9 @@ def main() -> None:
                 continue
             path = tmp / "q.qpk"
             t0 = time.perf_counter()
-            if opts is None:
-                r = compress(args.ckpt, path, CompressConfig(budget=target), hessians=setup.hessians)
+            if opts is None or "compress" in opts:
+                cfg = CompressConfig(budget=target, **(opts or {}).get("compress", {}))
+                r = compress(args.ckpt, path, cfg, hessians=setup.hessians)
                 nbytes = r.bytes_total
             else:
                 if prepared is None:

@@ -1,0 +1,203 @@
+"""LQER inside the budget solver: int2/int4 grouped factors stored and loaded exactly, their bytes inside the
+budget, chosen where the error is low-rank and left out where its spectrum is flat; bad settings exit 2."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qpack.artifact import TensorEntry, read_artifact, write_artifact
+from qpack.cli import main
+from qpack.codecs import make_codec
+from qpack.compress import CompressConfig, compress
+from qpack.errors import QpackInputError
+from qpack.loader import export_loader
+from qpack.quant import make_quantizer
+from qpack.quant.lqer import fit_factors
+
+STEP = 2.0 ** -5  # an fp16-exact grid step: RTN at 3 bits reproduces a weight on this grid exactly
+
+
+def deq(codes: torch.Tensor, scales: torch.Tensor, group: int | None) -> torch.Tensor:
+    """q * scale written out here, independently of Quantized.dequantize."""
+    cols = codes.shape[1]
+    s = scales.float()
+    idx = torch.arange(cols) // group if group else torch.zeros(cols, dtype=torch.long)
+    return codes.float() * s[:, idx]
+
+
+def shipped_loader(tmp_path):
+    path = tmp_path / "qpack_load.py"
+    path.write_bytes(export_loader(["zstd", "ans", "raw"]).shipped)
+    spec = importlib.util.spec_from_file_location("qpack_load_lqer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("a_bits,b_bits,group", [(2, 4, 64), (4, 2, 128), (2, 2, 64), (4, 4, 32)])
+def test_grouped_factors_round_trip_artifact_and_shipped_loader(tmp_path, a_bits, b_bits, group):
+    g = torch.Generator().manual_seed(a_bits * 10 + b_bits)
+    w = torch.randn(96, 200, generator=g)
+    main_q = make_quantizer("rtn", 3).quantize(w)
+    err = w - main_q.dequantize()
+    qa, qb = fit_factors(err, 8, a_bits, b_bits, group)
+    assert (qa.bits, qb.bits, qb.group_size) == (a_bits, b_bits, group)
+    assert int(qa.q.abs().max()) <= 2 ** (a_bits - 1) - 1 and int(qb.q.abs().max()) <= 2 ** (b_bits - 1) - 1
+    assert qb.scales.shape == (8, -(-200 // group))  # one scale per group of B's columns, last group partial
+    assert torch.unique(qa.scales).numel() == 1  # A: one scale for the whole factor
+    c = make_codec("zstd", {})
+    path = tmp_path / "m.qpk"
+    write_artifact(path, [TensorEntry("w", main_q, codec=c, scale_codec=c, lowrank=(qa, qb))])
+    want = deq(main_q.q, main_q.scales, None) + deq(qa.q, qa.scales, None) @ deq(qb.q, qb.scales, group)
+    art = read_artifact(path)
+    a2, b2 = art.lowrank("w")
+    assert (a2.bits, b2.bits, b2.group_size) == (a_bits, b_bits, group)
+    assert torch.equal(art.tensor("w"), want)
+    assert torch.equal(shipped_loader(tmp_path).load(str(path))["w"], want)
+    assert art.section_bytes("w")["lowrank"] > 0
+
+
+def test_factors_reduce_a_low_rank_error_far_more_than_a_flat_one():
+    g = torch.Generator().manual_seed(1)
+    low = torch.randn(128, 2, generator=g) @ torch.randn(2, 128, generator=g)
+    flat = torch.randn(128, 128, generator=g)
+    for err, most in ((low, 0.3), (flat, 1.0)):
+        qa, qb = fit_factors(err, 4, 4, 4, 64)
+        rel = float((err - qa.dequantize() @ qb.dequantize()).norm() / err.norm())
+        assert rel < most
+    qa, qb = fit_factors(flat, 4, 4, 4, 64)
+    assert float((flat - qa.dequantize() @ qb.dequantize()).norm() / flat.norm()) > 0.9
+
+
+def grid_weights(seed: int, low_rank: bool, n: int = 6) -> dict[str, torch.Tensor]:
+    """Weights on RTN's 3-bit grid (each row's max |w| is 3 steps, in column 0) plus a perturbation under half a
+    step that leaves column 0 alone: 3-bit RTN returns the grid, so its error is exactly the perturbation,
+    rank 2 (`low_rank`) or independent per weight (a flat spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(n):
+        grid = torch.randint(-3, 4, (128, 128), generator=g).float()
+        grid[:, 0] = 3.0
+        if low_rank:
+            u, v = torch.rand(128, 2, generator=g) * 2 - 1, torch.rand(2, 128, generator=g) * 2 - 1
+            p = u @ v / 2 * 0.45 * STEP
+        else:
+            p = (torch.rand(128, 128, generator=g) * 2 - 1) * 0.45 * STEP
+        p[:, 0] = 0.0
+        out[f"layer{i}.weight"] = grid * STEP + p
+    return out
+
+
+def budget_between_widths(sd):
+    """A budget with room for about half a tensor's step from 3 to 4 bits: LQER or one upgrade compete for it."""
+    common = dict(scheme="rtn", fp16_candidate=False, codecs=("zstd",))
+    at3 = compress(sd, None, CompressConfig(budget=10**7, bits=(3,), **common), dry_run=True).bytes_total
+    return at3 + 1200, common
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_solver_picks_lqer_only_where_the_error_is_low_rank(tmp_path, low_rank):
+    sd = grid_weights(3, low_rank)
+    budget, common = budget_between_widths(sd)
+    path = tmp_path / "m.qpk"
+    r = compress(sd, path, CompressConfig(budget=budget, bits=(3, 4), lqer="auto", lqer_ranks=(2, 4), **common))
+    assert r.bytes_total <= budget
+    art = read_artifact(path)
+    with_factors = [n for n in sd if art.lowrank(n) is not None]
+    assert [t.name for t in r.tensors if t.scheme.endswith("+lqer")] == with_factors
+    if low_rank:
+        assert len(with_factors) >= 3  # several corrections fit where one width upgrade does not
+        # and what they store removes most of the error of those tensors
+        for n in with_factors:
+            err0 = float((sd[n] - art.quantized(n).dequantize()).norm())
+            assert float((sd[n] - art.tensor(n)).norm()) < 0.5 * err0
+    else:
+        assert with_factors == []
+
+
+def random_model(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"blocks.{i}.mlp.fc.weight": torch.randn(96, 64, generator=g) for i in range(3)}
+    u = torch.randn(192, 3, generator=g)
+    sd["emb.weight"] = torch.randn(192, 64, generator=g) * 0.1 + u @ torch.randn(3, 64, generator=g)  # split
+    sd["norm.weight"] = torch.ones(64)
+    return sd
+
+
+@pytest.mark.parametrize("bits_per_param", [2.5, 3.5, 5.0])
+def test_lqer_bytes_are_inside_the_budget(tmp_path, bits_per_param):
+    sd = random_model(7)
+    numel = sum(t.numel() for t in sd.values())
+    budget = int(numel * bits_per_param / 8) + 3000
+    path = tmp_path / "m.qpk"
+    r = compress(sd, path, CompressConfig(budget=budget, lqer="auto", chunk_numel=6000, lqer_ranks=(2, 4, 8)))
+    size = path.stat().st_size
+    assert size == r.bytes_total <= budget
+    assert size >= 0.995 * budget
+    art = read_artifact(path)
+    factor_bytes = sum(art.section_bytes(n)["lowrank"] for n in art.names() if art.entry(n)["kind"] == "quant")
+    reported = {t.name: t.bytes for t in r.tensors}
+    for n in art.names():  # the report's bytes per entry are the stored sections, factors included
+        assert reported[n] == sum(art.section_bytes(n).values())
+    if bits_per_param == 2.5:
+        assert factor_bytes > 0  # the low-rank embedding error pays for a correction at this size
+    split = [n for n in art.names() if n.startswith("emb.weight#rows")]
+    assert len(split) == 2
+    if art.lowrank(split[0]) is not None:  # one factorization of the whole tensor: B shared by both blocks
+        assert torch.equal(art.lowrank(split[0])[1].q, art.lowrank(split[1])[1].q)
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (dict(lqer="auto", lqer_ranks=(0,)), "--lqer-ranks"),
+    (dict(lqer="auto", lqer_ranks=(4, -2)), "--lqer-ranks"),
+    (dict(lqer="auto", lqer_bits=(3,)), "--lqer-bits"),
+    (dict(lqer="auto", lqer_bits=(8,)), "--lqer-bits"),
+    (dict(lqer="auto", lqer_group=0), "--lqer-group"),
+    (dict(lqer="maybe"), "--lqer"),
+    (dict(lqer="auto", budget=None), "needs --budget"),
+    (dict(lqer="auto", lqer_rank=4, lqer_top=1), "drop --lqer-rank"),
+])
+def test_bad_lqer_config(opts, needle):
+    opts = {"budget": 10**6, **opts}
+    with pytest.raises(QpackInputError, match=needle):
+        CompressConfig(**opts)
+
+
+def test_bad_factor_arguments():
+    e = torch.randn(8, 8)
+    for rank, a, b in ((0, 2, 4), (-1, 2, 4), (2, 3, 4), (2, 2, 8)):
+        with pytest.raises(QpackInputError):
+            fit_factors(e, rank, a, b, 4)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lqer", "auto", "--lqer-ranks", "0"], "--lqer-ranks"),
+    (["--lqer", "auto", "--lqer-bits", "2,3"], "--lqer-bits"),
+    (["--lqer", "auto", "--lqer-ranks", "4,x"], "--lqer-ranks"),
+    (["--lqer", "auto"], "needs --budget"),
+])
+def test_cli_bad_lqer_flags_exit_2_and_write_nothing(tmp_path, args, needle):
+    ckpt = tmp_path / "m.pt"
+    torch.save({"w": torch.randn(64, 64)}, ckpt)
+    out = tmp_path / "m.qpk"
+    budget = [] if args == ["--lqer", "auto"] else ["--budget", "100000"]
+    result = CliRunner().invoke(main, ["compress", str(ckpt), "-o", str(out), "-q", *budget, *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qpack: error: ") and needle in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_cli_lqer_auto_compresses_under_budget(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    ckpt = tmp_path / "m.pt"
+    torch.save({"w": torch.randn(128, 64, generator=g) * 0.1 + torch.randn(128, 2, generator=g) @ torch.randn(
+        2, 64, generator=g)}, ckpt)
+    out = tmp_path / "m.qpk"
+    result = CliRunner().invoke(main, ["compress", str(ckpt), "-o", str(out), "-q", "--budget", "3500",
+                                       "--lqer", "auto", "--lqer-ranks", "2,4", "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert 0.995 * 3500 <= out.stat().st_size <= 3500
