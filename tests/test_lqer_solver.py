@@ -110,23 +110,40 @@ def squared_error(sd, path) -> float:
     return sum(float((sd[n] - art.tensor(n)).double().square().sum()) for n in sd)
 
 
-@pytest.mark.parametrize("low_rank", [True, False])
-def test_solver_picks_lqer_only_where_the_error_is_low_rank(tmp_path, low_rank):
-    sd = grid_weights(3, low_rank)
-    budget = two_upgrades(sd)
+def run_both(sd, budget, tmp_path):
+    """compress with LQER in the solver and without, at one budget: (result, artifact path) of each."""
     path, plain = tmp_path / "m.qpk", tmp_path / "plain.qpk"
     r = compress(sd, path, CompressConfig(budget=budget, bits=(3, 4), lqer="auto", lqer_ranks=(2, 4), **COMMON))
-    compress(sd, plain, CompressConfig(budget=budget, bits=(3, 4), **COMMON))
-    assert r.bytes_total <= budget
+    p = compress(sd, plain, CompressConfig(budget=budget, bits=(3, 4), **COMMON))
+    assert r.bytes_total <= budget and p.bytes_total <= budget
     art = read_artifact(path)
     with_factors = [n for n in sd if art.lowrank(n) is not None]
     assert [t.name for t in r.tensors if t.scheme.endswith("+lqer")] == with_factors
+    return (r, path), (p, plain), with_factors
+
+
+def upgraded(result) -> set[str]:
+    return {t.name for t in result.tensors if t.bits == 4}
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_solver_gives_up_width_upgrades_for_lqer_only_where_the_error_is_low_rank(tmp_path, low_rank):
+    sd = grid_weights(3, low_rank)
+    (r, path), (p, plain), with_factors = run_both(sd, two_upgrades(sd) + 1000, tmp_path)
+    assert upgraded(p)  # without LQER the solver spends the bytes on width upgrades
     if low_rank:
-        assert len(with_factors) >= 3  # several corrections for the bytes of two upgrades
-        assert squared_error(sd, path) < 0.95 * squared_error(sd, plain)
-    else:
-        assert with_factors == []
-        assert squared_error(sd, path) == squared_error(sd, plain)
+        assert len(upgraded(r)) < len(upgraded(p)) and len(with_factors) >= 3
+        assert squared_error(sd, path) < 0.9 * squared_error(sd, plain)
+    else:  # corrections only in bytes no upgrade could use
+        assert upgraded(r) == upgraded(p)
+
+
+def test_flat_error_gets_no_lqer_when_upgrades_take_the_bytes(tmp_path):
+    sd = grid_weights(3, False)
+    (r, path), (p, plain), with_factors = run_both(sd, two_upgrades(sd), tmp_path)
+    assert len(upgraded(p)) == 2 and upgraded(r) == upgraded(p)
+    assert with_factors == []
+    assert squared_error(sd, path) == squared_error(sd, plain)
 
 
 def model_with_low_rank_errors(seed: int) -> dict[str, torch.Tensor]:
