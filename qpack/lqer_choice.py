@@ -83,6 +83,7 @@ class LqerChooser:
         self._svd: dict[tuple, tuple] = {}
         self._chol: dict[str, torch.Tensor] = {}
         self._per_entry: float | None = None
+        self._kept: list[int] | None = None  # block picks of the best fit so far
         self._made: dict[tuple, tuple[dict[str, "EncodedEntry"], float]] = {}
 
     # -- the state of one tensor under a pick
@@ -205,11 +206,20 @@ class LqerChooser:
             total += got[1] if got is not None else 0.0
         return total
 
+    def _forget(self, pick: list[int]) -> None:
+        """Drop factors fitted against picks other than `pick` and the best so far (their entries hold bytes)."""
+        live = {self._key(n, pick) for n in self.tensors}
+        if self._kept is not None:
+            live |= {self._key(n, self._kept) for n in self.tensors}
+        self._made = {k: v for k, v in self._made.items() if k[:-1] in live}
+        self._svd = {k: v for k, v in self._svd.items() if k in live}
+
     def run(self, plain: Fit) -> Fit:
         """The best of the plain fit and up to ROUNDS price-and-solve rounds with LQER groups."""
         best, best_loss = plain, self.loss(plain.pick, {})
         pick, opts = list(plain.pick), {}
         for _ in range(ROUNDS):
+            self._forget(pick)
             groups = [self.price(n, pick) for n in self.tensors]
 
             def build(p: list[int], groups: list[Choices] = groups) -> tuple[bytes, dict]:
@@ -221,6 +231,7 @@ class LqerChooser:
             loss = self.loss(new_pick, new_opts)
             if loss < best_loss:
                 best, best_loss = Fit(new_pick, got.blob, got.total, got.extra), loss
+                self._kept = new_pick
             if new_pick == pick and new_opts == opts:
                 break
             pick, opts = new_pick, new_opts
