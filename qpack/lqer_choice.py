@@ -2,10 +2,12 @@
 
 Each quantized tensor gets one extra solver group, "<name>#lqer", beside its row blocks. Its options are
 "none" (0 bytes, no change) and every (rank, A width, B width) of the configured menu, each priced by the
-exact bytes its factors add to the stored entries and by its loss change (negative: the loss the correction
-removes), both measured against the quantization currently picked for that tensor's blocks. Factors span the
-whole tensor (one SVD of W - Wq over all its row blocks); a row-split tensor stores its rows of A in each
-block and B in every block, and the price counts those copies.
+exact bytes its factors add to the stored entries (plus the container bytes per factor-carrying entry,
+measured once per run) and by its loss change (negative: the share of the tensor's error it removes, weighted
+by the Hessian when one is known, times the loss its blocks carry under the solver's proxy), both measured
+against the quantization currently picked for that tensor's blocks. Factors span the whole tensor (one SVD of
+W - Wq over all its row blocks); a row-split tensor stores its rows of A in each block and B in every block,
+and the price counts those copies.
 
 The option's value depends on the blocks' picks and the picks on the options, so `LqerChooser.run` alternates:
 price against the current picks, solve everything with qpack.budget.fit (which builds and measures each
