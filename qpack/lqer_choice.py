@@ -87,6 +87,7 @@ class LqerChooser:
         self._per_entry: float | None = None
         self._kept: list[int] | None = None  # block picks of the best fit so far
         self._made: dict[tuple, tuple[dict[str, "EncodedEntry"], float]] = {}
+        self._fit: dict[tuple, tuple[Quantized, Quantized, float, int]] = {}
 
     # -- the state of one tensor under a pick
     def _picked(self, n: str, pick: list[int]) -> list[tuple[Any, Candidate]]:
@@ -117,9 +118,9 @@ class LqerChooser:
                 self._svd[key] = (U, S, torch.linalg.solve_triangular(L, Vh, upper=False, left=False))
         return self._svd[key]
 
-    def made(self, n: str, pick: list[int], opt: LqerOption) -> tuple[dict[str, "EncodedEntry"], float] | None:
-        """The block entries of `n` with the factors of `opt` fitted against `pick`, and the loss change they
-        bring; None when a block of `n` is not quantized (an fp16 block stores no factors).
+    def fitted(self, n: str, pick: list[int], opt: LqerOption) -> tuple[Quantized, Quantized, float, int] | None:
+        """Factors A, B of `opt` fitted to tensor `n`'s error under `pick`, the loss change they bring and an
+        entropy estimate of their bytes; None when a block of `n` is not quantized (fp16 stores no factors).
 
         The loss change is the share of the tensor's error the factors remove, measured Hessian-weighted when a
         Hessian is known (GPTQ leaves its error where the curvature is low; plain squared error would overrate
@@ -128,28 +129,46 @@ class LqerChooser:
         if not all(isinstance(c.data.payload, Quantized) for _, c in picked):
             return None
         key = self._key(n, pick) + (opt,)
-        if key in self._made:
-            return self._made[key]
-        from .compress import slice_rows
-        from .statedict import dtype_name
+        if key not in self._fit:
+            from .compress import _predicted_bytes
 
-        w = as_matrix(self.job.sd[n].detach().float())
-        wq = torch.cat([as_matrix(c.data.payload.dequantize()) for _, c in picked], 0)
-        err = (w - wq).to(torch.float64)
-        L = self._weights(n)
-        rank = min(opt.rank, *w.shape)
-        qa, qb = fit_factors(err, rank, opt.a_bits, opt.b_bits, self.cfg.lqer_group,
-                             self._svd_of(self._key(n, pick), err, L))
-        rest = err - qa.dequantize().to(torch.float64) @ qb.dequantize().to(torch.float64)
-        weigh = (lambda e: float((e @ L).square().sum())) if L is not None else (lambda e: float(e.square().sum()))
-        before = weigh(err)
-        share = 1.0 - weigh(rest) / before if before > 0 else 0.0
-        dtype = dtype_name(self.job.sd[n].dtype)
-        entries = {}
-        for b, c in picked:
-            a_rows = slice_rows(qa, b.r0, b.r1) if len(picked) > 1 else qa
-            entries[b.entry] = self.job.enc.candidate(b.entry, c.data.payload, dtype, (a_rows, qb))
-        self._made[key] = (entries, -share * sum(c.loss for _, c in picked))
+            w = as_matrix(self.job.sd[n].detach().float())
+            wq = torch.cat([as_matrix(c.data.payload.dequantize()) for _, c in picked], 0)
+            err = (w - wq).to(torch.float64)
+            L = self._weights(n)
+            rank = min(opt.rank, *w.shape)
+            qa, qb = fit_factors(err, rank, opt.a_bits, opt.b_bits, self.cfg.lqer_group,
+                                 self._svd_of(self._key(n, pick), err, L))
+            rest = err - qa.dequantize().to(torch.float64) @ qb.dequantize().to(torch.float64)
+            weigh = (lambda e: float((e @ L).square().sum())) if L is not None else (
+                lambda e: float(e.square().sum()))
+            before = weigh(err)
+            share = 1.0 - weigh(rest) / before if before > 0 else 0.0
+            est = len(picked) * _predicted_bytes(qb) + sum(_predicted_bytes(a) for a in self._rows(qa, picked))
+            self._fit[key] = (qa, qb, -share * sum(c.loss for _, c in picked), est)
+        return self._fit[key]
+
+    @staticmethod
+    def _rows(qa: Quantized, picked: list) -> list[Quantized]:
+        from .compress import slice_rows
+
+        return [slice_rows(qa, b.r0, b.r1) if len(picked) > 1 else qa for b, _ in picked]
+
+    def made(self, n: str, pick: list[int], opt: LqerOption) -> tuple[dict[str, "EncodedEntry"], float] | None:
+        """The block entries of `n` carrying the factors of `opt` (encoded exactly as stored) and their loss
+        change; None as for `fitted`."""
+        got = self.fitted(n, pick, opt)
+        if got is None:
+            return None
+        key = self._key(n, pick) + (opt,)
+        if key not in self._made:
+            from .statedict import dtype_name
+
+            qa, qb, delta, _ = got
+            picked = self._picked(n, pick)
+            dtype = dtype_name(self.job.sd[n].dtype)
+            self._made[key] = ({b.entry: self.job.enc.candidate(b.entry, c.data.payload, dtype, (a, qb))
+                                for (b, c), a in zip(picked, self._rows(qa, picked))}, delta)
         return self._made[key]
 
     def _overhead(self, pick: list[int]) -> float:
@@ -171,18 +190,22 @@ class LqerChooser:
         return self._per_entry
 
     def price(self, n: str, pick: list[int]) -> Choices:
-        """The LQER group of tensor `n`, priced against `pick` (options that remove no loss are left out)."""
+        """The LQER group of tensor `n`, priced against `pick`. Options that remove no loss are left out, and so
+        are those another option beats on both loss and estimated bytes; the rest are encoded and priced
+        exactly."""
         cands = [Candidate("none", 0, 0.0, None)]
-        for opt in self.menu:
-            got = self.made(n, pick, opt)
-            if got is None:
-                break
-            entries, delta = got
-            extra = sum(e.nbytes for e in entries.values()) - sum(
-                c.data.encoded.nbytes for _, c in self._picked(n, pick))
+        fitted = [(opt, self.fitted(n, pick, opt)) for opt in self.menu]
+        if any(f is None for _, f in fitted):
+            return Choices(f"{n}#lqer", cands)
+        useful = [(opt, f) for opt, f in fitted if f[2] < 0]
+        front = [(opt, f) for opt, f in useful
+                 if not any(g[2] <= f[2] and g[3] <= f[3] and (g[2], g[3]) != (f[2], f[3]) for _, g in useful)]
+        base = sum(c.data.encoded.nbytes for _, c in self._picked(n, pick))
+        for opt, _ in front:
+            entries, delta = self.made(n, pick, opt)
+            extra = sum(e.nbytes for e in entries.values()) - base
             extra += math.ceil(self._overhead(pick) * len(entries))
-            if delta < 0:
-                cands.append(Candidate(opt.label, extra, delta, opt))
+            cands.append(Candidate(opt.label, extra, delta, opt))
         return Choices(f"{n}#lqer", cands)
 
     # -- solve and build
@@ -204,8 +227,8 @@ class LqerChooser:
         """Estimated loss of a choice: the blocks' candidates plus each correction's (measured) change."""
         total = sum(ch.candidates[i].loss for ch, i in zip(self.choices, block_pick))
         for n, opt in opts.items():
-            got = self.made(n, block_pick, opt)
-            total += got[1] if got is not None else 0.0
+            got = self.fitted(n, block_pick, opt)
+            total += got[2] if got is not None else 0.0
         return total
 
     def _forget(self, pick: list[int]) -> None:
@@ -214,6 +237,7 @@ class LqerChooser:
         if self._kept is not None:
             live |= {self._key(n, self._kept) for n in self.tensors}
         self._made = {k: v for k, v in self._made.items() if k[:-1] in live}
+        self._fit = {k: v for k, v in self._fit.items() if k[:-1] in live}
         self._svd = {k: v for k, v in self._svd.items() if k in live}
 
     def run(self, plain: Fit) -> Fit:
