@@ -26,7 +26,7 @@ import torch
 from .budget import Candidate, Choices, Fit, fit
 from .errors import QpackInputError
 from .quant.base import Quantized, as_matrix
-from .quant.lqer import FACTOR_BITS, fit_factors
+from .quant.lqer import FACTOR_BITS, error_svd, fit_factors, hessian_root
 
 if TYPE_CHECKING:  # compress imports this module; the types are only for reading
     from .artifact import EncodedEntry
@@ -83,7 +83,7 @@ class LqerChooser:
         self.tensors = list(job.quant_names)
         self.pos = {ch.name: i for i, ch in enumerate(choices)}
         self._svd: dict[tuple, tuple] = {}
-        self._chol: dict[str, torch.Tensor] = {}
+        self._chol: dict[str, torch.Tensor | None] = {}
         self._per_entry: float | None = None
         self._kept: list[int] | None = None  # block picks of the best fit so far
         self._made: dict[tuple, tuple[dict[str, "EncodedEntry"], float]] = {}
@@ -97,26 +97,11 @@ class LqerChooser:
         return (n,) + tuple(pick[self.pos[b.entry]] for b in self.job.blocks[n])
 
     def _weights(self, n: str) -> torch.Tensor | None:
-        """L with H = L L^T for tensor `n`'s Hessian (1% damping), or None without one."""
-        h = self.job.hessians.get(n)
-        if h is None:
-            return None
+        """The root L of tensor `n`'s damped Hessian (H = L L^T), or None without one."""
         if n not in self._chol:
-            h = h.to(torch.float64)
-            damp = 0.01 * float(torch.diagonal(h).mean()) + 1e-12
-            self._chol[n] = torch.linalg.cholesky(h + damp * torch.eye(h.shape[0], dtype=h.dtype))
+            cols = as_matrix(self.job.sd[n][:1]).shape[1]
+            self._chol[n] = hessian_root(self.job.hessians.get(n), cols)
         return self._chol[n]
-
-    def _svd_of(self, key: tuple, err: torch.Tensor, L: torch.Tensor | None) -> tuple:
-        """SVD of the error, whitened by L when a Hessian is known (the rank-r correction that removes the most
-        curvature-weighted error), mapped back so that U S Vh ~ err."""
-        if key not in self._svd:
-            if L is None:
-                self._svd[key] = torch.linalg.svd(err, full_matrices=False)
-            else:
-                U, S, Vh = torch.linalg.svd(err @ L, full_matrices=False)
-                self._svd[key] = (U, S, torch.linalg.solve_triangular(L, Vh, upper=False, left=False))
-        return self._svd[key]
 
     def fitted(self, n: str, pick: list[int], opt: LqerOption) -> tuple[Quantized, Quantized, float, int] | None:
         """Factors A, B of `opt` fitted to tensor `n`'s error under `pick`, the loss change they bring and an
@@ -137,8 +122,10 @@ class LqerChooser:
             err = (w - wq).to(torch.float64)
             L = self._weights(n)
             rank = min(opt.rank, *w.shape)
-            qa, qb = fit_factors(err, rank, opt.a_bits, opt.b_bits, self.cfg.lqer_group,
-                                 self._svd_of(self._key(n, pick), err, L))
+            skey = self._key(n, pick)
+            if skey not in self._svd:
+                self._svd[skey] = error_svd(err, L)
+            qa, qb = fit_factors(err, rank, opt.a_bits, opt.b_bits, self.cfg.lqer_group, self._svd[skey])
             rest = err - qa.dequantize().to(torch.float64) @ qb.dequantize().to(torch.float64)
             weigh = (lambda e: float((e @ L).square().sum())) if L is not None else (
                 lambda e: float(e.square().sum()))

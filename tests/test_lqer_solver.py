@@ -15,7 +15,7 @@ from qpack.compress import CompressConfig, compress
 from qpack.errors import QpackInputError
 from qpack.loader import export_loader
 from qpack.quant import make_quantizer
-from qpack.quant.lqer import fit_factors
+from qpack.quant.lqer import error_svd, fit_factors, hessian_root
 
 STEP = 2.0 ** -5  # an fp16-exact grid step: RTN at 3 bits reproduces a weight on this grid exactly
 
@@ -232,3 +232,25 @@ def test_cli_lqer_auto_compresses_under_budget(tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     assert out.stat().st_size <= 3500
     assert read_artifact(out).lowrank("w") is not None
+
+
+def test_hessian_whitened_svd_removes_more_curvature_weighted_error():
+    g = torch.Generator().manual_seed(9)
+    err = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(256, 32, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 32, dtype=torch.float64)
+    h = x.T @ x  # a skewed curvature: a few input columns matter far more than the rest
+    root = hessian_root(h, 32)
+    assert root is not None and torch.allclose(root @ root.T, h + 0.01 * torch.diagonal(h).mean() * torch.eye(32,
+                                                                                 dtype=torch.float64))
+    hq = root @ root.T
+    weighted = lambda e: float(torch.trace(e @ hq @ e.T))  # noqa: E731
+    for svd in (error_svd(err), error_svd(err, root)):
+        U, S, Vh = svd
+        assert torch.allclose(U @ torch.diag(S) @ Vh, err, atol=1e-10)
+    r = 4
+    plain = [m[..., :r] if i == 0 else m[:r] for i, m in enumerate(error_svd(err))]
+    white = [m[..., :r] if i == 0 else m[:r] for i, m in enumerate(error_svd(err, root))]
+    rest_plain = err - plain[0] @ torch.diag(plain[1]) @ plain[2]
+    rest_white = err - white[0] @ torch.diag(white[1]) @ white[2]
+    assert weighted(rest_white) < 0.9 * weighted(rest_plain)
+    assert hessian_root(h, 31) is None and hessian_root(None, 32) is None

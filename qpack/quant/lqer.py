@@ -81,16 +81,36 @@ def check_factor_bits(bits: int) -> None:
         raise QpackInputError(f"lqer: factor width must be one of {', '.join(map(str, FACTOR_BITS))}, got {bits!r}")
 
 
+def hessian_root(h: torch.Tensor | None, cols: int) -> torch.Tensor | None:
+    """Lower-triangular L with H + damping = L L^T (1% of the mean diagonal), or None without a usable H."""
+    if h is None or tuple(h.shape) != (cols, cols):
+        return None
+    h = h.to(torch.float64)
+    damp = 0.01 * float(torch.diagonal(h).mean().abs()) + 1e-12
+    L, info = torch.linalg.cholesky_ex(h + damp * torch.eye(cols, dtype=h.dtype))
+    return L if int(info) == 0 and bool(torch.isfinite(L).all()) else None
+
+
+def error_svd(err: torch.Tensor, root: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh with U diag(S) Vh = err (float64); with `root` L of a Hessian, the SVD of err L mapped back, so
+    that the leading r terms are the rank-r correction removing the most error weighted by H = L L^T."""
+    E = as_matrix(err).to(torch.float64)
+    if root is None:
+        return torch.linalg.svd(E, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(E @ root, full_matrices=False)
+    return U, S, torch.linalg.solve_triangular(root, Vh, upper=False, left=False)
+
+
 def fit_factors(err: torch.Tensor, rank: int, a_bits: int, b_bits: int, group_size: int | None,
                 svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[Quantized, Quantized]:
     """Quantized A (rows x rank, one scale) and B (rank x cols, grouped) with deq(A) @ deq(B) ~ err; `svd` is
-    torch.linalg.svd(err in float64) when the caller shares one across ranks and widths."""
+    error_svd(err, ...) when the caller shares one across ranks and widths."""
     E = as_matrix(err).to(torch.float64)
     if not isinstance(rank, int) or not 1 <= rank <= min(E.shape):
         raise QpackInputError(f"lqer: rank must be in 1..{min(E.shape)} for a {tuple(E.shape)} matrix, got {rank!r}")
     check_factor_bits(a_bits)
     check_factor_bits(b_bits)
-    U, S, Vh = svd if svd is not None else torch.linalg.svd(E, full_matrices=False)
+    U, S, Vh = svd if svd is not None else error_svd(E)
     qa = quantize_factor(U[:, :rank], a_bits, None, shared=True)
     Aq = qa.dequantize().to(torch.float64)
     # B for the A that will be stored; pinv drops a column that rounded to all zeros instead of blowing up.
