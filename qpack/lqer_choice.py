@@ -88,6 +88,9 @@ class LqerChooser:
         self._kept: list[int] | None = None  # block picks of the best fit so far
         self._made: dict[tuple, tuple[dict[str, "EncodedEntry"], float]] = {}
         self._fit: dict[tuple, tuple[Quantized, Quantized, float, int]] = {}
+        from .codecs import make_codec, parse_codec
+
+        self._codecs = [*(parse_codec(c) for c in self.cfg.codecs), make_codec("raw")]
 
     # -- the state of one tensor under a pick
     def _picked(self, n: str, pick: list[int]) -> list[tuple[Any, Candidate]]:
@@ -104,8 +107,9 @@ class LqerChooser:
         return self._chol[n]
 
     def fitted(self, n: str, pick: list[int], opt: LqerOption) -> tuple[Quantized, Quantized, float, int] | None:
-        """Factors A, B of `opt` fitted to tensor `n`'s error under `pick`, the loss change they bring and an
-        entropy estimate of their bytes; None when a block of `n` is not quantized (fp16 stores no factors).
+        """Factors A, B of `opt` fitted to tensor `n`'s error under `pick`, the loss change they bring and the
+        bytes of their sections (each block's rows of A and a copy of B, encoded with the smallest configured
+        codec); None when a block of `n` is not quantized (fp16 stores no factors).
 
         The loss change is the share of the tensor's error the factors remove, measured Hessian-weighted when a
         Hessian is known (GPTQ leaves its error where the curvature is low; plain squared error would overrate
@@ -115,8 +119,6 @@ class LqerChooser:
             return None
         key = self._key(n, pick) + (opt,)
         if key not in self._fit:
-            from .compress import _predicted_bytes
-
             w = as_matrix(self.job.sd[n].detach().float())
             wq = torch.cat([as_matrix(c.data.payload.dequantize()) for _, c in picked], 0)
             err = (w - wq).to(torch.float64)
@@ -131,9 +133,15 @@ class LqerChooser:
                 lambda e: float(e.square().sum()))
             before = weigh(err)
             share = 1.0 - weigh(rest) / before if before > 0 else 0.0
-            est = len(picked) * _predicted_bytes(qb) + sum(_predicted_bytes(a) for a in self._rows(qa, picked))
-            self._fit[key] = (qa, qb, -share * sum(c.loss for _, c in picked), est)
+            nbytes = len(picked) * self._section_bytes(qb) + sum(self._section_bytes(a) for a in self._rows(qa, picked))
+            self._fit[key] = (qa, qb, -share * sum(c.loss for _, c in picked), nbytes)
         return self._fit[key]
+
+    def _section_bytes(self, f: Quantized) -> int:
+        """Bytes of one factor's codes and scales sections, each with the smallest configured codec (or raw)."""
+        from .artifact import TensorEntry, encode_entry
+
+        return encode_entry(TensorEntry("factor", f, codec=self._codecs, scale_codec=self._codecs)).nbytes
 
     @staticmethod
     def _rows(qa: Quantized, picked: list) -> list[Quantized]:
@@ -159,8 +167,9 @@ class LqerChooser:
         return self._made[key]
 
     def _overhead(self, pick: list[int]) -> float:
-        """Container bytes (section table, compressed manifest) one entry's factors add beyond their sections,
-        measured once: every tensor at the menu's first option against a build without factors."""
+        """Bytes one entry's factors add beyond their sections' price (the section table, the compressed
+        manifest, and any difference between the codecs the stored entry uses and the smallest), measured once:
+        every tensor at the menu's first option against a build without factors."""
         if self._per_entry is None:
             lowranks: dict[str, "EncodedEntry"] = {}
             for n in self.tensors:
@@ -169,30 +178,25 @@ class LqerChooser:
                     lowranks.update(got[0])
             self._per_entry = 0.0
             if lowranks:
-                base = {ch.name: ch.candidates[i].data.encoded.nbytes for ch, i in zip(self.choices, pick)}
                 plain = len(self.job.build(self.fixed, self.choices, pick, {})[0])
                 full = len(self.job.build(self.fixed, self.choices, pick, lowranks)[0])
-                added = sum(e.nbytes - base[name] for name, e in lowranks.items())
-                self._per_entry = max(0.0, (full - plain - added) / len(lowranks))
+                priced = sum(f[3] for n in self.tensors if (f := self.fitted(n, pick, self.menu[0])) is not None)
+                self._per_entry = max(0.0, (full - plain - priced) / len(lowranks))
         return self._per_entry
 
     def price(self, n: str, pick: list[int]) -> Choices:
-        """The LQER group of tensor `n`, priced against `pick`. Options that remove no loss are left out, and so
-        are those another option beats on both loss and estimated bytes; the rest are encoded and priced
-        exactly."""
+        """The LQER group of tensor `n`, priced against `pick`: each option's factor sections plus the measured
+        per-entry overhead. Options that remove no loss are left out, and so are those another option beats on
+        both loss and bytes. The stored entries are encoded only when a build picks the option."""
         cands = [Candidate("none", 0, 0.0, None)]
         fitted = [(opt, self.fitted(n, pick, opt)) for opt in self.menu]
         if any(f is None for _, f in fitted):
             return Choices(f"{n}#lqer", cands)
-        useful = [(opt, f) for opt, f in fitted if f[2] < 0]
-        front = [(opt, f) for opt, f in useful
-                 if not any(g[2] <= f[2] and g[3] <= f[3] and (g[2], g[3]) != (f[2], f[3]) for _, g in useful)]
-        base = sum(c.data.encoded.nbytes for _, c in self._picked(n, pick))
-        for opt, _ in front:
-            entries, delta = self.made(n, pick, opt)
-            extra = sum(e.nbytes for e in entries.values()) - base
-            extra += math.ceil(self._overhead(pick) * len(entries))
-            cands.append(Candidate(opt.label, extra, delta, opt))
+        per_entry = self._overhead(pick)
+        priced = [(opt, f[2], f[3] + math.ceil(per_entry * len(self.job.blocks[n]))) for opt, f in fitted if f[2] < 0]
+        for opt, loss, nbytes in priced:
+            if not any(l2 <= loss and b2 <= nbytes and (l2, b2) != (loss, nbytes) for _, l2, b2 in priced):
+                cands.append(Candidate(opt.label, nbytes, loss, opt))
         return Choices(f"{n}#lqer", cands)
 
     # -- solve and build
