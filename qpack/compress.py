@@ -53,10 +53,10 @@ class CompressConfig:
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
     loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
-    # LQER chosen by the budget solver (qpack.lqer_choice): "auto" offers every tensor a low-rank correction at
-    # each rank of lqer_ranks and factor widths of lqer_bits (B's scales per lqer_group columns), bytes inside
-    # the budget; "off" leaves only the fixed lqer_rank/lqer_top mode.
-    lqer: str = "off"
+    # LQER chosen by the budget solver (qpack.lqer_choice): "auto" (with a budget and no fixed lqer_rank) offers
+    # every tensor a low-rank correction at each rank of lqer_ranks and factor widths of lqer_bits (B's scales
+    # per lqer_group columns), bytes inside the budget; "off": none, or the fixed lqer_rank/lqer_top mode.
+    lqer: str = "auto"
     lqer_ranks: tuple[int, ...] = (4, 8, 16)
     lqer_bits: tuple[int, ...] = (2, 4)
     lqer_group: int = 64
@@ -404,9 +404,9 @@ class _Job:
                 raise
             choices = full
             result = fit(full, self.cfg.budget, self.cfg.code_bytes, lambda pick: self.build(fixed, full, pick))
-        if self.cfg.lqer == "auto":  # LQER groups priced against these picks, then solved with them
-            from .lqer_choice import LqerChooser
+        from .lqer_choice import LqerChooser, active
 
+        if active(self.cfg):  # LQER groups priced against these picks, then solved with them
             result = LqerChooser(self, fixed, choices).run(result)
         return choices, result
 

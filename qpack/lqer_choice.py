@@ -60,11 +60,12 @@ def check_config(cfg: "CompressConfig") -> None:
                               f"got {cfg.lqer_bits}")
     if not isinstance(cfg.lqer_group, int) or cfg.lqer_group <= 0:
         raise QpackInputError(f"--lqer-group must be a positive number of columns, got {cfg.lqer_group!r}")
-    if cfg.lqer == "auto":
-        if cfg.budget is None:
-            raise QpackInputError("--lqer auto needs --budget (the solver trades factor bytes against the rest)")
-        if cfg.lqer_rank > 0:
-            raise QpackInputError("--lqer auto chooses ranks itself; drop --lqer-rank/--lqer-top")
+
+
+def active(cfg: "CompressConfig") -> bool:
+    """Whether the solver chooses LQER: mode auto (the default), a budget to trade factor bytes against, and no
+    fixed --lqer-rank/--lqer-top (which keeps its own mode)."""
+    return cfg.lqer == "auto" and cfg.budget is not None and cfg.lqer_rank == 0
 
 
 def menu(cfg: "CompressConfig") -> list[LqerOption]:

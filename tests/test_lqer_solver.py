@@ -99,7 +99,7 @@ COMMON = dict(scheme="rtn", fp16_candidate=False, codecs=("zstd",))
 def two_upgrades(sd) -> int:
     """A budget that holds every tensor at 3 bits plus two of them at 4 bits (and a few bytes): the bytes an
     LQER correction would take buy a width upgrade instead."""
-    size = lambda bits: compress(sd, None, CompressConfig(budget=10**7, bits=(bits,), **COMMON),  # noqa: E731
+    size = lambda bits: compress(sd, None, CompressConfig(budget=10**7, bits=(bits,), lqer="off", **COMMON),  # noqa: E731
                                  dry_run=True).bytes_total
     at3, at4 = size(3), size(4)
     return at3 + 2 * (at4 - at3) // len(sd) + 30
@@ -114,7 +114,7 @@ def run_both(sd, budget, tmp_path):
     """compress with LQER in the solver and without, at one budget: (result, artifact path) of each."""
     path, plain = tmp_path / "m.qpk", tmp_path / "plain.qpk"
     r = compress(sd, path, CompressConfig(budget=budget, bits=(3, 4), lqer="auto", lqer_ranks=(2, 4), **COMMON))
-    p = compress(sd, plain, CompressConfig(budget=budget, bits=(3, 4), **COMMON))
+    p = compress(sd, plain, CompressConfig(budget=budget, bits=(3, 4), lqer="off", **COMMON))
     assert r.bytes_total <= budget and p.bytes_total <= budget
     art = read_artifact(path)
     with_factors = [n for n in sd if art.lowrank(n) is not None]
@@ -159,7 +159,7 @@ def model_with_low_rank_errors(seed: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("extra", [900, 2500, 6000])
 def test_lqer_bytes_are_inside_the_budget(tmp_path, extra):
     sd = model_with_low_rank_errors(11)
-    at3 = compress(sd, None, CompressConfig(budget=10**7, bits=(3,), chunk_numel=4096, **COMMON),
+    at3 = compress(sd, None, CompressConfig(budget=10**7, bits=(3,), chunk_numel=4096, lqer="off", **COMMON),
                    dry_run=True).bytes_total
     budget = at3 + extra
     path = tmp_path / "m.qpk"
@@ -187,8 +187,6 @@ def test_lqer_bytes_are_inside_the_budget(tmp_path, extra):
     (dict(lqer="auto", lqer_bits=(8,)), "--lqer-bits"),
     (dict(lqer="auto", lqer_group=0), "--lqer-group"),
     (dict(lqer="maybe"), "--lqer"),
-    (dict(lqer="auto", budget=None), "needs --budget"),
-    (dict(lqer="auto", lqer_rank=4, lqer_top=1), "drop --lqer-rank"),
 ])
 def test_bad_lqer_config(opts, needle):
     opts = {"budget": 10**6, **opts}
@@ -208,6 +206,7 @@ def test_bad_factor_arguments():
     (["--lqer", "auto", "--lqer-bits", "2,3"], "--lqer-bits"),
     (["--lqer", "auto", "--lqer-ranks", "4,x"], "--lqer-ranks"),
     (["--lqer", "auto"], "needs --budget"),
+    (["--lqer", "auto", "--lqer-rank", "2", "--lqer-top", "1"], "drop --lqer-rank"),
 ])
 def test_cli_bad_lqer_flags_exit_2_and_write_nothing(tmp_path, args, needle):
     ckpt = tmp_path / "m.pt"
@@ -254,3 +253,17 @@ def test_hessian_whitened_svd_removes_more_curvature_weighted_error():
     rest_white = err - white[0] @ torch.diag(white[1]) @ white[2]
     assert weighted(rest_white) < 0.9 * weighted(rest_plain)
     assert hessian_root(h, 31) is None and hessian_root(None, 32) is None
+
+
+def test_lqer_is_the_default_with_a_budget_and_yields_to_the_fixed_mode(tmp_path):
+    sd = grid_weights(4, True, n=4)
+    budget = two_upgrades(sd) + 1000
+    default = compress(sd, tmp_path / "d.qpk", CompressConfig(budget=budget, bits=(3, 4), **COMMON))
+    off = compress(sd, tmp_path / "o.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer="off", **COMMON))
+    fixed = compress(sd, tmp_path / "f.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer_rank=1, lqer_top=1,
+                                                            **COMMON))
+    lqer = lambda r: [t.name for t in r.tensors if t.scheme.endswith("+lqer")]  # noqa: E731
+    assert lqer(default) and not lqer(off) and len(lqer(fixed)) == 1
+    assert read_artifact(tmp_path / "f.qpk").lowrank(lqer(fixed)[0])[0].bits == 8  # the fixed mode's int8 factors
+    nobudget = compress(sd, tmp_path / "n.qpk", CompressConfig(**COMMON))  # fixed widths: nothing to trade
+    assert not lqer(nobudget)

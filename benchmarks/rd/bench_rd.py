@@ -133,7 +133,8 @@ def main() -> None:
         "rate: uniform step, RTN": dict(gptq=False, rdo=0.0),
         "rate: uniform step + GPTQ": dict(gptq=True, rdo=0.0),
         f"rate: uniform step + GPTQ + RDO {args.rdo:g}": dict(gptq=True, rdo=args.rdo),
-        "qpack + LQER (solver)": dict(compress=dict(lqer="auto")),  # CompressConfig options for compress
+        # CompressConfig options for compress: the default with the solver's LQER (qpack.lqer_choice) switched off
+        "qpack without LQER (--lqer off)": dict(compress=dict(lqer="off")),
     }
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:

@@ -42,9 +42,9 @@ def _int_list(text: str, flag: str = "--bits") -> tuple[int, ...]:
               help="where calibration runs the model [default: cuda when available, else cpu]")
 @click.option("--lqer-rank", type=int, default=0, help="rank of low-rank error correction (0: off)")
 @click.option("--lqer-top", type=int, default=0, help="how many tensors (largest error) get LQER")
-@click.option("--lqer", "lqer_mode", type=click.Choice(["off", "auto"]), default="off", show_default=True,
-              help="auto: the budget solver picks which tensors get a low-rank error correction, its rank and "
-              "factor widths, with the factor bytes inside --budget")
+@click.option("--lqer", "lqer_mode", type=click.Choice(["off", "auto"]), default=None,
+              help="with --budget: auto (default) lets the solver pick which tensors get a low-rank error "
+              "correction, its rank and factor widths, with the factor bytes inside the budget; off: none")
 @click.option("--lqer-ranks", default="4,8,16", show_default=True, help="with --lqer auto: ranks to choose from")
 @click.option("--lqer-bits", default="2,4", show_default=True, help="with --lqer auto: factor widths (2 and/or 4)")
 @click.option("--lqer-group", type=int, default=64, show_default=True,
@@ -73,9 +73,13 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
     if output is not None and output.is_dir():
         raise QpackInputError(f"{output}: is a directory; give the artifact's file name (e.g. model.qpk)")
     output = output or model.with_suffix(".qpk")
+    if lqer_mode == "auto" and budget is None:
+        raise QpackInputError("--lqer auto needs --budget (the solver trades factor bytes against the rest)")
+    if lqer_mode == "auto" and lqer_rank:
+        raise QpackInputError("--lqer auto chooses ranks itself; drop --lqer-rank/--lqer-top")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
                 lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy,
-                lqer=lqer_mode, lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
+                lqer=lqer_mode or ("off" if lqer_rank else "auto"), lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
                 lqer_bits=_int_list(lqer_bits, "--lqer-bits"), lqer_group=lqer_group)
     if budget is not None:
         opts["budget"] = parse_size(budget)
