@@ -59,6 +59,13 @@ class CompressConfig:
     steps: tuple[float, ...] | None = None  # steps offered with a budget (None: the scheme's default, see _steps_for)
     step: float | None = None  # scheme uniform without a budget: the one step for every matrix
     rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
+    # LQER chosen by the budget solver (qpack.lqer_choice): "auto" (with a budget and no fixed lqer_rank) offers
+    # every tensor a low-rank correction at each rank of lqer_ranks and factor widths of lqer_bits (B's scales
+    # per lqer_group columns), bytes inside the budget; "off": none, or the fixed lqer_rank/lqer_top mode.
+    lqer: str = "auto"
+    lqer_ranks: tuple[int, ...] = (4, 8, 16)
+    lqer_bits: tuple[int, ...] = (2, 4)
+    lqer_group: int = 64
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
@@ -92,6 +99,9 @@ class CompressConfig:
         for spec in self.codecs:
             parse_codec(spec)  # raises a clear error for unknown codecs or parameters
         _check_rate_options(self)
+        from .lqer_choice import check_config
+
+        check_config(self)
 
 
 def _check_rate_options(cfg: CompressConfig) -> None:
@@ -434,13 +444,18 @@ class _Job:
     # -- solve + build: qpack.budget.fit, over every width when the widths realized cannot fit
     def fit(self, fixed: dict[str, Option], choices: list[Choices]) -> tuple[list[Choices], Fit]:
         try:
-            return choices, fit(choices, self.cfg.budget, self.cfg.code_bytes,
-                                lambda pick: self.build(fixed, choices, pick))
+            result = fit(choices, self.cfg.budget, self.cfg.code_bytes, lambda pick: self.build(fixed, choices, pick))
         except BudgetError:
             full = self._all_candidates(choices)
             if full is None:
                 raise
-            return full, fit(full, self.cfg.budget, self.cfg.code_bytes, lambda pick: self.build(fixed, full, pick))
+            choices = full
+            result = fit(full, self.cfg.budget, self.cfg.code_bytes, lambda pick: self.build(fixed, full, pick))
+        from .lqer_choice import LqerChooser, active
+
+        if active(self.cfg):  # LQER groups priced against these picks, then solved with them
+            result = LqerChooser(self, fixed, choices).run(result)
+        return choices, result
 
     def _all_candidates(self, choices: list[Choices]) -> list[Choices] | None:
         """Every menu item realized (None when they already were): the exact answer when the lazy one fell short."""
@@ -456,9 +471,11 @@ class _Job:
         return [Choices(ch.name, [realized[ch.name][i] for i in sorted(realized[ch.name])]) for ch in choices]
 
     # -- build: the whole artifact in memory for one pick (LQER on the largest errors)
-    def build(self, fixed: dict[str, Option], choices: list[Choices], pick: list[int]) -> tuple[bytes, dict]:
+    def build(self, fixed: dict[str, Option], choices: list[Choices], pick: list[int],
+              lowranks: dict[str, EncodedEntry] | None = None) -> tuple[bytes, dict]:
+        """The artifact for one pick; `lowranks` (entries carrying factors) replaces the fixed-mode LQER."""
         chosen = {ch.name: ch.candidates[i] for ch, i in zip(choices, pick)}
-        lowranks = self._lqer(chosen)
+        lowranks = self._lqer(chosen) if lowranks is None else lowranks
         entries = [fixed[n].encoded for n in self.pass_names]
         for ch in choices:
             opt: Option = chosen[ch.name].data

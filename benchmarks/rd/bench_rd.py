@@ -141,6 +141,7 @@ def main() -> None:
         "mixed: gptq widths + uniform steps": dict(scheme="auto", steps=DEFAULT_STEPS),
         "layouts: codes one symbol per byte only (compress --budget)": dict(layouts=("byte",)),
         "ctx: default + ans_ctx codec": dict(codecs=("ans", "zstd", "ans_ctx")),
+        "qpack without LQER (--lqer off)": dict(lqer="off"),
     }
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:

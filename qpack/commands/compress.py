@@ -9,13 +9,13 @@ import click
 from ._common import progress_bar, print_table
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str, flag: str = "--bits") -> tuple[int, ...]:
     from ..errors import QpackInputError
 
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise QpackInputError(f"--bits must be a comma-separated list of integers, got {text!r}") from None
+        raise QpackInputError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -57,6 +57,13 @@ def _float_list(text: str) -> tuple[float, ...]:
               help="where calibration runs the model [default: cuda when available, else cpu]")
 @click.option("--lqer-rank", type=int, default=0, help="rank of low-rank error correction (0: off)")
 @click.option("--lqer-top", type=int, default=0, help="how many tensors (largest error) get LQER")
+@click.option("--lqer", "lqer_mode", type=click.Choice(["off", "auto"]), default=None,
+              help="with --budget: auto (default) lets the solver pick which tensors get a low-rank error "
+              "correction, its rank and factor widths, with the factor bytes inside the budget; off: none")
+@click.option("--lqer-ranks", default="4,8,16", show_default=True, help="with --lqer auto: ranks to choose from")
+@click.option("--lqer-bits", default="2,4", show_default=True, help="with --lqer auto: factor widths (2 and/or 4)")
+@click.option("--lqer-group", type=int, default=64, show_default=True,
+              help="with --lqer auto: columns per scale group of factor B")
 @click.option("--code", "code_files", multiple=True, type=click.Path(path_type=Path), help="code files shipped with the artifact (counted in the budget)")
 @click.option("--code-codec", default=None, help="count --code bytes compressed with this codec (e.g. lzma)")
 @click.option("--passthrough", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="dtype of small tensors")
@@ -65,7 +72,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 def command(model, output, budget, bits, scheme, sdclip_k, step, steps, rdo, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
-            forward_spec, seq_len, device, lqer_rank, lqer_top, code_files, code_codec, passthrough, min_numel, dry_run,
+            forward_spec, seq_len, device, lqer_rank, lqer_top, lqer_mode, lqer_ranks, lqer_bits, lqer_group, code_files, code_codec, passthrough, min_numel, dry_run,
             as_json, quiet):
     """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
     from ..compress import CompressConfig, code_size, compress
@@ -81,9 +88,14 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, rdo, los
     if output is not None and output.is_dir():
         raise QpackInputError(f"{output}: is a directory; give the artifact's file name (e.g. model.qpk)")
     output = output or model.with_suffix(".qpk")
+    if lqer_mode == "auto" and budget is None:
+        raise QpackInputError("--lqer auto needs --budget (the solver trades factor bytes against the rest)")
+    if lqer_mode == "auto" and lqer_rank:
+        raise QpackInputError("--lqer auto chooses ranks itself; drop --lqer-rank/--lqer-top")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
                 lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy,
-                step=step, rdo=rdo)
+                lqer=lqer_mode or ("off" if lqer_rank else "auto"), lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
+                lqer_bits=_int_list(lqer_bits, "--lqer-bits"), lqer_group=lqer_group, step=step, rdo=rdo)
     if steps is not None:
         opts["steps"] = _float_list(steps)
     if bits and scheme == "uniform":
