@@ -1,0 +1,215 @@
+"""Diagonal Fisher sensitivity (qpack.sensitivity, qpack.calibrate.fisher) and the solver's fisher loss proxy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.nn import functional as F
+
+from qpack.calibrate import fisher
+from qpack.cli import main
+from qpack.compress import CompressConfig, compress
+from qpack.data.shards import write_shard
+from qpack.errors import QpackInputError
+from qpack.sensitivity import fisher_diagonal, model_loss
+from qpack.forward import adapter_for
+
+
+class LogitsLM(nn.Module):
+    """model(idx) -> logits, untied."""
+
+    def __init__(self, vocab: int = 23, width: int = 12):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.fc = nn.Linear(width, 2 * width)
+        self.head = nn.Linear(2 * width, vocab, bias=False)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.fc(self.emb(idx))))
+
+
+class SeedLM(nn.Module):
+    """The seeds' convention: forward(input_ids, target_ids) -> loss, head tied to the embedding."""
+
+    def __init__(self, vocab: int = 19, width: int = 10):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, idx, targets):
+        x = self.tok_emb(idx)
+        x = x + torch.relu(self.fc(x))
+        logits = F.linear(x, self.tok_emb.weight)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _per_row_fisher_func(model: nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Independent reference: per-sample gradients with torch.func (vmap of grad), squared, averaged."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def row_loss(p, row):
+        logits = functional_call(model, p, (row[None],))[0]
+        return F.cross_entropy(logits[:-1], row[1:])  # next token inside the row
+
+    g = vmap(grad(row_loss), in_dims=(None, 0))(params, rows)
+    return {k: v.square().mean(0) for k, v in g.items()}
+
+
+def test_fisher_matches_per_sample_gradients_by_torch_func():
+    torch.manual_seed(0)
+    model = LogitsLM()
+    seq, n_rows = 9, 6
+    stream = torch.randint(0, 23, (seq * n_rows,))
+    # a stream of exactly n_rows * seq tokens is cut into its consecutive rows, one row per backward
+    got = fisher(model, stream.numpy(), seq_len=seq)
+    want = _per_row_fisher_func(model, stream.reshape(n_rows, seq))
+    assert set(got) == {"emb.weight", "fc.weight", "head.weight"}  # matrices only: biases are not quantized
+    for k in got:
+        assert got[k].dtype == torch.float32 and got[k].shape == want[k].shape
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-9)
+        assert float(want[k].sum()) > 0
+
+
+def test_fisher_of_a_seed_style_model_by_a_manual_loop():
+    """forward(idx, targets) -> loss, tied head, batches of two rows: mean over batches of the squared gradient
+    of each batch's loss, computed here with .backward() on a fresh copy."""
+    torch.manual_seed(1)
+    model = SeedLM()
+    rows = torch.randint(0, 19, (6, 8))  # rows carry seq_len + 1 tokens: inputs and targets
+    batches = [rows[i:i + 2] for i in range(0, 6, 2)]
+    got = fisher_diagonal(model, batches, model_loss(adapter_for(model)))
+    ref = SeedLM()
+    ref.load_state_dict(model.state_dict())
+    acc = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for b in batches:
+        ref.zero_grad()
+        ref(b[:, :-1], b[:, 1:]).backward()
+        for n, p in ref.named_parameters():
+            acc[n] += p.grad.square()
+    assert set(got) == {"tok_emb.weight", "fc.weight"}
+    for n in got:
+        torch.testing.assert_close(got[n], acc[n] / len(batches), rtol=1e-5, atol=1e-10)
+    assert all(p.grad is None for p in model.parameters())  # the model's .grad is left alone
+
+
+class TwoBranches(nn.Module):
+    """h = 10 * a(x) + b(x): a and b see the same input, so a's gradient is exactly 10x b's and its Fisher
+    (and the true cost of its error) 100x."""
+
+    def __init__(self, vocab: int = 32, width: int = 64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.a = nn.Linear(width, width, bias=False)
+        self.b = nn.Linear(width, width, bias=False)
+        self.head = nn.Linear(width, vocab, bias=False)
+        with torch.no_grad():
+            # a's rows permuted: per-row quantization errs identically, so mse cannot tell them apart
+            self.b.weight.copy_(self.a.weight[torch.randperm(width)])
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        return self.head(torch.tanh(10 * self.a(x) + self.b(x)))
+
+
+def _bytes_bits(result) -> dict[str, tuple[int, int]]:
+    return {t.name: (t.bytes, t.bits) for t in result.tensors}
+
+
+def test_fisher_moves_bytes_to_the_tensor_whose_error_matters_100x(tmp_path):
+    torch.manual_seed(2)
+    model = TwoBranches()
+    f = fisher(model, torch.randint(0, 32, (40 * 16,)).numpy(), seq_len=16)
+    ratio = float(f["a.weight"].sum() / f["b.weight"].sum())
+    assert ratio == pytest.approx(100.0, rel=1e-4)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    opts = dict(scheme="rtn", fp16_candidate=False, codecs=("ans",))
+    free = compress(sd, None, budget=10**6, **opts, dry_run=True)
+    lean = compress(sd, None, budget=10**6, bits=(2,), **opts, dry_run=True)
+    budget = (free.bytes_total + lean.bytes_total) // 2  # room for about 5 bits each, so a choice to make
+    by_mse = _bytes_bits(compress(sd, None, budget=budget, loss_proxy="mse", **opts, dry_run=True))
+    by_fisher = _bytes_bits(compress(sd, None, budget=budget, loss_proxy="fisher", fisher=f, **opts, dry_run=True))
+    assert by_fisher["a.weight"][1] >= by_fisher["b.weight"][1] + 2  # at least two widths more for a
+    assert by_mse["a.weight"][1] <= by_mse["b.weight"][1] + 1  # mse sees twins
+    gain = by_fisher["a.weight"][0] - by_mse["a.weight"][0]
+    assert gain > 0 and by_fisher["b.weight"][0] < by_mse["b.weight"][0]  # bytes moved from b to a
+    # "auto" is fisher when Fisher is given and mse when not
+    assert _bytes_bits(compress(sd, None, budget=budget, loss_proxy="auto", fisher=f, **opts,
+                                dry_run=True)) == by_fisher
+    assert _bytes_bits(compress(sd, None, budget=budget, loss_proxy="auto", **opts, dry_run=True)) == by_mse
+
+
+def test_fisher_proxy_refuses_missing_or_mismatched_sensitivities():
+    torch.manual_seed(3)
+    sd = {k: v.detach() for k, v in TwoBranches().state_dict().items()}
+    with pytest.raises(QpackInputError, match="needs Fisher sensitivities"):
+        compress(sd, None, budget=20000, loss_proxy="fisher", dry_run=True)
+    with pytest.raises(QpackInputError, match="does not match|is \\(3,\\)"):
+        compress(sd, None, budget=20000, loss_proxy="fisher", fisher={"a.weight": torch.ones(3)}, dry_run=True)
+    with pytest.raises(QpackInputError, match="does not hold"):
+        compress(sd, None, budget=20000, loss_proxy="fisher", fisher={"nope": torch.ones(3)}, dry_run=True)
+    with pytest.raises(QpackInputError, match="loss proxy must be"):
+        CompressConfig(loss_proxy="fishy")
+
+
+def test_cli_fisher_without_calibration_is_one_line_and_no_file(tmp_path):
+    torch.manual_seed(4)
+    ckpt = tmp_path / "m.pt"
+    torch.save(TwoBranches().state_dict(), ckpt)
+    out = tmp_path / "m.qpk"
+    r = CliRunner().invoke(main, ["compress", str(ckpt), "--budget", "20000", "--loss-proxy", "fisher",
+                                  "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qpack: error:") and "--calib" in lines[0], r.output
+    assert not out.exists()
+
+
+MODEL_SRC = '''
+import torch
+import torch.nn as nn
+
+
+class TwoBranches(nn.Module):
+    def __init__(self, vocab=32, width=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.a = nn.Linear(width, width, bias=False)
+        self.b = nn.Linear(width, width, bias=False)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        return self.head(torch.tanh(10 * self.a(x) + self.b(x)))
+
+
+def make():
+    return TwoBranches()
+'''
+
+
+def test_cli_fisher_with_calibration_favours_the_sensitive_tensor(tmp_path, monkeypatch):
+    (tmp_path / "twob_mod.py").write_text(MODEL_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(5)
+    model = TwoBranches()
+    ckpt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), ckpt)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "x_train_000000.bin", np.random.default_rng(0).integers(0, 32, 2000).astype(np.uint16))
+    common = ["--calib", str(shards), "--arch", "twob_mod:make", "--calib-tokens", "512", "--seq-len", "16",
+              "--scheme", "rtn", "--codec", "ans", "--budget", "13500", "--json"]
+    res = {}
+    for proxy in ("fisher", "mse"):
+        r = CliRunner().invoke(main, ["compress", str(ckpt), *common, "--loss-proxy", proxy,
+                                      "-o", str(tmp_path / f"{proxy}.qpk")])
+        assert r.exit_code == 0, r.output
+        res[proxy] = {t["name"]: t["bits"] for t in json.loads(r.output)["tensors"]}
+    assert res["fisher"]["a.weight"] > res["fisher"]["b.weight"]
+    assert res["fisher"]["a.weight"] > res["mse"]["a.weight"], res
