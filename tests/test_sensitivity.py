@@ -213,3 +213,23 @@ def test_cli_fisher_with_calibration_favours_the_sensitive_tensor(tmp_path, monk
         res[proxy] = {t["name"]: t["bits"] for t in json.loads(r.output)["tensors"]}
     assert res["fisher"]["a.weight"] > res["fisher"]["b.weight"]
     assert res["fisher"]["a.weight"] > res["mse"]["a.weight"], res
+
+
+def test_fisher_est_loss_is_half_fisher_weighted_squared_error_and_uncovered_tensors_take_the_mean(tmp_path):
+    """Each block's est_loss is 0.5 * sum(F * (w - wq)^2) of the stored weights; a tensor the Fisher does not
+    cover is weighed by the mean Fisher of those it does."""
+    from qpack.artifact import read_artifact
+
+    torch.manual_seed(6)
+    model = TwoBranches()
+    f = fisher(model, torch.randint(0, 32, (20 * 16,)).numpy(), seq_len=16)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out = tmp_path / "f.qpk"
+    r = compress(sd, out, budget=14000, loss_proxy="fisher", fisher={"a.weight": f["a.weight"]}, scheme="rtn",
+                 fp16_candidate=False, codecs=("ans",))
+    art = read_artifact(out)
+    est = {t.name: t.est_loss for t in r.tensors}
+    e_a = (sd["a.weight"].double() - art.tensor("a.weight").double()).square()
+    e_b = (sd["b.weight"].double() - art.tensor("b.weight").double()).square()
+    assert est["a.weight"] == pytest.approx(float((e_a * f["a.weight"].double()).sum()) / 2, rel=1e-6)
+    assert est["b.weight"] == pytest.approx(float(e_b.sum() * f["a.weight"].double().mean()) / 2, rel=1e-6)

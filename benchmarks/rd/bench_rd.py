@@ -133,7 +133,10 @@ def main() -> None:
         "rate: uniform step, RTN": dict(gptq=False, rdo=0.0),
         "rate: uniform step + GPTQ": dict(gptq=True, rdo=0.0),
         f"rate: uniform step + GPTQ + RDO {args.rdo:g}": dict(gptq=True, rdo=args.rdo),
+        # compress --budget with each loss proxy (--series loss); "compress" holds CompressConfig options
+        **{f"loss proxy: {p}": dict(compress=dict(loss_proxy=p)) for p in ("mse", "hessian", "fisher")},
     }
+    fisher: dict = {}  # the diagonal Fisher from the same calibration tokens, computed once when a series needs it
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:
             continue
@@ -144,8 +147,11 @@ def main() -> None:
                 continue
             path = tmp / "q.qpk"
             t0 = time.perf_counter()
-            if opts is None:
-                r = compress(args.ckpt, path, CompressConfig(budget=target), hessians=setup.hessians)
+            if opts is None or "compress" in opts:
+                if not fisher:
+                    fisher.update(fisher_setup(args, sd, config))  # its time counts in this first point
+                cfg = CompressConfig(budget=target, **(opts or {}).get("compress", {}))
+                r = compress(args.ckpt, path, cfg, hessians=setup.hessians, fisher=fisher)
                 nbytes = r.bytes_total
             else:
                 if prepared is None:
@@ -154,6 +160,15 @@ def main() -> None:
                 nbytes = build_rate(prepared, target, path).bytes_total
             record(name, "qpack", target, nbytes, path, time.perf_counter() - t0 + prep_s)
     write_report(out, results, args)
+
+
+def fisher_setup(args, sd: dict, config: dict) -> dict:
+    """The diagonal Fisher of the checkpoint's loss on the calibration tokens _bench.prepare's Hessians use
+    (same tokens, same rows of --window tokens), as `qpack compress --calib` computes it."""
+    from qpack.calibrate import build_model, fisher, load_calibration_tokens
+
+    tokens = load_calibration_tokens(args.data, args.calib_tokens, vocab_size=config["vocab_size"])
+    return fisher(build_model(sd, config, None), tokens, seq_len=args.window)
 
 
 def write_report(out: Path, results: dict, args) -> None:
