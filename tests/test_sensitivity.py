@@ -233,3 +233,14 @@ def test_fisher_est_loss_is_half_fisher_weighted_squared_error_and_uncovered_ten
     e_b = (sd["b.weight"].double() - art.tensor("b.weight").double()).square()
     assert est["a.weight"] == pytest.approx(float((e_a * f["a.weight"].double()).sum()) / 2, rel=1e-6)
     assert est["b.weight"] == pytest.approx(float(e_b.sum() * f["a.weight"].double().mean()) / 2, rel=1e-6)
+
+
+def test_the_proxy_loss_weighs_by_the_fisher_when_given():
+    """The round-to-nearest estimates the solver starts from use the same Fisher weighting as real candidates."""
+    from qpack.compress import _diag_loss
+
+    g = torch.Generator().manual_seed(7)
+    w, wq, f = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.rand(5, 8, generator=g)
+    want = 0.5 * sum(float(f[i, j]) * (float(w[i, j]) - float(wq[i, j])) ** 2 for i in range(5) for j in range(8))
+    assert _diag_loss(w, wq, torch.ones(8), f) == pytest.approx(want, rel=1e-9)
+    assert _diag_loss(w, wq, None) == pytest.approx(0.5 * float((w - wq).double().square().sum()), rel=1e-9)
