@@ -236,7 +236,7 @@ def resolve_loss_proxy(cfg: CompressConfig, have_fisher: bool) -> CompressConfig
         return replace(cfg, loss_proxy="fisher" if have_fisher else "mse")
     if cfg.loss_proxy == "fisher" and not have_fisher:
         raise QpackInputError("loss proxy fisher needs Fisher sensitivities from calibration data: pass --calib "
-                              "DATA (in Python: compress(..., fisher=qpack.calibrate.fisher(model, tokens)))")
+                              "DATA (in Python: compress(..., fisher=fisher(model, tokens)), fisher from qpack.calibrate)")
     return cfg
 
 
