@@ -203,6 +203,21 @@ def fisher(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = None, 
     return from_sums(groups)
 
 
+def probe(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = None, seq_len: int | None = None,
+          n_tokens: int | None = None, bits: int = 3, max_batches: int = 4, batch_size: int = 8,
+          progress: bool = False) -> dict[str, torch.Tensor]:
+    """Measured loss increase per weight tensor when it alone is rounded to `bits` (RTN, one scale per row), on
+    the first `max_batches` calibration batches, in the form compress(fisher=...) takes: see
+    qpack.sensitivity.probe_sensitivity. Single-process."""
+    from .quant.base import make_quantizer
+    from .sensitivity import model_loss, probe_sensitivity
+
+    adapter, batches, _ = _prepare(model, tokens_or_batches, forward, seq_len, n_tokens, batch_size)
+    quantizer = make_quantizer("rtn", bits, None)
+    return probe_sensitivity(model, batches[:max_batches], model_loss(adapter),
+                             lambda w: quantizer.quantize(w).dequantize(), progress=progress)
+
+
 def _all_reduce(groups: list[tuple[list[str], torch.Tensor, int]]) -> list[tuple[list[str], torch.Tensor, int]]:
     """Sum every rank's X^T X and row counts (the lists are in state-dict order on every rank)."""
     import torch.distributed as dist

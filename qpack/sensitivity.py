@@ -60,20 +60,25 @@ def model_loss(adapter: ForwardAdapter) -> LossFn:
     return loss
 
 
-def fisher_sums(model: nn.Module, batches: Iterable[torch.Tensor], loss_fn: LossFn,
-                keep: ParamFilter = is_tracked, progress: bool = False) -> list[tuple[list[str], torch.Tensor, int]]:
-    """Unsummed form of fisher_diagonal: (state-dict names, sum over batches of grad^2, batches) per tracked
-    parameter, in state-dict order, so that processes can all-reduce before dividing."""
-    state = model.state_dict(keep_vars=True)
+def _tracked(model: nn.Module, keep: ParamFilter) -> tuple[dict[int, list[str]], dict[int, nn.Parameter]]:
+    """Every state-dict name of each tensor (tied weights: several), and the tracked parameters by id."""
     names_of: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
-    for key, t in state.items():
+    for key, t in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(t), []).append(key)
     for key, p in model.named_parameters(remove_duplicate=True):
         if id(p) in names_of and keep(key, p):
             params[id(p)] = p
     if not params:
-        raise QpackInputError("Fisher sensitivity: the model has no floating matrix parameter")
+        raise QpackInputError("sensitivity: the model has no floating matrix parameter")
+    return names_of, params
+
+
+def fisher_sums(model: nn.Module, batches: Iterable[torch.Tensor], loss_fn: LossFn,
+                keep: ParamFilter = is_tracked, progress: bool = False) -> list[tuple[list[str], torch.Tensor, int]]:
+    """Unsummed form of fisher_diagonal: (state-dict names, sum over batches of grad^2, batches) per tracked
+    parameter, in state-dict order, so that processes can all-reduce before dividing."""
+    names_of, params = _tracked(model, keep)
     ids = list(params)
     sums = {pid: torch.zeros(params[pid].shape, dtype=torch.float32, device=params[pid].device) for pid in ids}
     device = params[ids[0]].device
@@ -124,6 +129,63 @@ def from_sums(groups: list[tuple[list[str], torch.Tensor, int]]) -> dict[str, to
         f = s.div_(n)
         for key in names:
             out[key] = f
+    return out
+
+
+def probe_sensitivity(model: nn.Module, batches: Iterable[torch.Tensor], loss_fn: LossFn,
+                      quantize: Callable[[torch.Tensor], torch.Tensor], keep: ParamFilter = is_tracked,
+                      floor: float = 0.01, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Measured sensitivity per tensor at one probe step, in the Fisher's form (compress(fisher=...) takes it).
+
+    Each tracked weight in turn is replaced by quantize(w) and the mean loss over `batches` measured against the
+    unquantized one (same batches: a paired difference); s = 2 * (loss_q - loss) / ||w - quantize(w)||^2 is stored
+    as a constant tensor of the weight's shape, so 0.5 * sum(s * E^2) reproduces the measured increase at the
+    probe. An increase at or below zero (noise, or a weight the loss ignores) is raised to `floor` times the
+    median positive s, so that no tensor becomes free to destroy.
+    """
+    names_of, params = _tracked(model, keep)
+    batches = list(batches)
+    if not batches:
+        raise QpackInputError("probe sensitivity got no calibration batches")
+    device = next(iter(params.values())).device
+    batches = [b.to(device) for b in batches]
+    was_training = model.training
+    model.eval()
+
+    def mean_loss() -> float:
+        return sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+
+    order = {pid: i for i, pid in enumerate(names_of)}
+    ids = sorted(params, key=order.__getitem__)
+    raw: dict[int, float] = {}
+    it: Iterable[int] = ids
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(ids, desc="probe", unit="tensor", leave=False)
+    try:
+        with torch.no_grad():
+            base = mean_loss()
+            for pid in it:
+                p = params[pid]
+                saved = p.detach().clone()
+                q = quantize(saved.float()).reshape(saved.shape).to(saved.dtype)
+                err = float((saved.double() - q.double()).square().sum())
+                p.copy_(q)
+                try:
+                    increase = mean_loss() - base
+                finally:
+                    p.copy_(saved)
+                raw[pid] = 2 * increase / err if err > 0 else 0.0
+    finally:
+        model.train(was_training)
+    positive = sorted(v for v in raw.values() if v > 0)
+    least = floor * positive[len(positive) // 2] if positive else 1.0
+    out: dict[str, torch.Tensor] = {}
+    for pid in ids:
+        s = torch.tensor(max(raw[pid], least), dtype=torch.float32).expand(params[pid].shape)  # no copy per weight
+        for key in names_of[pid]:
+            out[key] = s
     return out
 
 

@@ -244,3 +244,43 @@ def test_the_proxy_loss_weighs_by_the_fisher_when_given():
     want = 0.5 * sum(float(f[i, j]) * (float(w[i, j]) - float(wq[i, j])) ** 2 for i in range(5) for j in range(8))
     assert _diag_loss(w, wq, torch.ones(8), f) == pytest.approx(want, rel=1e-9)
     assert _diag_loss(w, wq, None) == pytest.approx(0.5 * float((w - wq).double().square().sum()), rel=1e-9)
+
+
+def test_probe_sensitivity_is_the_measured_loss_increase_per_tensor():
+    """Each tensor alone on a coarse grid: s = 2 * (loss_q - loss) / ||E||^2, measured here on a copy."""
+    import copy
+
+    from qpack.calibrate import probe
+    from qpack.sensitivity import probe_sensitivity
+
+    torch.manual_seed(8)
+    model = LogitsLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = torch.randint(0, 23, (6, 10))
+    batches = [rows[:3], rows[3:]]
+
+    def grid(w):  # the probe step: a grid of 0.25 (coarse enough to hurt)
+        return torch.round(w / 0.25) * 0.25
+
+    got = probe_sensitivity(model, batches, model_loss(adapter_for(model)), grid, floor=0.0)
+
+    def mean_loss(m):
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(m(b)[:, :-1].reshape(-1, 23), b[:, 1:].reshape(-1))) for b in batches) / 2
+
+    base = mean_loss(model)
+    for name in ("emb.weight", "fc.weight", "head.weight"):
+        m = copy.deepcopy(model)
+        w = m.state_dict()[name]
+        e2 = float((w - grid(w)).double().square().sum())
+        with torch.no_grad():
+            w.copy_(grid(w))
+        want = 2 * (mean_loss(m) - base) / e2
+        assert got[name].shape == w.shape
+        assert float(got[name][0, 0]) == pytest.approx(want, rel=1e-4, abs=1e-7)
+        assert torch.equal(got[name], torch.full(w.shape, float(got[name][0, 0])))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # every weight is put back
+    # the calibrate-level probe: RTN at 3 bits on the calibration rows, usable as compress(fisher=...)
+    s = probe(model, rows.reshape(-1).numpy(), seq_len=10, bits=3)
+    assert set(s) == {"emb.weight", "fc.weight", "head.weight"} and all(float(v.min()) > 0 for v in s.values())
