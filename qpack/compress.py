@@ -53,7 +53,7 @@ class CompressConfig:
     lqer_top: int = 0  # number of tensors (largest error) that get it
     code_bytes: int = 0  # bytes of code shipped beside the artifact (counted against the budget)
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
-    loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: see LOSS_PROXIES
+    loss_proxy: str = "auto"  # how the solver weighs a block's error across tensors: see LOSS_PROXIES
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
 
     def __post_init__(self) -> None:

@@ -190,29 +190,64 @@ class TwoBranches(nn.Module):
 
 def make():
     return TwoBranches()
+
+
+class NoGrad(TwoBranches):
+    def forward(self, idx):
+        with torch.no_grad():
+            return super().forward(idx)
+
+
+def make_nograd():
+    return NoGrad()
 '''
 
 
-def test_cli_fisher_with_calibration_favours_the_sensitive_tensor(tmp_path, monkeypatch):
+@pytest.fixture()
+def calib_setup(tmp_path, monkeypatch):
     (tmp_path / "twob_mod.py").write_text(MODEL_SRC)
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(5)
-    model = TwoBranches()
     ckpt = tmp_path / "m.pt"
-    torch.save(model.state_dict(), ckpt)
+    torch.save(TwoBranches().state_dict(), ckpt)
     shards = tmp_path / "shards"
     shards.mkdir()
     write_shard(shards / "x_train_000000.bin", np.random.default_rng(0).integers(0, 32, 2000).astype(np.uint16))
-    common = ["--calib", str(shards), "--arch", "twob_mod:make", "--calib-tokens", "512", "--seq-len", "16",
+    common = ["--calib", str(shards), "--calib-tokens", "512", "--seq-len", "16",
               "--scheme", "rtn", "--codec", "ans", "--budget", "13500", "--json"]
+    return tmp_path, ckpt, common
+
+
+def test_cli_fisher_with_calibration_favours_the_sensitive_tensor(calib_setup):
+    tmp_path, ckpt, common = calib_setup
+    common = [*common, "--arch", "twob_mod:make"]
     res = {}
-    for proxy in ("fisher", "mse"):
+    for proxy in ("fisher", "auto", "mse"):
         r = CliRunner().invoke(main, ["compress", str(ckpt), *common, "--loss-proxy", proxy,
                                       "-o", str(tmp_path / f"{proxy}.qpk")])
         assert r.exit_code == 0, r.output
         res[proxy] = {t["name"]: t["bits"] for t in json.loads(r.output)["tensors"]}
     assert res["fisher"]["a.weight"] > res["fisher"]["b.weight"]
     assert res["fisher"]["a.weight"] > res["mse"]["a.weight"], res
+    assert res["auto"] == res["fisher"]  # with --calib the default is fisher
+
+
+def test_cli_model_without_a_loss_gradient(calib_setup):
+    """A model whose loss has no gradient: --loss-proxy fisher is one error line and no file; auto warns once
+    and allocates by mse."""
+    tmp_path, ckpt, common = calib_setup
+    common = [*common, "--arch", "twob_mod:make_nograd"]
+    out = tmp_path / "f.qpk"
+    r = CliRunner().invoke(main, ["compress", str(ckpt), *common, "--loss-proxy", "fisher", "-o", str(out)])
+    assert r.exit_code == 2 and not out.exists(), r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qpack: error:") and "backward" in lines[0], r.output
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    r = runner.invoke(main, ["compress", str(ckpt), *common, "-o", str(out)])
+    assert r.exit_code == 0 and out.exists(), r.output
+    assert r.stderr.count("qpack: warning: no Fisher sensitivity, loss proxy mse") == 1
+    mse = CliRunner().invoke(main, ["compress", str(ckpt), *common, "--loss-proxy", "mse", "-o", str(tmp_path / "m.qpk")])
+    assert json.loads(r.stdout)["tensors"] == json.loads(mse.output)["tensors"]
 
 
 def test_fisher_est_loss_is_half_fisher_weighted_squared_error_and_uncovered_tensors_take_the_mean(tmp_path):

@@ -135,8 +135,10 @@ def main() -> None:
         f"rate: uniform step + GPTQ + RDO {args.rdo:g}": dict(gptq=True, rdo=args.rdo),
         # compress --budget with each loss proxy (--series loss); "compress" holds CompressConfig options
         **{f"loss proxy: {p}": dict(compress=dict(loss_proxy=p)) for p in ("mse", "hessian", "fisher")},
+        "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(compress=dict(loss_proxy="fisher"),
+                                                                                 sensitivity="probe"),
     }
-    fisher: dict = {}  # the diagonal Fisher from the same calibration tokens, computed once when a series needs it
+    sens: dict = {}  # "fisher" / "probe": sensitivities from the same calibration tokens, computed once each
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:
             continue
@@ -148,10 +150,11 @@ def main() -> None:
             path = tmp / "q.qpk"
             t0 = time.perf_counter()
             if opts is None or "compress" in opts:
-                if not fisher:
-                    fisher.update(fisher_setup(args, sd, config))  # its time counts in this first point
+                kind = (opts or {}).get("sensitivity", "fisher")
+                if kind not in sens:
+                    sens[kind] = sensitivity_setup(args, sd, config, kind)  # its time counts in this first point
                 cfg = CompressConfig(budget=target, **(opts or {}).get("compress", {}))
-                r = compress(args.ckpt, path, cfg, hessians=setup.hessians, fisher=fisher)
+                r = compress(args.ckpt, path, cfg, hessians=setup.hessians, fisher=sens[kind])
                 nbytes = r.bytes_total
             else:
                 if prepared is None:
@@ -162,13 +165,15 @@ def main() -> None:
     write_report(out, results, args)
 
 
-def fisher_setup(args, sd: dict, config: dict) -> dict:
-    """The diagonal Fisher of the checkpoint's loss on the calibration tokens _bench.prepare's Hessians use
-    (same tokens, same rows of --window tokens), as `qpack compress --calib` computes it."""
-    from qpack.calibrate import build_model, fisher, load_calibration_tokens
+def sensitivity_setup(args, sd: dict, config: dict, kind: str) -> dict:
+    """From the calibration tokens _bench.prepare's Hessians use (same tokens, same rows of --window tokens):
+    the diagonal Fisher of the checkpoint's loss as `qpack compress --calib` computes it, or ("probe") the
+    measured loss increase per tensor at RTN int3 on the first 4 batches."""
+    from qpack.calibrate import build_model, fisher, load_calibration_tokens, probe
 
     tokens = load_calibration_tokens(args.data, args.calib_tokens, vocab_size=config["vocab_size"])
-    return fisher(build_model(sd, config, None), tokens, seq_len=args.window)
+    model = build_model(sd, config, None)
+    return probe(model, tokens, seq_len=args.window) if kind == "probe" else fisher(model, tokens, seq_len=args.window)
 
 
 def write_report(out: Path, results: dict, args) -> None:

@@ -25,7 +25,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--bits", default=None, help="with --budget: candidate widths (default 2,3,4,5,6,7,8); without: one width (default 6)")
 @click.option("--scheme", default="auto", show_default=True, help="auto (GPTQ with --calib, else GPTQ-lite), search, gptq, gptq_lite, sdclip, rtn")
 @click.option("--sdclip-k", multiple=True, type=float, help="with --scheme search: SDClip k values to try as well")
-@click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher"]), default="mse",
+@click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher"]), default="auto",
               show_default=True, help="how the solver compares errors across tensors: fisher weighs them by the "
               "model's loss gradients on --calib (auto: fisher with --calib, else mse; GPTQ still uses the Hessians)")
 @click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
@@ -93,7 +93,7 @@ def command(model, output, budget, bits, scheme, sdclip_k, loss_proxy, group_siz
     if calib is not None:
         hessians, fisher = _calibrate(checkpoint, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch,
                                       forward_spec, seq_len, device, progress is not None,
-                                      with_fisher=loss_proxy in ("fisher", "auto"))
+                                      fisher_mode=loss_proxy if loss_proxy in ("fisher", "auto") else None)
     result = compress(checkpoint, output, cfg, hessians=hessians, fisher=fisher, dry_run=dry_run, progress=progress)
 
     if as_json:
@@ -138,9 +138,10 @@ def _check_flags(calib, scheme: str, loss_proxy: str, code_files, code_codec, **
 
 
 def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, forward_spec, seq_len, device,
-               progress: bool, with_fisher: bool = False) -> tuple[dict, dict | None]:
-    """Hessians (and with `with_fisher` the diagonal Fisher, from the same tokens) for the checkpoint's weights,
-    computed on `device`, returned on the CPU."""
+               progress: bool, fisher_mode: str | None = None) -> tuple[dict, dict | None]:
+    """Hessians (and with `fisher_mode` the diagonal Fisher, from the same tokens) for the checkpoint's weights,
+    computed on `device`, returned on the CPU. A model whose loss cannot be differentiated fails "fisher"; under
+    "auto" it gets no Fisher (so mse) and a one-line warning."""
     import torch
 
     from ..calibrate import build_model, calibrate, fisher, load_calibration_tokens, resolve_seq_len
@@ -157,7 +158,14 @@ def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, f
     adapter = adapter_for(net, forward_spec)
     length = resolve_seq_len(seq_len, config, extra, available=len(tokens) - adapter.extra_tokens)
     hessians = calibrate(net, tokens, forward=adapter.forward, seq_len=length, progress=progress)
-    sens = fisher(net, tokens, forward=adapter.forward, seq_len=length, progress=progress) if with_fisher else None
+    sens = None
+    if fisher_mode is not None:
+        try:
+            sens = fisher(net, tokens, forward=adapter.forward, seq_len=length, progress=progress)
+        except QpackInputError as exc:
+            if fisher_mode == "fisher":
+                raise
+            click.echo(f"qpack: warning: no Fisher sensitivity, loss proxy mse: {exc}", err=True)
     return ({k: v.cpu() for k, v in hessians.items()},
             None if sens is None else {k: v.cpu() for k, v in sens.items()})
 
