@@ -319,3 +319,40 @@ def test_probe_sensitivity_is_the_measured_loss_increase_per_tensor():
     # the calibrate-level probe: RTN at 3 bits on the calibration rows, usable as compress(fisher=...)
     s = probe(model, rows.reshape(-1).numpy(), seq_len=10, bits=3)
     assert set(s) == {"emb.weight", "fc.weight", "head.weight"} and all(float(v.min()) > 0 for v in s.values())
+
+
+def _fisher_worker(rank: int, world: int, port: int, stream: str, result: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        f = fisher(LogitsLM(), np.load(stream), seq_len=9)  # each rank takes every other row
+        torch.save(f, f"{result}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_sum_their_rows_into_one_fisher(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stream = np.random.default_rng(9).integers(0, 23, 9 * 6).astype(np.int64)
+    np.save(tmp_path / "stream.npy", stream)
+    mp.spawn(_fisher_worker, args=(2, port, str(tmp_path / "stream.npy"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = LogitsLM()
+    want = _per_row_fisher_func(model, torch.from_numpy(stream).reshape(6, 9))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert set(got) == {"emb.weight", "fc.weight", "head.weight"}
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-9)
