@@ -573,7 +573,7 @@ def _fisher_for(cfg: CompressConfig, sd: Mapping[str, torch.Tensor], names: list
     if not have:
         raise QpackInputError("the Fisher sensitivities cover none of the quantized tensors")
     mean = float(sum(float(f.double().sum()) for f in have) / sum(f.numel() for f in have))
-    return {n: given[n] if n in given else torch.full(tuple(sd[n].shape), mean) for n in names}
+    return {n: given[n] if n in given else torch.tensor(mean, device=sd[n].device).expand(tuple(sd[n].shape)) for n in names}
 
 
 def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,

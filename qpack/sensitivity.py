@@ -198,7 +198,8 @@ def fisher_weighted_loss(w: torch.Tensor, wq: torch.Tensor, fisher: torch.Tensor
 
 
 def check_fisher(fisher: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fisher tensors for a state dict, on the CPU in fp32; refuses unknown names, wrong shapes, bad values."""
+    """Fisher tensors for a state dict, in fp32 on each weight's device; refuses unknown names, wrong shapes and
+    negative or non-finite values."""
     out: dict[str, torch.Tensor] = {}
     for name, f in fisher.items():
         if name not in sd:
@@ -206,7 +207,7 @@ def check_fisher(fisher: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[st
         if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(sd[name].shape):
             got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise QpackInputError(f"Fisher for {name!r} is {got}, the weight is {tuple(sd[name].shape)}")
-        f = f.detach().to("cpu", torch.float32)
+        f = f.detach().to(sd[name].device, torch.float32)
         if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
             raise QpackInputError(f"Fisher for {name!r} holds negative or non-finite values")
         out[name] = f
