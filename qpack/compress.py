@@ -236,7 +236,8 @@ def resolve_loss_proxy(cfg: CompressConfig, have_fisher: bool) -> CompressConfig
         return replace(cfg, loss_proxy="fisher" if have_fisher else "mse")
     if cfg.loss_proxy == "fisher" and not have_fisher:
         raise QpackInputError("loss proxy fisher needs Fisher sensitivities from calibration data: pass --calib "
-                              "DATA (in Python: compress(..., fisher=fisher(model, tokens)), fisher from qpack.calibrate)")
+                              "DATA (in Python: compress(..., fisher=fisher(model, tokens)), fisher from "
+                              "qpack.calibrate)")
     return cfg
 
 
@@ -573,7 +574,8 @@ def _fisher_for(cfg: CompressConfig, sd: Mapping[str, torch.Tensor], names: list
     if not have:
         raise QpackInputError("the Fisher sensitivities cover none of the quantized tensors")
     mean = float(sum(float(f.double().sum()) for f in have) / sum(f.numel() for f in have))
-    return {n: given[n] if n in given else torch.tensor(mean, device=sd[n].device).expand(tuple(sd[n].shape)) for n in names}
+    return {n: given[n] if n in given else torch.tensor(mean, device=sd[n].device).expand(tuple(sd[n].shape))
+            for n in names}
 
 
 def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,

@@ -98,9 +98,11 @@ def fisher_sums(model: nn.Module, batches: Iterable[torch.Tensor], loss_fn: Loss
             for batch in it:
                 loss = loss_fn(model, batch.to(device))
                 if not torch.isfinite(loss.detach()):
-                    raise QpackInputError(f"Fisher sensitivity: the model's loss is {float(loss)} on a calibration batch")
-                grads = call_user(f"{type(model).__name__} backward on the calibration tokens", lambda: torch.autograd.grad(
-                    loss, [params[pid] for pid in ids], allow_unused=True))
+                    raise QpackInputError(f"Fisher sensitivity: the model's loss is {float(loss)} on a calibration "
+                                          "batch")
+                weights = [params[pid] for pid in ids]
+                grads = call_user(f"{type(model).__name__} backward on the calibration tokens",
+                                  lambda: torch.autograd.grad(loss, weights, allow_unused=True))
                 for pid, g in zip(ids, grads):
                     if g is not None:  # an unused weight: its gradient is zero
                         sums[pid].add_(g.detach().float().square())
