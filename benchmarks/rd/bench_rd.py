@@ -9,6 +9,8 @@ shuffle + brotli-11, a common k multiplier bisected to each target size; its set
 (2026-04-05, -06 Hessian-aware, -27 per-role) plus the embedding/matrix k ratio searched on the model; at each
 size the baseline is its best setting. Its bytes are the compressed stream alone (no container); qpack's are
 the whole .qpk. Writes results.json (resumable: points already there are skipped), README.md and rd.png.
+`--series loss` compares compress's loss proxies (mse, hessian, the diagonal Fisher, and a measured per-tensor
+probe) at the same budgets; the default series gets the Fisher too, as `qpack compress --calib` does.
 """
 from __future__ import annotations
 
