@@ -149,23 +149,9 @@ def calibrate(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = Non
     its own batches (a stream's batches are dealt out by rank) and the sums and row counts are all-reduced, so every
     rank, rank 0 included, holds the Hessians of all ranks' tokens together.
     """
-    from .forward import adapter_for
     from .hessian import hessian_sums
 
-    adapter = adapter_for(model, forward)
-    config = getattr(model, "config", None)
-    config = config if isinstance(config, dict) else getattr(config, "__dict__", None)
-    available = None
-    if isinstance(tokens_or_batches, (np.ndarray, torch.Tensor)) and tokens_or_batches.ndim == 1:
-        available = len(tokens_or_batches) - adapter.extra_tokens
-    length = resolve_seq_len(seq_len, config, available=available)
-    from .distributed import current
-
-    group = current()
-    rank, world = (group.rank, group.world) if group is not None else (0, 1)
-    batches = _as_batches(tokens_or_batches, length + adapter.extra_tokens, n_tokens, batch_size, rank, world)
-    if not batches and world == 1:
-        raise QpackInputError("calibration got no batches of token ids")
+    adapter, batches, world = _prepare(model, tokens_or_batches, forward, seq_len, n_tokens, batch_size)
     groups = hessian_sums(model, batches, progress=progress, run=adapter.run)
     if world > 1:
         groups = _all_reduce(groups)
@@ -176,6 +162,60 @@ def calibrate(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = Non
             for key in names:
                 out[key] = H
     return out
+
+
+def _prepare(model: torch.nn.Module, tokens_or_batches: Any, forward: Any, seq_len: int | None,
+             n_tokens: int | None, batch_size: int) -> tuple[Any, list[torch.Tensor], int]:
+    """The forward adapter, this rank's calibration batches and the world size: what calibrate and fisher share."""
+    from .distributed import current
+    from .forward import adapter_for
+
+    adapter = adapter_for(model, forward)
+    config = getattr(model, "config", None)
+    config = config if isinstance(config, dict) else getattr(config, "__dict__", None)
+    available = None
+    if isinstance(tokens_or_batches, (np.ndarray, torch.Tensor)) and tokens_or_batches.ndim == 1:
+        available = len(tokens_or_batches) - adapter.extra_tokens
+    length = resolve_seq_len(seq_len, config, available=available)
+    group = current()
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    batches = _as_batches(tokens_or_batches, length + adapter.extra_tokens, n_tokens, batch_size, rank, world)
+    if not batches and world == 1:
+        raise QpackInputError("calibration got no batches of token ids")
+    return adapter, batches, world
+
+
+def fisher(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = None, seq_len: int | None = None,
+           n_tokens: int | None = None, batch_size: int = 1, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher {weight name: mean (d loss / d w)^2} of `model`'s own loss on the calibration tokens.
+
+    The rows are calibrate's (same tokens, seq_len and calling convention); one backward per batch, and by
+    default a batch is one row, so the mean is over per-row gradients (a far better Fisher estimate than a few
+    squared batch gradients, at the same compute). Under torch.distributed the sums are all-reduced like
+    calibrate's. See qpack.sensitivity.
+    """
+    from .sensitivity import fisher_sums, from_sums, model_loss
+
+    adapter, batches, world = _prepare(model, tokens_or_batches, forward, seq_len, n_tokens, batch_size)
+    groups = fisher_sums(model, batches, model_loss(adapter), progress=progress)
+    if world > 1:
+        groups = _all_reduce(groups)
+    return from_sums(groups)
+
+
+def probe(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = None, seq_len: int | None = None,
+          n_tokens: int | None = None, bits: int = 3, max_batches: int = 4, batch_size: int = 8,
+          progress: bool = False) -> dict[str, torch.Tensor]:
+    """Measured loss increase per weight tensor when it alone is rounded to `bits` (RTN, one scale per row), on
+    the first `max_batches` calibration batches, in the form compress(fisher=...) takes: see
+    qpack.sensitivity.probe_sensitivity. Single-process."""
+    from .quant.base import make_quantizer
+    from .sensitivity import model_loss, probe_sensitivity
+
+    adapter, batches, _ = _prepare(model, tokens_or_batches, forward, seq_len, n_tokens, batch_size)
+    quantizer = make_quantizer("rtn", bits, None)
+    return probe_sensitivity(model, batches[:max_batches], model_loss(adapter),
+                             lambda w: quantizer.quantize(w).dequantize(), progress=progress)
 
 
 def _all_reduce(groups: list[tuple[list[str], torch.Tensor, int]]) -> list[tuple[list[str], torch.Tensor, int]]:

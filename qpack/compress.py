@@ -31,6 +31,8 @@ from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, ma
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# auto: fisher when compress is given Fisher sensitivities (calibration data), else mse
+LOSS_PROXIES = ("auto", "mse", "hessian", "relative", "fisher")
 _T = TypeVar("_T")
 
 
@@ -51,7 +53,7 @@ class CompressConfig:
     lqer_top: int = 0  # number of tensors (largest error) that get it
     code_bytes: int = 0  # bytes of code shipped beside the artifact (counted against the budget)
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
-    loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
+    loss_proxy: str = "auto"  # how the solver weighs a block's error across tensors: see LOSS_PROXIES
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
     # Code layouts (qpack.pack) each quantized candidate may be stored in; the smallest (layout, codec) wins.
     layouts: tuple[str, ...] = ("byte", "packed", "trit")
@@ -78,8 +80,8 @@ class CompressConfig:
             known = _schemes()
             if self.scheme not in known:
                 raise QpackInputError(f"unknown scheme {self.scheme!r}; known: auto, search, {', '.join(known)}")
-        if self.loss_proxy not in ("mse", "hessian", "relative"):
-            raise QpackInputError(f"loss proxy must be mse, hessian or relative, got {self.loss_proxy!r}")
+        if self.loss_proxy not in LOSS_PROXIES:
+            raise QpackInputError(f"loss proxy must be one of {', '.join(LOSS_PROXIES)}, got {self.loss_proxy!r}")
         if self.passthrough_dtype not in ("fp16", "fp32"):
             raise QpackInputError(f"passthrough dtype must be fp16 or fp32, got {self.passthrough_dtype!r}")
         if self.group_size is not None and self.group_size <= 0:
@@ -220,6 +222,7 @@ def compress(
     *,
     model_config: dict | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
+    fisher: dict[str, torch.Tensor] | None = None,
     extra_meta: dict | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
@@ -229,13 +232,16 @@ def compress(
 
     Options are CompressConfig fields. `hessians` maps state-dict names to X^T X of that weight's input (see
     qpack.hessian); with them the default scheme is GPTQ and the solver can weigh errors by curvature.
+    `fisher` maps names to the diagonal Fisher of the model's loss (qpack.calibrate.fisher), the same shape as
+    the weight: loss proxy "fisher" (and "auto" when it is given) weighs every error by it.
     """
     t0 = time.perf_counter()
     cfg = replace(config, **options) if config is not None else CompressConfig(**options)
+    cfg = resolve_loss_proxy(cfg, bool(fisher))
     stages = _Stages()
     loaded = stages.run("load", load_source, source, model_config, extra_meta)
     plan = stages.run("plan", make_plan, loaded.sd, cfg)
-    job = _Job(cfg, loaded, plan, hessians or {}, progress or _no_progress)
+    job = _Job(cfg, loaded, plan, hessians or {}, progress or _no_progress, fisher)
     fixed = stages.run("passthrough", job.passthrough)
     stages.run("floor", job.refuse_impossible, fixed)
     choices = stages.run("quantize", job.candidates)
@@ -249,6 +255,18 @@ def compress(
     reports = job.reports(fixed, choices, result.pick, result.extra)
     return CompressResult(result.total, len(result.blob), cfg.code_bytes, cfg.budget, plan_params(loaded.sd, plan),
                           reports, time.perf_counter() - t0, out, dry_run, stages.seconds)
+
+
+def resolve_loss_proxy(cfg: CompressConfig, have_fisher: bool) -> CompressConfig:
+    """The config with loss proxy "auto" made concrete (fisher when Fisher is given, else mse); refuses
+    "fisher" without it."""
+    if cfg.loss_proxy == "auto":
+        return replace(cfg, loss_proxy="fisher" if have_fisher else "mse")
+    if cfg.loss_proxy == "fisher" and not have_fisher:
+        raise QpackInputError("loss proxy fisher needs Fisher sensitivities from calibration data: pass --calib "
+                              "DATA (in Python: compress(..., fisher=fisher(model, tokens)), fisher from "
+                              "qpack.calibrate)")
+    return cfg
 
 
 def load_source(source: Source, model_config: dict | None = None, extra_meta: dict | None = None) -> Loaded:
@@ -296,7 +314,7 @@ class _Job:
     """One compress run's state between stages: the config, the state dict, its plan and Hessians."""
 
     def __init__(self, cfg: CompressConfig, loaded: Loaded, plan: Plan, hessians: dict[str, torch.Tensor],
-                 progress: Progress):
+                 progress: Progress, fisher: dict[str, torch.Tensor] | None = None):
         self.cfg, self.sd, self.plan, self.hessians, self.progress = cfg, loaded.sd, plan, hessians, progress
         self.meta = {**provenance(loaded.model_config, loaded.source), **plan.to_meta()}
         self.enc = _Encoder(cfg)
@@ -306,6 +324,7 @@ class _Job:
         self.blocks = {n: plan.blocks(n, self.sd[n].shape[0]) for n in self.quant_names}
         self.widths = cfg.bits if cfg.budget is not None else (cfg.fixed_bits,)
         self._prepared: dict[tuple, Any] = {}  # GPTQ state per matrix, reused across widths and rounds
+        self.fisher = _fisher_for(cfg, self.sd, self.quant_names, fisher)
 
     # -- passthrough: small tensors stored as they are (fp16 or fp32 for floats)
     def passthrough(self) -> dict[str, Option]:
@@ -380,7 +399,7 @@ class _Job:
         """Round-to-nearest estimates of every menu item for each block of `n`: predicted bytes and loss."""
         w = self.sd[n].detach().float()
         h = self.hessians.get(n)
-        hd = torch.diagonal(h) if h is not None and self.cfg.loss_proxy != "mse" else None
+        hd = torch.diagonal(h) if h is not None and self.cfg.loss_proxy not in ("mse", "fisher") else None
         blocks = self.blocks[n]
         out: dict[str, list[Candidate]] = {b.entry: [] for b in blocks}
         rtn: dict[Any, Quantized] = {}
@@ -397,7 +416,7 @@ class _Job:
                     p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
                 out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p),
-                                              _diag_loss(w[b.r0:b.r1], wq, hd)))
+                                              _diag_loss(w[b.r0:b.r1], wq, hd, self._fisher_rows(n, b))))
         return out
 
     def _realize(self, n: str, i: int, realized: dict[str, dict[int, Candidate]]) -> None:
@@ -418,7 +437,7 @@ class _Job:
             label = _menu_label(scheme, params, bits)
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
-            loss = _loss(wb, wq, h, self.cfg.loss_proxy)
+            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self._fisher_rows(n, b))
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -440,6 +459,11 @@ class _Job:
         if key not in self._prepared:
             self._prepared[key] = quantizer.prepare(w, h)
         return quantizer.quantize_prepared(self._prepared[key], tuple(w.shape))
+
+    def _fisher_rows(self, n: str, b: Any) -> torch.Tensor | None:
+        """The Fisher of block `b` of tensor `n` under loss proxy fisher, else None."""
+        f = self.fisher.get(n)
+        return None if f is None else f[b.r0:b.r1]
 
     # -- solve + build: qpack.budget.fit, over every width when the widths realized cannot fit
     def fit(self, fixed: dict[str, Option], choices: list[Choices]) -> tuple[list[Choices], Fit]:
@@ -634,8 +658,31 @@ def estimate_loss(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | Non
     return float(expected_loss_increase(as_matrix(w), as_matrix(wq), hessian))
 
 
-def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str) -> float:
-    """The solver's loss for one block under the configured proxy."""
+def _fisher_for(cfg: CompressConfig, sd: Mapping[str, torch.Tensor], names: list[str],
+                fisher: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The Fisher of every quantized tensor under loss proxy fisher ({} otherwise). A tensor the Fisher does not
+    cover (a buffer: no gradient) is weighed by the mean Fisher of those it does, which keeps its errors on the
+    same scale as everyone else's."""
+    if cfg.loss_proxy != "fisher" or not fisher:
+        return {}
+    from .sensitivity import check_fisher
+
+    given = check_fisher(dict(fisher), dict(sd))
+    have = [given[n] for n in names if n in given]
+    if not have:
+        raise QpackInputError("the Fisher sensitivities cover none of the quantized tensors")
+    mean = float(sum(float(f.double().sum()) for f in have) / sum(f.numel() for f in have))
+    return {n: given[n] if n in given else torch.tensor(mean, device=sd[n].device).expand(tuple(sd[n].shape))
+            for n in names}
+
+
+def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,
+          fisher: torch.Tensor | None = None) -> float:
+    """The solver's loss for one block under the configured proxy (`fisher`: the block's Fisher, proxy fisher)."""
+    if proxy == "fisher" and fisher is not None:
+        from .sensitivity import fisher_weighted_loss
+
+        return fisher_weighted_loss(w, wq, fisher)
     if proxy == "mse" or h is None:
         return estimate_loss(w, wq, None)
     if proxy == "relative":
@@ -643,8 +690,14 @@ def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str)
     return estimate_loss(w, wq, h)
 
 
-def _diag_loss(w: torch.Tensor, wq: torch.Tensor, hdiag: torch.Tensor | None) -> float:
-    """A cheap proxy loss: squared error, weighted per input column by diag(H) when given."""
+def _diag_loss(w: torch.Tensor, wq: torch.Tensor, hdiag: torch.Tensor | None,
+               fisher: torch.Tensor | None = None) -> float:
+    """A cheap proxy loss: squared error, weighted per weight by the Fisher when given, else per input column
+    by diag(H) when given."""
+    if fisher is not None:
+        from .sensitivity import fisher_weighted_loss
+
+        return fisher_weighted_loss(w, wq, fisher)
     e = (as_matrix(w) - as_matrix(wq)).to(torch.float64).square()
     return float((e * hdiag.to(torch.float64).reshape(1, -1)).sum() / 2 if hdiag is not None else e.sum() / 2)
 

@@ -9,6 +9,8 @@ shuffle + brotli-11, a common k multiplier bisected to each target size; its set
 (2026-04-05, -06 Hessian-aware, -27 per-role) plus the embedding/matrix k ratio searched on the model; at each
 size the baseline is its best setting. Its bytes are the compressed stream alone (no container); qpack's are
 the whole .qpk. Writes results.json (resumable: points already there are skipped), README.md and rd.png.
+`--series loss` compares compress's loss proxies (mse, hessian, the diagonal Fisher, and a measured per-tensor
+probe) at the same budgets; the default series gets the Fisher too, as `qpack compress --calib` does.
 """
 from __future__ import annotations
 
@@ -142,21 +144,41 @@ def main() -> None:
         "layouts: codes one symbol per byte only (compress --budget)": dict(layouts=("byte",)),
         "ctx: default + ans_ctx codec": dict(codecs=("ans", "zstd", "ans_ctx")),
         "qpack without LQER (--lqer off)": dict(lqer="off"),
+        # compress --budget with each loss proxy (--series loss); "sensitivity" names the setup that feeds `fisher=`
+        **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher")},
+        "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(loss_proxy="fisher",
+                                                                                 sensitivity="probe"),
     }
+    sens: dict = {}  # "fisher" / "probe": sensitivities from the same calibration tokens, computed once each
     for name, opts in qpack_series.items():
         if wanted and name.split(":")[0].split(" ")[0] not in wanted:
             continue
         opts = dict(opts)
         hessians = setup.hessians if opts.pop("hessians", True) else None
+        kind = opts.pop("sensitivity", "fisher") if hessians is not None else None  # no calibration: no Fisher
         extra = [int(float(b) * params / 8) for b in args.qpack_extra_bits.split(",") if b]
         for target in sorted(targets + extra):
             if (name, target) in done:
                 continue
             path = tmp / "q.qpk"
             t0 = time.perf_counter()
-            r = compress(args.ckpt, path, CompressConfig(budget=target, **opts), hessians=hessians)
+            if kind is not None and kind not in sens:
+                sens[kind] = sensitivity_setup(args, sd, config, kind)  # its time counts in this first point
+            r = compress(args.ckpt, path, CompressConfig(budget=target, **opts), hessians=hessians,
+                         fisher=sens.get(kind))
             record(name, "qpack", target, r.bytes_total, path, time.perf_counter() - t0)
     write_report(out, results, args)
+
+
+def sensitivity_setup(args, sd: dict, config: dict, kind: str) -> dict:
+    """From the calibration tokens _bench.prepare's Hessians use (same tokens, same rows of --window tokens):
+    the diagonal Fisher of the checkpoint's loss as `qpack compress --calib` computes it, or ("probe") the
+    measured loss increase per tensor at RTN int3 on the first 4 batches."""
+    from qpack.calibrate import build_model, fisher, load_calibration_tokens, probe
+
+    tokens = load_calibration_tokens(args.data, args.calib_tokens, vocab_size=config["vocab_size"])
+    model = build_model(sd, config, None)
+    return probe(model, tokens, seq_len=args.window) if kind == "probe" else fisher(model, tokens, seq_len=args.window)
 
 
 def write_report(out: Path, results: dict, args) -> None:

@@ -40,8 +40,9 @@ def _float_list(text: str) -> tuple[float, ...]:
               "solver picks from [default for --scheme uniform: 0.03 to 4, 8 per octave]")
 @click.option("--rdo", type=float, default=0.0, show_default=True,
               help="RDO rounding multiplier for uniform steps (0: nearest level)")
-@click.option("--loss-proxy", type=click.Choice(["mse", "hessian", "relative"]), default="mse", show_default=True,
-              help="how the solver compares errors across tensors (GPTQ still uses the Hessians)")
+@click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher"]), default="auto",
+              show_default=True, help="how the solver compares errors across tensors: fisher weighs them by the "
+              "model's loss gradients on --calib (auto: fisher with --calib, else mse; GPTQ still uses the Hessians)")
 @click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
 @click.option("--codec", "codecs", multiple=True, help="codec spec to try per tensor, repeatable (default: ans and zstd); e.g. zstd:level=22")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration tokens for GPTQ: shard dir, .bin shard, or text file")
@@ -120,10 +121,12 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, rdo, los
     from ..checkpoint import load_state_dict
 
     checkpoint = load_state_dict(model)  # read once: calibration and compress share it
+    fisher = None
     if calib is not None:
-        hessians = _calibrate(checkpoint, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch, forward_spec,
-                              seq_len, device, progress is not None)
-    result = compress(checkpoint, output, cfg, hessians=hessians, dry_run=dry_run, progress=progress)
+        hessians, fisher = _calibrate(checkpoint, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch,
+                                      forward_spec, seq_len, device, progress is not None,
+                                      fisher_mode=loss_proxy if loss_proxy in ("fisher", "auto") else None)
+    result = compress(checkpoint, output, cfg, hessians=hessians, fisher=fisher, dry_run=dry_run, progress=progress)
 
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
@@ -160,16 +163,21 @@ def _check_flags(calib, scheme: str, loss_proxy: str, code_files, code_codec, **
             raise QpackInputError("--scheme gptq needs Hessians: pass --calib DATA (or use gptq_lite, sdclip, rtn)")
         if loss_proxy in ("hessian", "relative"):
             raise QpackInputError(f"--loss-proxy {loss_proxy} weighs errors by Hessians: pass --calib DATA")
+        if loss_proxy == "fisher":
+            raise QpackInputError("--loss-proxy fisher weighs errors by the model's loss gradients on calibration "
+                                  "tokens: pass --calib DATA")
     if code_codec is not None and not code_files:
         raise QpackInputError("--code-codec compresses the --code files: pass --code FILE as well")
 
 
 def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, forward_spec, seq_len, device,
-               progress: bool) -> dict:
-    """Hessians for the checkpoint's weights from the calibration data, computed on `device`, returned on the CPU."""
+               progress: bool, fisher_mode: str | None = None) -> tuple[dict, dict | None]:
+    """Hessians (and with `fisher_mode` the diagonal Fisher, from the same tokens) for the checkpoint's weights,
+    computed on `device`, returned on the CPU. A model whose loss cannot be differentiated fails "fisher"; under
+    "auto" it gets no Fisher (so mse) and a one-line warning."""
     import torch
 
-    from ..calibrate import build_model, calibrate, load_calibration_tokens, resolve_seq_len
+    from ..calibrate import build_model, calibrate, fisher, load_calibration_tokens, resolve_seq_len
     from ..errors import QpackInputError
     from ..forward import adapter_for
 
@@ -183,7 +191,16 @@ def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, f
     adapter = adapter_for(net, forward_spec)
     length = resolve_seq_len(seq_len, config, extra, available=len(tokens) - adapter.extra_tokens)
     hessians = calibrate(net, tokens, forward=adapter.forward, seq_len=length, progress=progress)
-    return {k: v.cpu() for k, v in hessians.items()}
+    sens = None
+    if fisher_mode is not None:
+        try:
+            sens = fisher(net, tokens, forward=adapter.forward, seq_len=length, progress=progress)
+        except QpackInputError as exc:
+            if fisher_mode == "fisher":
+                raise
+            click.echo(f"qpack: warning: no Fisher sensitivity, loss proxy mse: {exc}", err=True)
+    return ({k: v.cpu() for k, v in hessians.items()},
+            None if sens is None else {k: v.cpu() for k, v in sens.items()})
 
 
 def _numel(shape) -> int:
