@@ -128,7 +128,7 @@ def test_fisher_moves_bytes_to_the_tensor_whose_error_matters_100x(tmp_path):
     ratio = float(f["a.weight"].sum() / f["b.weight"].sum())
     assert ratio == pytest.approx(100.0, rel=1e-4)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    opts = dict(scheme="rtn", fp16_candidate=False, codecs=("ans",))
+    opts = dict(scheme="rtn", fp16_candidate=False, codecs=("ans",), lqer="off")
     free = compress(sd, None, budget=10**6, **opts, dry_run=True)
     lean = compress(sd, None, budget=10**6, bits=(2,), **opts, dry_run=True)
     budget = (free.bytes_total + lean.bytes_total) // 2  # room for about 5 bits each, so a choice to make
@@ -261,7 +261,7 @@ def test_fisher_est_loss_is_half_fisher_weighted_squared_error_and_uncovered_ten
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     out = tmp_path / "f.qpk"
     r = compress(sd, out, budget=14000, loss_proxy="fisher", fisher={"a.weight": f["a.weight"]}, scheme="rtn",
-                 fp16_candidate=False, codecs=("ans",))
+                 fp16_candidate=False, codecs=("ans",), lqer="off")
     art = read_artifact(out)
     est = {t.name: t.est_loss for t in r.tensors}
     e_a = (sd["a.weight"].double() - art.tensor("a.weight").double()).square()
