@@ -27,6 +27,7 @@ from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
 from .pack import encode_codes
 from .provenance import provenance
+from .quant.datafree import check_datafree_loss, datafree_loss
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
@@ -53,6 +54,8 @@ class CompressConfig:
     sdclip_k: tuple[float, ...] = ()  # SDClip k values: candidates in "search" mode, or the k of scheme "sdclip"
     loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
+    # datafree: how the solver weighs a tensor's error when it has no Hessian (qpack.quant.datafree)
+    datafree_loss: str = "mse"
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
@@ -67,6 +70,7 @@ class CompressConfig:
                 raise QpackInputError(f"unknown scheme {self.scheme!r}; known: auto, search, {', '.join(known)}")
         if self.loss_proxy not in ("mse", "hessian", "relative"):
             raise QpackInputError(f"loss proxy must be mse, hessian or relative, got {self.loss_proxy!r}")
+        check_datafree_loss(self.datafree_loss)
         if self.passthrough_dtype not in ("fp16", "fp32"):
             raise QpackInputError(f"passthrough dtype must be fp16 or fp32, got {self.passthrough_dtype!r}")
         if self.group_size is not None and self.group_size <= 0:
@@ -348,8 +352,9 @@ class _Job:
                 else:
                     p = slice_rows(rtn[bits], b.r0, b.r1) if len(blocks) > 1 else rtn[bits]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
-                out[b.entry].append(Candidate(f"{scheme}/{bits}~", _predicted_bytes(p),
-                                              _diag_loss(w[b.r0:b.r1], wq, hd)))
+                loss = (_diag_loss(w[b.r0:b.r1], wq, hd) if h is not None
+                        else datafree_loss(w[b.r0:b.r1], wq, self.cfg.datafree_loss))
+                out[b.entry].append(Candidate(f"{scheme}/{bits}~", _predicted_bytes(p), loss))
         return out
 
     def _realize(self, n: str, i: int, realized: dict[str, dict[int, Candidate]]) -> None:
@@ -370,7 +375,7 @@ class _Job:
             label = "fp16" if bits is None else f"{scheme}/int{bits}"
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
-            loss = _loss(wb, wq, h, self.cfg.loss_proxy)
+            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self.cfg.datafree_loss)
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -536,9 +541,11 @@ def estimate_loss(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | Non
     return float(expected_loss_increase(as_matrix(w), as_matrix(wq), hessian))
 
 
-def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str) -> float:
-    """The solver's loss for one block under the configured proxy."""
-    if proxy == "mse" or h is None:
+def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str, datafree: str = "mse") -> float:
+    """The solver's loss for one block under the configured proxy (`datafree` when there is no Hessian)."""
+    if h is None:
+        return datafree_loss(w, wq, datafree)
+    if proxy == "mse":
         return estimate_loss(w, wq, None)
     if proxy == "relative":
         return estimate_loss(w, wq, h) / max(estimate_loss(w, torch.zeros_like(w), h), 1e-30) * w.numel()

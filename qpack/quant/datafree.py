@@ -1,0 +1,41 @@
+"""Data-free sensitivity: how the budget solver weighs one tensor's quantization error when no calibration data
+(so no Hessian) is given.
+
+  * "mse": 0.5 * ||W - Wq||^2, the raw squared error; tensors of large weights dominate it, so the solver
+    starves small-weight tensors that matter as much to the model's output.
+  * "relative" (the default): the squared error over the block's mean square weight, 0.5 * ||W - Wq||^2 /
+    mean(W^2) = 0.5 * numel * ||W - Wq||^2 / ||W||^2: every parameter's error in units of its own tensor's
+    scale, i.e. the output error of a linear layer relative to its output energy for white inputs, counted
+    per parameter. It allocates like SDClip (one step in units of each row's spread) but lets the solver
+    trade where that pays.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import QpackInputError
+from .base import as_matrix
+
+DATAFREE_LOSSES = ("relative", "mse")
+DEFAULT_DATAFREE_LOSS = "relative"
+
+
+def check_datafree_loss(mode: str) -> str:
+    """`mode` if it names a data-free loss, else a QpackInputError."""
+    if mode not in DATAFREE_LOSSES:
+        raise QpackInputError(f"data-free loss must be one of {', '.join(DATAFREE_LOSSES)}, got {mode!r}")
+    return mode
+
+
+def datafree_weight(w: torch.Tensor, mode: str) -> float:
+    """The factor on 0.5 * squared error for a block of weights `w` under `mode`."""
+    if check_datafree_loss(mode) == "mse":
+        return 1.0
+    ms = float(as_matrix(w).to(torch.float64).square().mean())
+    return 1.0 / ms if ms > 0 else 1.0
+
+
+def datafree_loss(w: torch.Tensor, wq: torch.Tensor, mode: str) -> float:
+    """The solver's loss for replacing the block `w` by `wq` with no data."""
+    e = (as_matrix(w).to(torch.float64) - as_matrix(wq).to(torch.float64)).square().sum()
+    return 0.5 * float(e) * datafree_weight(w, mode)
