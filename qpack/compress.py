@@ -27,7 +27,7 @@ from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
 from .pack import encode_codes
 from .provenance import provenance
-from .quant.datafree import check_datafree_loss, datafree_loss
+from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
@@ -55,7 +55,7 @@ class CompressConfig:
     loss_proxy: str = "mse"  # how the solver weighs a block's error across tensors: mse, hessian or relative
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
     # datafree: how the solver weighs a tensor's error when it has no Hessian (qpack.quant.datafree)
-    datafree_loss: str = "mse"
+    datafree_loss: str = DEFAULT_DATAFREE_LOSS
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):

@@ -3,7 +3,7 @@
 
   * "mse": 0.5 * ||W - Wq||^2, the raw squared error; tensors of large weights dominate it, so the solver
     starves small-weight tensors that matter as much to the model's output.
-  * "relative" (the default): the squared error over the block's mean square weight, 0.5 * ||W - Wq||^2 /
+  * "relative": the squared error over the block's mean square weight, 0.5 * ||W - Wq||^2 /
     mean(W^2) = 0.5 * numel * ||W - Wq||^2 / ||W||^2: every parameter's error in units of its own tensor's
     scale, i.e. the output error of a linear layer relative to its output energy for white inputs, counted
     per parameter. It allocates like SDClip (one step in units of each row's spread) but lets the solver
@@ -17,7 +17,7 @@ from ..errors import QpackInputError
 from .base import as_matrix
 
 DATAFREE_LOSSES = ("relative", "mse")
-DEFAULT_DATAFREE_LOSS = "relative"
+DEFAULT_DATAFREE_LOSS = "mse"
 
 
 def check_datafree_loss(mode: str) -> str:

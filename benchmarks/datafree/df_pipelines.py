@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,13 +56,30 @@ def naive_int8(sd: dict[str, torch.Tensor], clip_q: float | None = INT8_CLIP_Q,
     return len(zlib.compress(rp.raw_stream(parts), 9)), rp.dequantized(parts, sd)
 
 
-def qpack_datafree(sd: dict[str, torch.Tensor], budget: int, **options) -> tuple[int, dict[str, torch.Tensor], object]:
-    """(artifact bytes, decoded state dict, CompressResult) of `compress --budget` without calibration data."""
+@contextmanager
+def gptq_lite_defaults(**params):
+    """gptq_lite's default params replaced for the duration (compress passes none of its own to it), e.g.
+    protect_sigma=None for the plain-MSE clip search of before."""
+    from qpack.quant.gptq_lite import GPTQLite
+
+    old = dict(GPTQLite.defaults)
+    GPTQLite.defaults.update(params)
+    try:
+        yield
+    finally:
+        GPTQLite.defaults.clear()
+        GPTQLite.defaults.update(old)
+
+
+def qpack_datafree(sd: dict[str, torch.Tensor], budget: int, gptq_lite: dict | None = None,
+                   **options) -> tuple[int, dict[str, torch.Tensor], object]:
+    """(artifact bytes, decoded state dict, CompressResult) of `compress --budget` without calibration data;
+    `gptq_lite` overrides that scheme's default params."""
     from qpack.artifact import read_artifact
     from qpack.compress import CompressConfig, compress
     from qpack.statedict import assemble
 
-    with tempfile.TemporaryDirectory(prefix="datafree_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="datafree_") as tmp, gptq_lite_defaults(**(gptq_lite or {})):
         path = Path(tmp) / "m.qpk"
         r = compress(dict(sd), path, CompressConfig(budget=budget, **options))
         out = assemble(read_artifact(path))
