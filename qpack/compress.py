@@ -353,7 +353,7 @@ class _Job:
                     p = slice_rows(rtn[bits], b.r0, b.r1) if len(blocks) > 1 else rtn[bits]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
                 loss = (_diag_loss(w[b.r0:b.r1], wq, hd) if h is not None
-                        else datafree_loss(w[b.r0:b.r1], wq, self.cfg.datafree_loss))
+                        else datafree_loss(w[b.r0:b.r1], wq, self.cfg.datafree_loss, n))
                 out[b.entry].append(Candidate(f"{scheme}/{bits}~", _predicted_bytes(p), loss))
         return out
 
@@ -375,7 +375,7 @@ class _Job:
             label = "fp16" if bits is None else f"{scheme}/int{bits}"
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
-            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self.cfg.datafree_loss)
+            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self.cfg.datafree_loss, n)
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -541,10 +541,12 @@ def estimate_loss(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | Non
     return float(expected_loss_increase(as_matrix(w), as_matrix(wq), hessian))
 
 
-def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str, datafree: str = "mse") -> float:
-    """The solver's loss for one block under the configured proxy (`datafree` when there is no Hessian)."""
+def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str, datafree: str = "mse",
+          name: str = "") -> float:
+    """The solver's loss for one block of tensor `name` under the configured proxy (`datafree` when there is no
+    Hessian)."""
     if h is None:
-        return datafree_loss(w, wq, datafree)
+        return datafree_loss(w, wq, datafree, name)
     if proxy == "mse":
         return estimate_loss(w, wq, None)
     if proxy == "relative":

@@ -12,7 +12,7 @@ from qpack.compress import CompressConfig, _loss, _schemes_for, compress
 from qpack.errors import QpackInputError
 from qpack.quant.base import make_quantizer
 from qpack.quant.datafree import DEFAULT_DATAFREE_LOSS, datafree_loss
-from qpack.quant.gptq_lite import DEFAULT_PROTECT_SIGMA, GPTQLite
+from qpack.quant.gptq_lite import DEFAULT_PROTECT_SIGMA, DEFAULT_TAIL_WEIGHT, GPTQLite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def _plain_mse_scales(w: torch.Tensor, bits: int, ratios: list[float]) -> torch.
 def test_default_keeps_an_outlier_that_matters():
     w, x, row, col = _outlier_layer()
     bits = 3
-    old = make_quantizer("gptq_lite", bits, protect_sigma=None).quantize(w)
+    old = make_quantizer("gptq_lite", bits, protect_sigma=None, tail_weight=0.0).quantize(w)
     new = make_quantizer("gptq_lite", bits).quantize(w)
     m = 2 ** (bits - 1) - 1
     # the plain MSE search cuts the 8-sigma weight by more than half its step; the default keeps it within
@@ -74,7 +74,7 @@ def test_default_still_clips_a_gaussian_tail_when_it_pays():
 def test_protect_sigma_none_is_the_plain_mse_search():
     w, _, _, _ = _outlier_layer(2)
     ratios = [float(r) for r in torch.linspace(1.0, 0.8, 41)]
-    got = make_quantizer("gptq_lite", 4, protect_sigma=None).quantize(w).scales.float()
+    got = make_quantizer("gptq_lite", 4, protect_sigma=None, tail_weight=0.0).quantize(w).scales.float()
     assert torch.equal(got, _plain_mse_scales(w, 4, ratios))
 
 
@@ -82,6 +82,25 @@ def test_protect_sigma_none_is_the_plain_mse_search():
 def test_bad_protect_sigma_is_refused(bad):
     with pytest.raises(QpackInputError, match="protect_sigma"):
         make_quantizer("gptq_lite", 4, protect_sigma=bad).quantize(torch.randn(8, 8))
+
+
+def test_tail_weight_clips_less_at_high_widths():
+    # Gaussian rows: at 3 bits both searches trim the tail hard; at 8 bits the tail-weighted one trims less
+    # than half as much as the plain MSE search
+    w = torch.randn(128, 512, generator=torch.Generator().manual_seed(6))
+
+    def trim(bits: int, tail_weight: float) -> float:
+        s = make_quantizer("gptq_lite", bits, protect_sigma=None, tail_weight=tail_weight).quantize(w).scales
+        return float((1 - s.float() / make_quantizer("rtn", bits).quantize(w).scales.float()).mean())
+
+    assert trim(3, 1.0) > 0.15 and trim(3, 0.0) > 0.15
+    assert trim(8, 1.0) < 0.5 * trim(8, 0.0)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("inf"), None])
+def test_bad_tail_weight_is_refused(bad):
+    with pytest.raises(QpackInputError, match="tail_weight"):
+        make_quantizer("gptq_lite", 4, tail_weight=bad).quantize(torch.randn(8, 8))
 
 
 def test_protect_sigma_zero_never_clips():
@@ -126,8 +145,9 @@ def test_no_hessian_default_is_what_the_readme_says():
     readme = (ROOT / "README.md").read_text()
     para = re.search(r"\*\*Data-free\.\*\*(.*?)\n\n", readme, re.S)
     assert para, "README has no Data-free paragraph"
-    said = re.search(r"default: `gptq_lite` protecting weights beyond ([0-9.]+) sigma, and the `(\w+)` data-free loss",
-                     para.group(1))
+    said = re.search(r"default: `gptq_lite` protecting weights beyond ([0-9.]+) sigma with tail weight ([0-9.]+), "
+                     r"and the `([\w+]+)` data-free loss", para.group(1))
     assert said, "the Data-free paragraph does not state the default"
     assert float(said.group(1)) == DEFAULT_PROTECT_SIGMA
-    assert said.group(2) == DEFAULT_DATAFREE_LOSS
+    assert float(said.group(2)) == DEFAULT_TAIL_WEIGHT
+    assert said.group(3) == DEFAULT_DATAFREE_LOSS

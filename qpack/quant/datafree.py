@@ -8,15 +8,22 @@
     scale, i.e. the output error of a linear layer relative to its output energy for white inputs, counted
     per parameter. It allocates like SDClip (one step in units of each row's spread) but lets the solver
     trade where that pays.
+  * "relative+embed": "relative" with the token embedding / output head (names matching EMBED_NAME) weighted
+    EMBED_WEIGHT times: its error reaches every logit (tied) or every token's input, where a block matrix's
+    is one of 2L residual contributions; the records give it int8 against int6 matrices for that reason.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
 from ..errors import QpackInputError
 from .base import as_matrix
 
-DATAFREE_LOSSES = ("relative", "mse")
+DATAFREE_LOSSES = ("relative", "relative+embed", "mse")
+EMBED_NAME = re.compile(r"(emb|wte|lm_head)", re.I)
+EMBED_WEIGHT = 8.0
 DEFAULT_DATAFREE_LOSS = "mse"
 
 
@@ -27,15 +34,16 @@ def check_datafree_loss(mode: str) -> str:
     return mode
 
 
-def datafree_weight(w: torch.Tensor, mode: str) -> float:
-    """The factor on 0.5 * squared error for a block of weights `w` under `mode`."""
+def datafree_weight(w: torch.Tensor, mode: str, name: str = "") -> float:
+    """The factor on 0.5 * squared error for a block of weights `w` (of the tensor `name`) under `mode`."""
     if check_datafree_loss(mode) == "mse":
         return 1.0
     ms = float(as_matrix(w).to(torch.float64).square().mean())
-    return 1.0 / ms if ms > 0 else 1.0
+    role = EMBED_WEIGHT if mode == "relative+embed" and EMBED_NAME.search(name) else 1.0
+    return role / ms if ms > 0 else role
 
 
-def datafree_loss(w: torch.Tensor, wq: torch.Tensor, mode: str) -> float:
-    """The solver's loss for replacing the block `w` by `wq` with no data."""
+def datafree_loss(w: torch.Tensor, wq: torch.Tensor, mode: str, name: str = "") -> float:
+    """The solver's loss for replacing the block `w` (of the tensor `name`) by `wq` with no data."""
     e = (as_matrix(w).to(torch.float64) - as_matrix(wq).to(torch.float64)).square().sum()
-    return 0.5 * float(e) * datafree_weight(w, mode)
+    return 0.5 * float(e) * datafree_weight(w, mode, name)

@@ -7,11 +7,16 @@ the row's MSE too) keeps the ratio with the smallest squared error. Ties keep th
 
 Without data the weight MSE cannot see what a weight is worth, and in pretrained LMs the few weights far
 outside their row's spread (the "super weights" of early MLP projections) sit on input channels with massive
-activations: clipping one by 20% looks cheap in weight MSE and costs the model dearly. So weights beyond
-`protect_sigma` times the row's RMS are protected: a ratio is admissible only if each of them still
-dequantizes within half a step (the error any weight gets from rounding), so only the bulk's tail is ever
-clipped. A Gaussian row of up to ~10^8 weights has no weight beyond 6 sigma, so the default (6.0) leaves the
-search on ordinary rows as it was; protect_sigma = None is the plain MSE search, 0 never clips.
+activations: clipping one by 20% looks cheap in weight MSE and costs the model dearly. Two guards:
+  * weights beyond `protect_sigma` times the row's RMS are protected: a ratio is admissible only if each of
+    them still dequantizes within half a step (the error any weight gets from rounding). A Gaussian row of
+    up to ~10^8 weights has no weight beyond 6 sigma (the default), so ordinary rows are not constrained;
+    None protects nothing, 0 never clips;
+  * each weight's squared error counts 1 + tail_weight * (w / rms(row))^2 times (default tail_weight 1): a
+    large weight is presumed to matter more, so clipping the tail pays only where the bulk's rounding error
+    is large (2-4 bits) and no longer at 6-8 bits, where the plain MSE still trims a little and the model
+    loses by it (benchmarks/datafree).
+protect_sigma None with tail_weight 0 is the plain weight-MSE search.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from .grid import group_absmax, quantize_with_scales
 
 DEFAULT_GRID = 41  # ratios 1.0, 0.995, ..., 0.80
 DEFAULT_MIN_RATIO = 0.80
-DEFAULT_PROTECT_SIGMA = 6.0  # see the module docstring; None: plain weight-MSE search
+DEFAULT_PROTECT_SIGMA = 6.0  # see the module docstring; None: no weight protected
+DEFAULT_TAIL_WEIGHT = 1.0  # see the module docstring; 0: every weight's squared error counts alike
 
 
 def clip_ratios(grid: int | Sequence[float] | None = None, min_ratio: float = DEFAULT_MIN_RATIO) -> list[float]:
@@ -70,12 +76,16 @@ def protected_mask(w: torch.Tensor, protect_sigma: float | None) -> torch.Tensor
 
 
 def search_clip_scales(w: torch.Tensor, bits: int, group_size: int | None, ratios: Sequence[float],
-                       protect_sigma: float | None = None) -> torch.Tensor:
-    """fp16 scales (rows, n_groups) on w's device minimising the squared error of each row or group over the
-    clip ratios, among those that keep every protected weight (see protected_mask) within half a step."""
+                       protect_sigma: float | None = None, tail_weight: float = 0.0) -> torch.Tensor:
+    """fp16 scales (rows, n_groups) on w's device minimising the (tail-weighted) squared error of each row or
+    group over the clip ratios, among those that keep every protected weight (see protected_mask) within half
+    a step. The defaults (None, 0) are the plain MSE search (what qpack.quant.gptq uses)."""
     m = qmax(bits)
     absmax = group_absmax(w, group_size)
     guard = protected_mask(w, protect_sigma)
+    omega = None
+    if tail_weight > 0:
+        omega = 1.0 + tail_weight * w.square() / w.square().mean(dim=1, keepdim=True).clamp_min(1e-30)
     best_err = torch.full_like(absmax, float("inf"))
     best = torch.zeros(absmax.shape, dtype=torch.float16, device=w.device)
     for i, r in enumerate(ratios):
@@ -83,7 +93,7 @@ def search_clip_scales(w: torch.Tensor, bits: int, group_size: int | None, ratio
         s = _expand(s16.to(torch.float32), group_size, w.shape[1])
         q = torch.round(w / s).clamp_(-m, m)
         e = (q * s - w).abs_()
-        err = _group_sum(e.square(), group_size)
+        err = _group_sum(e.square() if omega is None else e.square() * omega, group_size)
         if guard is not None and i > 0:  # the first (widest) ratio is always admissible
             cut = _group_sum(((e > s * 0.5 * (1 + 1e-4)) & guard).float(), group_size) > 0
             err = torch.where(cut, torch.full_like(err, float("inf")), err)
@@ -98,7 +108,7 @@ class GPTQLite(Quantizer):
     """Symmetric intN with the clip ratio per row (or group) that minimises the weight MSE, outliers unclipped."""
 
     defaults: dict[str, Any] = {"grid": DEFAULT_GRID, "min_ratio": DEFAULT_MIN_RATIO,
-                                "protect_sigma": DEFAULT_PROTECT_SIGMA}
+                                "protect_sigma": DEFAULT_PROTECT_SIGMA, "tail_weight": DEFAULT_TAIL_WEIGHT}
 
     def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None) -> Quantized:
         ratios = clip_ratios(self.params["grid"], self.params["min_ratio"])
@@ -107,8 +117,12 @@ class GPTQLite(Quantizer):
                                or ps < 0):
             raise QpackInputError(f"gptq_lite: protect_sigma must be a number >= 0 or None, got {ps!r}")
         ps = None if ps is None else float(ps)
+        tw = self.params["tail_weight"]
+        if isinstance(tw, bool) or not isinstance(tw, (int, float)) or not np.isfinite(tw) or tw < 0:
+            raise QpackInputError(f"gptq_lite: tail_weight must be a number >= 0, got {tw!r}")
         m = as_matrix(w)
-        scales = search_clip_scales(m, self.bits, self.group_size, ratios, ps)
+        scales = search_clip_scales(m, self.bits, self.group_size, ratios, ps, float(tw))
         q = quantize_with_scales(m, scales, self.bits, self.group_size)
-        params = {"grid": len(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios), "protect_sigma": ps}
+        params = {"grid": len(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios), "protect_sigma": ps,
+                  "tail_weight": float(tw)}
         return Quantized(q, scales, tuple(w.shape), self.bits, self.name, self.group_size, params)
