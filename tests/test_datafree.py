@@ -11,7 +11,7 @@ import torch
 from qpack.compress import CompressConfig, _loss, _schemes_for, compress
 from qpack.errors import QpackInputError
 from qpack.quant.base import make_quantizer
-from qpack.quant.datafree import DEFAULT_DATAFREE_LOSS, datafree_loss
+from qpack.quant.datafree import DEFAULT_DATAFREE_LOSS, EMBED_WEIGHT, datafree_loss
 from qpack.quant.gptq_lite import DEFAULT_PROTECT_SIGMA, DEFAULT_TAIL_WEIGHT, GPTQLite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,10 @@ def test_datafree_loss_values():
     se = float(((w - wq).double() ** 2).sum())
     assert datafree_loss(w, wq, "mse") == pytest.approx(0.5 * se, rel=1e-9)
     assert datafree_loss(w, wq, "relative") == pytest.approx(0.5 * se / float((w.double() ** 2).mean()), rel=1e-9)
+    rel = datafree_loss(w, wq, "relative")
+    assert datafree_loss(w, wq, "relative+embed", "blocks.0.attn.q.weight") == rel
+    for name in ("tok_emb.weight", "token_embd.weight", "transformer.wte.weight", "lm_head.weight"):
+        assert datafree_loss(w, wq, "relative+embed", name) == pytest.approx(EMBED_WEIGHT * rel, rel=1e-12)
     # without a Hessian compress's loss is the data-free one
     assert _loss(w, wq, None, "hessian", "relative") == datafree_loss(w, wq, "relative")
     with pytest.raises(QpackInputError, match="data-free loss"):

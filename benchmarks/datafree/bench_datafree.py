@@ -26,15 +26,13 @@ import df_pipelines as pl  # noqa: E402
 
 #: qpack series: name -> CompressConfig options (all without calibration data)
 SERIES = {
-    "old default: MSE clip search, mse loss": {"scheme": "gptq_lite", "datafree_loss": "mse",
-                                               "gptq_lite": {"protect_sigma": None}},
+    "old default (plain MSE clip search, mse loss)": {"scheme": "gptq_lite", "datafree_loss": "mse",
+                                                      "gptq_lite": {"protect_sigma": None, "tail_weight": 0.0}},
     "no clip (rtn), mse loss": {"scheme": "rtn", "datafree_loss": "mse"},
-    "protected clip search, mse loss": {"scheme": "gptq_lite", "datafree_loss": "mse",
-                                        "gptq_lite": {"protect_sigma": 6.0}},
-    "no clip (rtn), relative loss": {"scheme": "rtn", "datafree_loss": "relative"},
-    "protected clip search, relative loss": {"scheme": "gptq_lite", "datafree_loss": "relative",
-                                             "gptq_lite": {"protect_sigma": 6.0}},
-    "qpack default": {},
+    "guarded clip search, mse loss": {"scheme": "gptq_lite", "datafree_loss": "mse"},
+    "guarded clip search, relative loss": {"scheme": "gptq_lite", "datafree_loss": "relative"},
+    "no clip (rtn), relative+embed loss": {"scheme": "rtn", "datafree_loss": "relative+embed"},
+    "qpack default (guarded clip search, relative+embed loss)": {},
 }
 
 
@@ -83,7 +81,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768, help="val tokens scored (checkpoints)")
     ap.add_argument("--window", type=int, default=256, help="eval window (checkpoints)")
     ap.add_argument("--text-bytes", type=int, default=8192, help="bytes of pydoc text scored (wheel LM)")
-    ap.add_argument("--series", default="all", help="comma list of qpack series names (default all)")
+    ap.add_argument("--series", default="all", help="';'-separated qpack series names (default all)")
+    ap.add_argument("--codecs", default=None, help="comma list of codecs for every qpack series (default: "
+                    "compress's own); 'ans' alone keeps the 135M model's runs to a shared machine's time")
     ap.add_argument("--out", required=True)
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md from results.json")
     args = ap.parse_args()
@@ -113,14 +113,17 @@ def main() -> None:
             res.setdefault("baselines", {})[name] = {"bytes": nbytes, "score": scorer(sd), "seconds": sec}
             save()
         print(name, res["baselines"][name], flush=True)
-    wanted = None if args.series == "all" else set(args.series.split(","))
+    wanted = None if args.series == "all" else set(args.series.split(";"))
+    extra = {} if args.codecs is None else {"codecs": tuple(args.codecs.split(","))}
+    if args.codecs:
+        res["codecs"] = args.codecs
     for base_name, base in res["baselines"].items():
         for name, opts in SERIES.items():
             key = f"{name} @ {base_name}"
             if (wanted and name not in wanted) or key in res["points"]:
                 continue
             t0 = time.perf_counter()
-            nbytes, sd, r = pl.qpack_datafree(scorer.sd, base["bytes"], **opts)
+            nbytes, sd, r = pl.qpack_datafree(scorer.sd, base["bytes"], **{**opts, **extra})
             sec = time.perf_counter() - t0
             bits = {}
             for t in r.tensors:
@@ -136,7 +139,8 @@ def write_report(out: Path, res: dict) -> None:
     """README.md: one table per baseline size."""
     lines = [f"# Data-free compression: {res['what']}", "",
              f"{res['params']:,} parameters; unquantized {res['unquantized']:.4f}. Gap = score minus unquantized "
-             "(lower is better). qpack counts the whole .qpk; the baselines their compressed stream alone.", ""]
+             "(lower is better). qpack counts the whole .qpk; the baselines their compressed stream alone."
+             + (f" qpack codecs: {res['codecs']}." if res.get("codecs") else ""), ""]
     for base_name, base in res["baselines"].items():
         lines += [f"## At {base_name}'s bytes ({base['bytes']:,}, {8 * base['bytes'] / res['params']:.3f} bits/param)",
                   "", "| method | bytes | score | gap | widths (blocks) |", "|---|---|---|---|---|",

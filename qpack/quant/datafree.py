@@ -8,7 +8,7 @@
     scale, i.e. the output error of a linear layer relative to its output energy for white inputs, counted
     per parameter. It allocates like SDClip (one step in units of each row's spread) but lets the solver
     trade where that pays.
-  * "relative+embed": "relative" with the token embedding / output head (names matching EMBED_NAME) weighted
+  * "relative+embed" (the default): "relative" with the token embedding / output head (names matching EMBED_NAME) weighted
     EMBED_WEIGHT times: its error reaches every logit (tied) or every token's input, where a block matrix's
     is one of 2L residual contributions; the records give it int8 against int6 matrices for that reason.
 """
@@ -23,8 +23,8 @@ from .base import as_matrix
 
 DATAFREE_LOSSES = ("relative", "relative+embed", "mse")
 EMBED_NAME = re.compile(r"(emb|wte|lm_head)", re.I)
-EMBED_WEIGHT = 8.0
-DEFAULT_DATAFREE_LOSS = "mse"
+EMBED_WEIGHT = 32.0
+DEFAULT_DATAFREE_LOSS = "relative+embed"
 
 
 def check_datafree_loss(mode: str) -> str:
