@@ -149,8 +149,9 @@ def test_no_hessian_default_is_what_the_readme_says():
     readme = (ROOT / "README.md").read_text()
     para = re.search(r"\*\*Data-free\.\*\*(.*?)\n\n", readme, re.S)
     assert para, "README has no Data-free paragraph"
+    text = " ".join(para.group(1).split())  # the paragraph with its line breaks as spaces
     said = re.search(r"default: `gptq_lite` protecting weights beyond ([0-9.]+) sigma with tail weight ([0-9.]+), "
-                     r"and the `([\w+]+)` data-free loss", para.group(1))
+                     r"and the `([\w+]+)` data-free loss", text)
     assert said, "the Data-free paragraph does not state the default"
     assert float(said.group(1)) == DEFAULT_PROTECT_SIGMA
     assert float(said.group(2)) == DEFAULT_TAIL_WEIGHT
