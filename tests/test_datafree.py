@@ -56,6 +56,11 @@ def test_default_keeps_an_outlier_that_matters():
     assert 8.0 - s_old * m > 0.5 * s_old
     assert abs(float(new.dequantize()[row, col]) - 8.0) <= 0.5 * s_new * (1 + 1e-3)
     assert s_new > s_old
+    # each guard alone keeps it too: the protection (tail weight 0) and the tail weighting (nothing protected)
+    for params in ({"tail_weight": 0.0}, {"protect_sigma": None}):
+        one = make_quantizer("gptq_lite", bits, **params).quantize(w)
+        s_one = float(one.scales[row, 0])
+        assert abs(float(one.dequantize()[row, col]) - 8.0) <= 0.5 * s_one * (1 + 1e-3), params
     # and on the inputs that make that weight matter, keeping it gives the row a smaller output error
     err_old = float(((w[row] - old.dequantize()[row]) @ x.T).square().sum())
     err_new = float(((w[row] - new.dequantize()[row]) @ x.T).square().sum())
