@@ -27,7 +27,7 @@ from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
 from .pack import encode_codes
 from .provenance import provenance
-from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss
+from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss, reference_ms
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
@@ -353,7 +353,7 @@ class _Job:
                     p = slice_rows(rtn[bits], b.r0, b.r1) if len(blocks) > 1 else rtn[bits]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
                 loss = (_diag_loss(w[b.r0:b.r1], wq, hd) if h is not None
-                        else datafree_loss(w[b.r0:b.r1], wq, self.cfg.datafree_loss, n))
+                        else datafree_loss(w[b.r0:b.r1], wq, self.cfg.datafree_loss, n, _datafree_ref(self)))
                 out[b.entry].append(Candidate(f"{scheme}/{bits}~", _predicted_bytes(p), loss))
         return out
 
@@ -375,7 +375,7 @@ class _Job:
             label = "fp16" if bits is None else f"{scheme}/int{bits}"
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
-            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self.cfg.datafree_loss, n)
+            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self.cfg.datafree_loss, n, _datafree_ref(self))
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -542,16 +542,23 @@ def estimate_loss(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | Non
 
 
 def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str, datafree: str = "mse",
-          name: str = "") -> float:
+          name: str = "", ref_ms: float | None = None) -> float:
     """The solver's loss for one block of tensor `name` under the configured proxy (`datafree` when there is no
-    Hessian)."""
+    Hessian; `ref_ms` as in qpack.quant.datafree.datafree_weight)."""
     if h is None:
-        return datafree_loss(w, wq, datafree, name)
+        return datafree_loss(w, wq, datafree, name, ref_ms)
     if proxy == "mse":
         return estimate_loss(w, wq, None)
     if proxy == "relative":
         return estimate_loss(w, wq, h) / max(estimate_loss(w, torch.zeros_like(w), h), 1e-30) * w.numel()
     return estimate_loss(w, wq, h)
+
+
+def _datafree_ref(job: "_Job") -> float | None:
+    """qpack.quant.datafree.reference_ms of the job's quantized tensors, computed once per job."""
+    if "_datafree_ref" not in job.__dict__:
+        job.__dict__["_datafree_ref"] = reference_ms({n: job.sd[n].detach().float() for n in job.quant_names})
+    return job.__dict__["_datafree_ref"]
 
 
 def _diag_loss(w: torch.Tensor, wq: torch.Tensor, hdiag: torch.Tensor | None) -> float:

@@ -11,7 +11,7 @@ import torch
 from qpack.compress import CompressConfig, _loss, _schemes_for, compress
 from qpack.errors import QpackInputError
 from qpack.quant.base import make_quantizer
-from qpack.quant.datafree import DEFAULT_DATAFREE_LOSS, EMBED_WEIGHT, datafree_loss
+from qpack.quant.datafree import DEFAULT_DATAFREE_LOSS, EMBED_WEIGHT, datafree_loss, reference_ms
 from qpack.quant.gptq_lite import DEFAULT_PROTECT_SIGMA, DEFAULT_TAIL_WEIGHT, GPTQLite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,13 @@ def test_datafree_loss_values():
     assert datafree_loss(w, wq, "relative+embed", "blocks.0.attn.q.weight") == rel
     for name in ("tok_emb.weight", "token_embd.weight", "transformer.wte.weight", "lm_head.weight"):
         assert datafree_loss(w, wq, "relative+embed", name) == pytest.approx(EMBED_WEIGHT * rel, rel=1e-12)
+    # with the matrices' reference mean square, the embedding's error is counted in its units
+    assert datafree_loss(w, wq, "relative+embed", "tok_emb.weight", ref_ms=0.25) == pytest.approx(
+        EMBED_WEIGHT * 0.5 * se / 0.25, rel=1e-9)
+    assert datafree_loss(w, wq, "relative+embed", "blocks.0.mlp.fc.weight", ref_ms=0.25) == rel
+    tensors = {"tok_emb.weight": torch.full((4, 4), 9.0), "a.weight": torch.full((4, 4), 1.0),
+               "b.weight": torch.full((4, 4), 2.0), "c.weight": torch.full((4, 4), 3.0)}
+    assert reference_ms(tensors) == 4.0  # median of 1, 4, 9 over the non-embedding tensors
     # without a Hessian compress's loss is the data-free one
     assert _loss(w, wq, None, "hessian", "relative") == datafree_loss(w, wq, "relative")
     with pytest.raises(QpackInputError, match="data-free loss"):

@@ -71,15 +71,29 @@ def gptq_lite_defaults(**params):
         GPTQLite.defaults.update(old)
 
 
+@contextmanager
+def embed_weight(value: float | None):
+    """qpack.quant.datafree.EMBED_WEIGHT replaced for the duration (None: left as it is)."""
+    from qpack.quant import datafree
+
+    old = datafree.EMBED_WEIGHT
+    datafree.EMBED_WEIGHT = old if value is None else float(value)
+    try:
+        yield
+    finally:
+        datafree.EMBED_WEIGHT = old
+
+
 def qpack_datafree(sd: dict[str, torch.Tensor], budget: int, gptq_lite: dict | None = None,
-                   **options) -> tuple[int, dict[str, torch.Tensor], object]:
+                   embed: float | None = None, **options) -> tuple[int, dict[str, torch.Tensor], object]:
     """(artifact bytes, decoded state dict, CompressResult) of `compress --budget` without calibration data;
-    `gptq_lite` overrides that scheme's default params."""
+    `gptq_lite` overrides that scheme's default params, `embed` the relative+embed loss's embedding weight."""
     from qpack.artifact import read_artifact
     from qpack.compress import CompressConfig, compress
     from qpack.statedict import assemble
 
-    with tempfile.TemporaryDirectory(prefix="datafree_") as tmp, gptq_lite_defaults(**(gptq_lite or {})):
+    with (tempfile.TemporaryDirectory(prefix="datafree_") as tmp, gptq_lite_defaults(**(gptq_lite or {})),
+          embed_weight(embed)):
         path = Path(tmp) / "m.qpk"
         r = compress(dict(sd), path, CompressConfig(budget=budget, **options))
         out = assemble(read_artifact(path))
