@@ -144,12 +144,12 @@ def write_report(out: Path, res: dict) -> None:
     for base_name, base in res["baselines"].items():
         lines += [f"## At {base_name}'s bytes ({base['bytes']:,}, {8 * base['bytes'] / res['params']:.3f} bits/param)",
                   "", "| method | bytes | score | gap | widths (blocks) |", "|---|---|---|---|---|",
-                  f"| {base_name} | {base['bytes']:,} | {base['score']:.4f} | {base['score'] - res['unquantized']:+.4f} | |"]
+                  f"| {base_name} | {base['bytes']:,} | {base['score']:.5f} | {base['score'] - res['unquantized']:+.5f} | |"]
         for p in res["points"].values():
             if p["at"] == base_name:
                 w = ", ".join(f"{k}: {v}" for k, v in sorted(p["widths"].items()))
-                lines.append(f"| {p['series']} | {p['bytes']:,} | {p['score']:.4f} | "
-                             f"{p['score'] - res['unquantized']:+.4f} | {w} |")
+                lines.append(f"| {p['series']} | {p['bytes']:,} | {p['score']:.5f} | "
+                             f"{p['score'] - res['unquantized']:+.5f} | {w} |")
         lines.append("")
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
