@@ -79,7 +79,7 @@ def test_default_still_clips_a_gaussian_tail_when_it_pays():
 def test_protect_sigma_none_is_the_plain_mse_search():
     w, _, _, _ = _outlier_layer(2)
     ratios = [float(r) for r in torch.linspace(1.0, 0.8, 41)]
-    got = make_quantizer("gptq_lite", 4, protect_sigma=None, tail_weight=0.0).quantize(w).scales.float()
+    got = make_quantizer("gptq_lite", 4, protect_sigma=None, tail_weight=0.0, clip_max_bits=8).quantize(w).scales.float()
     assert torch.equal(got, _plain_mse_scales(w, 4, ratios))
 
 
@@ -95,11 +95,21 @@ def test_tail_weight_clips_less_at_high_widths():
     w = torch.randn(128, 512, generator=torch.Generator().manual_seed(6))
 
     def trim(bits: int, tail_weight: float) -> float:
-        s = make_quantizer("gptq_lite", bits, protect_sigma=None, tail_weight=tail_weight).quantize(w).scales
+        s = make_quantizer("gptq_lite", bits, protect_sigma=None, tail_weight=tail_weight,
+                           clip_max_bits=8).quantize(w).scales
         return float((1 - s.float() / make_quantizer("rtn", bits).quantize(w).scales.float()).mean())
 
     assert trim(3, 1.0) > 0.15 and trim(3, 0.0) > 0.15
     assert trim(8, 1.0) < 0.5 * trim(8, 0.0)
+
+
+def test_no_clipping_above_clip_max_bits():
+    w, _, _, _ = _outlier_layer(7)
+    for bits in (7, 8):
+        got = make_quantizer("gptq_lite", bits).quantize(w)
+        assert torch.equal(got.scales, make_quantizer("rtn", bits).quantize(w).scales)
+    assert not torch.equal(make_quantizer("gptq_lite", 6).quantize(w).scales,
+                           make_quantizer("rtn", 6).quantize(w).scales)
 
 
 @pytest.mark.parametrize("bad", [-0.5, float("inf"), None])

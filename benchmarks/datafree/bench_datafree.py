@@ -27,7 +27,8 @@ import df_pipelines as pl  # noqa: E402
 #: qpack series: name -> CompressConfig options (all without calibration data)
 SERIES = {
     "old default (plain MSE clip search, mse loss)": {"scheme": "gptq_lite", "datafree_loss": "mse",
-                                                      "gptq_lite": {"protect_sigma": None, "tail_weight": 0.0}},
+                                                      "gptq_lite": {"protect_sigma": None, "tail_weight": 0.0,
+                                                                    "clip_max_bits": 8}},
     "no clip (rtn), mse loss": {"scheme": "rtn", "datafree_loss": "mse"},
     "guarded clip search, mse loss": {"scheme": "gptq_lite", "datafree_loss": "mse"},
     "guarded clip search, relative loss": {"scheme": "gptq_lite", "datafree_loss": "relative"},
