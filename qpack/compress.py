@@ -27,6 +27,7 @@ from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
 from .pack import LAYOUTS, encode_codes
 from .provenance import provenance
+from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss, reference_ms
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
@@ -68,6 +69,8 @@ class CompressConfig:
     lqer_ranks: tuple[int, ...] = (4, 8, 16)
     lqer_bits: tuple[int, ...] = (2, 4)
     lqer_group: int = 64
+    # datafree: how the solver weighs a tensor's error when it has no Hessian (qpack.quant.datafree)
+    datafree_loss: str = DEFAULT_DATAFREE_LOSS
 
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
@@ -82,6 +85,7 @@ class CompressConfig:
                 raise QpackInputError(f"unknown scheme {self.scheme!r}; known: auto, search, {', '.join(known)}")
         if self.loss_proxy not in LOSS_PROXIES:
             raise QpackInputError(f"loss proxy must be one of {', '.join(LOSS_PROXIES)}, got {self.loss_proxy!r}")
+        check_datafree_loss(self.datafree_loss)
         if self.passthrough_dtype not in ("fp16", "fp32"):
             raise QpackInputError(f"passthrough dtype must be fp16 or fp32, got {self.passthrough_dtype!r}")
         if self.group_size is not None and self.group_size <= 0:
@@ -325,6 +329,9 @@ class _Job:
         self.widths = cfg.bits if cfg.budget is not None else (cfg.fixed_bits,)
         self._prepared: dict[tuple, Any] = {}  # GPTQ state per matrix, reused across widths and rounds
         self.fisher = _fisher_for(cfg, self.sd, self.quant_names, fisher)
+        # A run with neither Hessians nor Fisher weighs errors by the data-free loss; a calibrated run keeps one
+        # unit for every tensor (its proxy), so a tensor without a Hessian there falls back to mse as before.
+        self._datafree = cfg.datafree_loss if not hessians and not self.fisher else None
 
     # -- passthrough: small tensors stored as they are (fp16 or fp32 for floats)
     def passthrough(self) -> dict[str, Option]:
@@ -415,8 +422,10 @@ class _Job:
                 else:
                     p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
-                out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p),
-                                              _diag_loss(w[b.r0:b.r1], wq, hd, self._fisher_rows(n, b))))
+                fr = self._fisher_rows(n, b)
+                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, _datafree_ref(self))
+                        if self._datafree is not None and fr is None else _diag_loss(w[b.r0:b.r1], wq, hd, fr))
+                out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p), loss))
         return out
 
     def _realize(self, n: str, i: int, realized: dict[str, dict[int, Candidate]]) -> None:
@@ -437,7 +446,8 @@ class _Job:
             label = _menu_label(scheme, params, bits)
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
-            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self._fisher_rows(n, b))
+            loss = _loss(wb, wq, h, self.cfg.loss_proxy, self._fisher_rows(n, b), self._datafree, n,
+                         _datafree_ref(self) if self._datafree is not None else None)
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -677,17 +687,28 @@ def _fisher_for(cfg: CompressConfig, sd: Mapping[str, torch.Tensor], names: list
 
 
 def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,
-          fisher: torch.Tensor | None = None) -> float:
-    """The solver's loss for one block under the configured proxy (`fisher`: the block's Fisher, proxy fisher)."""
+          fisher: torch.Tensor | None = None, datafree: str | None = None, name: str = "",
+          ref_ms: float | None = None) -> float:
+    """The solver's loss for one block of tensor `name` under the configured proxy (`fisher`: the block's Fisher,
+    proxy fisher; `datafree`: the data-free loss of a run with neither Hessians nor Fisher, qpack.quant.datafree)."""
     if proxy == "fisher" and fisher is not None:
         from .sensitivity import fisher_weighted_loss
 
         return fisher_weighted_loss(w, wq, fisher)
+    if datafree is not None:
+        return datafree_loss(w, wq, datafree, name, ref_ms)
     if proxy == "mse" or h is None:
         return estimate_loss(w, wq, None)
     if proxy == "relative":
         return estimate_loss(w, wq, h) / max(estimate_loss(w, torch.zeros_like(w), h), 1e-30) * w.numel()
     return estimate_loss(w, wq, h)
+
+
+def _datafree_ref(job: "_Job") -> float | None:
+    """qpack.quant.datafree.reference_ms of the job's quantized tensors, computed once per job."""
+    if "_datafree_ref" not in job.__dict__:
+        job.__dict__["_datafree_ref"] = reference_ms({n: job.sd[n].detach().float() for n in job.quant_names})
+    return job.__dict__["_datafree_ref"]
 
 
 def _diag_loss(w: torch.Tensor, wq: torch.Tensor, hdiag: torch.Tensor | None,

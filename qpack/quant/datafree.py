@@ -1,0 +1,67 @@
+"""Data-free sensitivity: how the budget solver weighs one tensor's quantization error when no calibration data
+(so no Hessian) is given.
+
+  * "mse": 0.5 * ||W - Wq||^2, the raw squared error; tensors of large weights dominate it, so the solver
+    starves small-weight tensors that matter as much to the model's output.
+  * "relative": the squared error over the block's mean square weight, 0.5 * ||W - Wq||^2 /
+    mean(W^2) = 0.5 * numel * ||W - Wq||^2 / ||W||^2: every parameter's error in units of its own tensor's
+    scale, i.e. the output error of a linear layer relative to its output energy for white inputs, counted
+    per parameter. It allocates like SDClip (one step in units of each row's spread) but lets the solver
+    trade where that pays.
+  * "relative+embed" (the default): "relative" for the block matrices; the token embedding / output head
+    (names matching EMBED_NAME) counts its squared error in units of the matrices' typical mean square
+    (the median over the non-embedding tensors, `reference_ms`), times EMBED_WEIGHT. An embedding whose
+    weights are large next to the matrices' (our checkpoints: 11-14x their mean square) dominates the
+    residual stream and the tied logits, and starving it costs most; one with small weights (SmolLM2:
+    0.5x) is no more sensitive than a matrix. Measured in benchmarks/datafree: a fixed factor cannot serve
+    both (32 is best on our checkpoints and worst on SmolLM2, 1 the reverse).
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+
+from ..errors import QpackInputError
+from .base import as_matrix
+
+DATAFREE_LOSSES = ("relative", "relative+embed", "mse")
+EMBED_NAME = re.compile(r"(emb|wte|lm_head)", re.I)
+EMBED_WEIGHT = 3.0
+DEFAULT_DATAFREE_LOSS = "relative+embed"
+
+
+def check_datafree_loss(mode: str) -> str:
+    """`mode` if it names a data-free loss, else a QpackInputError."""
+    if mode not in DATAFREE_LOSSES:
+        raise QpackInputError(f"data-free loss must be one of {', '.join(DATAFREE_LOSSES)}, got {mode!r}")
+    return mode
+
+
+def _ms(w: torch.Tensor) -> float:
+    return float(as_matrix(w).to(torch.float64).square().mean())
+
+
+def reference_ms(tensors: Mapping[str, torch.Tensor]) -> float | None:
+    """The median mean square weight of the non-embedding tensors (None when there are none)."""
+    ms = sorted(_ms(t) for n, t in tensors.items() if not EMBED_NAME.search(n))
+    return ms[len(ms) // 2] if ms else None
+
+
+def datafree_weight(w: torch.Tensor, mode: str, name: str = "", ref_ms: float | None = None) -> float:
+    """The factor on 0.5 * squared error for a block of weights `w` (of the tensor `name`) under `mode`;
+    `ref_ms` is reference_ms of the model's quantized tensors (None: the block's own mean square)."""
+    if check_datafree_loss(mode) == "mse":
+        return 1.0
+    ms = _ms(w)
+    if mode == "relative+embed" and EMBED_NAME.search(name):
+        ms = ref_ms if ref_ms else ms
+        return EMBED_WEIGHT / ms if ms > 0 else EMBED_WEIGHT
+    return 1.0 / ms if ms > 0 else 1.0
+
+
+def datafree_loss(w: torch.Tensor, wq: torch.Tensor, mode: str, name: str = "", ref_ms: float | None = None) -> float:
+    """The solver's loss for replacing the block `w` (of the tensor `name`) by `wq` with no data."""
+    e = (as_matrix(w).to(torch.float64) - as_matrix(wq).to(torch.float64)).square().sum()
+    return 0.5 * float(e) * datafree_weight(w, mode, name, ref_ms)

@@ -1,0 +1,180 @@
+"""Data-free defaults (issue 10, item 4): gptq_lite's outlier-weighted clip search keeps a weight that matters,
+the data-free loss helper, and the no-Hessian default compress uses is the one the README names."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from qpack.compress import CompressConfig, _loss, _schemes_for, compress
+from qpack.errors import QpackInputError
+from qpack.quant.base import make_quantizer
+from qpack.quant.datafree import DEFAULT_DATAFREE_LOSS, EMBED_WEIGHT, datafree_loss, reference_ms
+from qpack.quant.gptq_lite import DEFAULT_PROTECT_SIGMA, DEFAULT_TAIL_WEIGHT, GPTQLite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _outlier_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A Gaussian layer (64 x 256) whose row 5 holds one 8-sigma weight at column 17, and inputs (512, 256)
+    whose channel 17 is a massive activation (30x the others), as in pretrained LMs' super weights."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 256, generator=g)
+    w[5, 17] = 8.0
+    x = torch.randn(512, 256, generator=g)
+    x[:, 17] *= 30.0
+    return w, x, 5, 17
+
+
+def _plain_mse_scales(w: torch.Tensor, bits: int, ratios: list[float]) -> torch.Tensor:
+    """Reference for the old search, written independently: per row, the ratio of absmax whose fp16 scale
+    gives the smallest squared error (first on ties)."""
+    m = 2 ** (bits - 1) - 1
+    out = torch.empty(w.shape[0], 1)
+    for i, row in enumerate(w):
+        best, best_s = float("inf"), None
+        for r in ratios:
+            s = float(torch.tensor(row.abs().max().item() * r / m).to(torch.float16))
+            err = float(((torch.clamp(torch.round(row / s), -m, m) * s - row) ** 2).sum())
+            if err < best:
+                best, best_s = err, s
+        out[i, 0] = best_s
+    return out
+
+
+def test_default_keeps_an_outlier_that_matters():
+    w, x, row, col = _outlier_layer()
+    bits = 3
+    old = make_quantizer("gptq_lite", bits, protect_sigma=None, tail_weight=0.0).quantize(w)
+    new = make_quantizer("gptq_lite", bits).quantize(w)
+    m = 2 ** (bits - 1) - 1
+    # the plain MSE search cuts the 8-sigma weight by more than half its step; the default keeps it within
+    # half a step (what rounding alone costs any weight)
+    s_old, s_new = float(old.scales[row, 0]), float(new.scales[row, 0])
+    assert 8.0 - s_old * m > 0.5 * s_old
+    assert abs(float(new.dequantize()[row, col]) - 8.0) <= 0.5 * s_new * (1 + 1e-3)
+    assert s_new > s_old
+    # each guard alone keeps it too: the protection (tail weight 0) and the tail weighting (nothing protected)
+    for params in ({"tail_weight": 0.0}, {"protect_sigma": None}):
+        one = make_quantizer("gptq_lite", bits, **params).quantize(w)
+        s_one = float(one.scales[row, 0])
+        assert abs(float(one.dequantize()[row, col]) - 8.0) <= 0.5 * s_one * (1 + 1e-3), params
+    # and on the inputs that make that weight matter, keeping it gives the row a smaller output error
+    err_old = float(((w[row] - old.dequantize()[row]) @ x.T).square().sum())
+    err_new = float(((w[row] - new.dequantize()[row]) @ x.T).square().sum())
+    assert err_new < 0.75 * err_old
+
+
+def test_default_still_clips_a_gaussian_tail_when_it_pays():
+    # no outliers: the weighted search may still trim the tail at 3 bits, and it lowers the plain MSE
+    w = torch.randn(128, 512, generator=torch.Generator().manual_seed(1))
+    q = make_quantizer("gptq_lite", 3).quantize(w)
+    rtn = make_quantizer("rtn", 3).quantize(w)
+    assert (q.scales.float() < rtn.scales.float()).float().mean() > 0.5
+    assert float((q.dequantize() - w).square().sum()) < float((rtn.dequantize() - w).square().sum())
+
+
+def test_protect_sigma_none_is_the_plain_mse_search():
+    w, _, _, _ = _outlier_layer(2)
+    ratios = [float(r) for r in torch.linspace(1.0, 0.8, 41)]
+    got = make_quantizer("gptq_lite", 4, protect_sigma=None, tail_weight=0.0, clip_max_bits=8).quantize(w).scales.float()
+    assert torch.equal(got, _plain_mse_scales(w, 4, ratios))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "1", True])
+def test_bad_protect_sigma_is_refused(bad):
+    with pytest.raises(QpackInputError, match="protect_sigma"):
+        make_quantizer("gptq_lite", 4, protect_sigma=bad).quantize(torch.randn(8, 8))
+
+
+def test_tail_weight_clips_less_at_high_widths():
+    # Gaussian rows: at 3 bits both searches trim the tail hard; at 8 bits the tail-weighted one trims less
+    # than half as much as the plain MSE search
+    w = torch.randn(128, 512, generator=torch.Generator().manual_seed(6))
+
+    def trim(bits: int, tail_weight: float) -> float:
+        s = make_quantizer("gptq_lite", bits, protect_sigma=None, tail_weight=tail_weight,
+                           clip_max_bits=8).quantize(w).scales
+        return float((1 - s.float() / make_quantizer("rtn", bits).quantize(w).scales.float()).mean())
+
+    assert trim(3, 1.0) > 0.15 and trim(3, 0.0) > 0.15
+    assert trim(8, 1.0) < 0.5 * trim(8, 0.0)
+
+
+def test_no_clipping_above_clip_max_bits():
+    w, _, _, _ = _outlier_layer(7)
+    for bits in (7, 8):
+        got = make_quantizer("gptq_lite", bits).quantize(w)
+        assert torch.equal(got.scales, make_quantizer("rtn", bits).quantize(w).scales)
+    assert not torch.equal(make_quantizer("gptq_lite", 6).quantize(w).scales,
+                           make_quantizer("rtn", 6).quantize(w).scales)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("inf"), None])
+def test_bad_tail_weight_is_refused(bad):
+    with pytest.raises(QpackInputError, match="tail_weight"):
+        make_quantizer("gptq_lite", 4, tail_weight=bad).quantize(torch.randn(8, 8))
+
+
+def test_protect_sigma_zero_never_clips():
+    w, _, _, _ = _outlier_layer(5)
+    q = make_quantizer("gptq_lite", 3, protect_sigma=0.0).quantize(w)
+    err = (q.dequantize() - w).abs()
+    assert bool((err <= q.scales.float() * 0.5 * (1 + 1e-3)).all())
+
+
+def test_datafree_loss_values():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 32, generator=g) * 0.2
+    wq = w + 0.01 * torch.randn(16, 32, generator=g)
+    se = float(((w - wq).double() ** 2).sum())
+    assert datafree_loss(w, wq, "mse") == pytest.approx(0.5 * se, rel=1e-9)
+    assert datafree_loss(w, wq, "relative") == pytest.approx(0.5 * se / float((w.double() ** 2).mean()), rel=1e-9)
+    rel = datafree_loss(w, wq, "relative")
+    assert datafree_loss(w, wq, "relative+embed", "blocks.0.attn.q.weight") == rel
+    for name in ("tok_emb.weight", "token_embd.weight", "transformer.wte.weight", "lm_head.weight"):
+        assert datafree_loss(w, wq, "relative+embed", name) == pytest.approx(EMBED_WEIGHT * rel, rel=1e-12)
+    # with the matrices' reference mean square, the embedding's error is counted in its units
+    assert datafree_loss(w, wq, "relative+embed", "tok_emb.weight", ref_ms=0.25) == pytest.approx(
+        EMBED_WEIGHT * 0.5 * se / 0.25, rel=1e-9)
+    assert datafree_loss(w, wq, "relative+embed", "blocks.0.mlp.fc.weight", ref_ms=0.25) == rel
+    tensors = {"tok_emb.weight": torch.full((4, 4), 9.0), "a.weight": torch.full((4, 4), 1.0),
+               "b.weight": torch.full((4, 4), 2.0), "c.weight": torch.full((4, 4), 3.0)}
+    assert reference_ms(tensors) == 4.0  # median of 1, 4, 9 over the non-embedding tensors
+    # without a Hessian compress's loss is the data-free one
+    assert _loss(w, wq, None, "hessian", "relative") == datafree_loss(w, wq, "relative")
+    with pytest.raises(QpackInputError, match="data-free loss"):
+        CompressConfig(datafree_loss="fisher")
+
+
+def test_relative_loss_allocates_by_scale_free_error():
+    # two tensors of one distribution, one 10x larger: the mse loss spends more bits on the large one, the
+    # relative loss gives both the same width
+    g = torch.Generator().manual_seed(4)
+    sd = {"a.weight": torch.randn(64, 128, generator=g), "b.weight": 10 * torch.randn(64, 128, generator=g)}
+    widths = {}
+    for mode in ("mse", "relative"):
+        r = compress(dict(sd), None, CompressConfig(budget=9000, fp16_candidate=False, datafree_loss=mode),
+                     dry_run=True)
+        widths[mode] = {t.name: t.bits for t in r.tensors}
+    assert widths["mse"]["b.weight"] > widths["mse"]["a.weight"]
+    assert widths["relative"]["b.weight"] == widths["relative"]["a.weight"]
+
+
+def test_no_hessian_default_is_what_the_readme_says():
+    cfg = CompressConfig()
+    assert _schemes_for(cfg, False) == [("gptq_lite", {})]
+    assert GPTQLite.defaults["protect_sigma"] == DEFAULT_PROTECT_SIGMA
+    assert cfg.datafree_loss == DEFAULT_DATAFREE_LOSS
+    readme = (ROOT / "README.md").read_text()
+    para = re.search(r"\*\*Data-free\.\*\*(.*?)\n\n", readme, re.S)
+    assert para, "README has no Data-free paragraph"
+    text = " ".join(para.group(1).split())  # the paragraph with its line breaks as spaces
+    said = re.search(r"default: `gptq_lite` protecting weights beyond ([0-9.]+) sigma with tail weight ([0-9.]+), "
+                     r"and the `([\w+]+)` data-free loss", text)
+    assert said, "the Data-free paragraph does not state the default"
+    assert float(said.group(1)) == DEFAULT_PROTECT_SIGMA
+    assert float(said.group(2)) == DEFAULT_TAIL_WEIGHT
+    assert said.group(3) == DEFAULT_DATAFREE_LOSS
