@@ -143,8 +143,8 @@ def test_datafree_loss_values():
     tensors = {"tok_emb.weight": torch.full((4, 4), 9.0), "a.weight": torch.full((4, 4), 1.0),
                "b.weight": torch.full((4, 4), 2.0), "c.weight": torch.full((4, 4), 3.0)}
     assert reference_ms(tensors) == 4.0  # median of 1, 4, 9 over the non-embedding tensors
-    # without a Hessian compress's loss is the data-free one
-    assert _loss(w, wq, None, "hessian", "relative") == datafree_loss(w, wq, "relative")
+    # in a run with neither Hessians nor Fisher compress's loss is the data-free one
+    assert _loss(w, wq, None, "hessian", datafree="relative") == datafree_loss(w, wq, "relative")
     with pytest.raises(QpackInputError, match="data-free loss"):
         CompressConfig(datafree_loss="fisher")
 

@@ -135,7 +135,9 @@ def main() -> None:
     qpack_series = {
         "qpack default (compress --budget)": {},  # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps)
         "qpack gptq widths (steps=())": dict(steps=()),  # the default before uniform steps
-        "qpack --scheme uniform": dict(scheme="uniform"),
+        "previous default: widths + mse + no LQER + byte codes": dict(steps=(), loss_proxy="mse", lqer="off",
+                                                                      layouts=("byte",)),
+        "uniform: --scheme uniform": dict(scheme="uniform"),
         "uniform: no Hessians (rounding on the grid)": dict(scheme="uniform", hessians=False),
         "uniform: RDO 0.05": dict(scheme="uniform", rdo=0.05),
         f"uniform: RDO {args.rdo:g}": dict(scheme="uniform", rdo=args.rdo),
@@ -151,7 +153,7 @@ def main() -> None:
     }
     sens: dict = {}  # "fisher" / "probe": sensitivities from the same calibration tokens, computed once each
     for name, opts in qpack_series.items():
-        if wanted and name.split(":")[0].split(" ")[0] not in wanted:
+        if wanted and name.split(":")[0].split(" ")[0] not in wanted and name not in wanted:
             continue
         opts = dict(opts)
         hessians = setup.hessians if opts.pop("hessians", True) else None
