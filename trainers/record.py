@@ -86,7 +86,7 @@ def _log_to(path: Path) -> Callable[[str], None]:
 
 def run_record(cfg: RecordConfig) -> dict[str, Any]:
     """Run the whole pipeline and write the record folder; returns submission.json's content."""
-    from qpack.calibrate import build_model, collect, load_calibration_tokens, resolve_seq_len
+    from qpack.calibrate import build_model, collect, fisher, load_calibration_tokens, resolve_seq_len
     from qpack.checkpoint import load_state_dict
     from qpack.data.build import ensure_data
     from qpack.eval.mixer import MixerConfig
@@ -131,13 +131,16 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     code_bytes = code_size(code_files(), cfg.code_codec)
     sd, model_config, extra = load_state_dict(final)
-    hessians = None
+    hessians = sensitivity = None
     t_calib = time.perf_counter()
     if compress_kw_scheme(cfg, recipe) in ("auto", "gptq", "search"):
         tokens = load_calibration_tokens(paths.root, cfg.calib_tokens, vocab_size=model_config.get("vocab_size"))
         net = build_model(sd, model_config, None)
         seq = resolve_seq_len(None, model_config, extra, available=len(tokens))  # the one rule, as the CLI's
         hessians = collect(net, tokens, seq, progress=False)
+        # the Fisher from the same rows, as `qpack compress --calib` computes it for loss proxy auto
+        sensitivity = fisher(net, tokens, seq_len=seq) if recipe.get("compress", {}).get("loss_proxy", "auto") in (
+            "auto", "fisher") else None
         del net
     calib_seconds = time.perf_counter() - t_calib  # reads training data: counts against the training cap
     artifact = work / "model.qpk"
@@ -150,7 +153,7 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     if cfg.codecs != ("ans", "zstd") or "codecs" not in compress_kw:
         compress_kw["codecs"] = cfg.codecs
     ccfg = CompressConfig(budget=budget, code_bytes=code_bytes, **compress_kw)
-    result = compress((sd, model_config, extra), artifact, ccfg, hessians=hessians)  # read once
+    result = compress((sd, model_config, extra), artifact, ccfg, hessians=hessians, fisher=sensitivity)  # read once
     compress_seconds = time.perf_counter() - t0
     (work / "compress.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     log(f"compress: {result.bytes_total:,} bytes total ({result.bytes_model:,} model + {code_bytes:,} code) "
