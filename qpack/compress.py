@@ -64,8 +64,9 @@ class CompressConfig:
     rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
     # LQER chosen by the budget solver (qpack.lqer_choice): "auto" (with a budget and no fixed lqer_rank) offers
     # every tensor a low-rank correction at each rank of lqer_ranks and factor widths of lqer_bits (B's scales
-    # per lqer_group columns), bytes inside the budget; "off": none, or the fixed lqer_rank/lqer_top mode.
-    lqer: str = "auto"
+    # per lqer_group columns), bytes inside the budget; "off" (the default: with Fisher-weighted uniform steps it
+    # measured no better at 3-6 bits/param, benchmarks/rd): none, or the fixed lqer_rank/lqer_top mode.
+    lqer: str = "off"
     lqer_ranks: tuple[int, ...] = (4, 8, 16)
     lqer_bits: tuple[int, ...] = (2, 4)
     lqer_group: int = 64

@@ -63,7 +63,7 @@ def check_config(cfg: "CompressConfig") -> None:
 
 
 def active(cfg: "CompressConfig") -> bool:
-    """Whether the solver chooses LQER: mode auto (the default), a budget to trade factor bytes against, and no
+    """Whether the solver chooses LQER: mode auto (opt-in: `--lqer auto`), a budget to trade factor bytes against, and no
     fixed --lqer-rank/--lqer-top (which keeps its own mode)."""
     return cfg.lqer == "auto" and cfg.budget is not None and cfg.lqer_rank == 0
 

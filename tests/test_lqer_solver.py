@@ -256,15 +256,15 @@ def test_hessian_whitened_svd_removes_more_curvature_weighted_error():
     assert hessian_root(h, 31) is None and hessian_root(None, 32) is None
 
 
-def test_lqer_is_the_default_with_a_budget_and_yields_to_the_fixed_mode(tmp_path):
+def test_lqer_is_opt_in_with_a_budget_and_yields_to_the_fixed_mode(tmp_path):
     sd = grid_weights(4, True, n=4)
     budget = two_upgrades(sd) + 1000
-    default = compress(sd, tmp_path / "d.qpk", CompressConfig(budget=budget, bits=(3, 4), **COMMON))
-    off = compress(sd, tmp_path / "o.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer="off", **COMMON))
+    auto = compress(sd, tmp_path / "d.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer="auto", **COMMON))
+    off = compress(sd, tmp_path / "o.qpk", CompressConfig(budget=budget, bits=(3, 4), **COMMON))  # the default
     fixed = compress(sd, tmp_path / "f.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer_rank=1, lqer_top=1,
                                                             **COMMON))
     lqer = lambda r: [t.name for t in r.tensors if t.scheme.endswith("+lqer")]  # noqa: E731
-    assert lqer(default) and not lqer(off) and len(lqer(fixed)) == 1
+    assert lqer(auto) and not lqer(off) and len(lqer(fixed)) == 1
     assert read_artifact(tmp_path / "f.qpk").lowrank(lqer(fixed)[0])[0].bits == 8  # the fixed mode's int8 factors
     nobudget = compress(sd, tmp_path / "n.qpk", CompressConfig(**COMMON))  # fixed widths: nothing to trade
     assert not lqer(nobudget)

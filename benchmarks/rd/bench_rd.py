@@ -145,7 +145,7 @@ def main() -> None:
         "mixed: gptq widths + uniform steps": dict(scheme="auto", steps=DEFAULT_STEPS),
         "layouts: codes one symbol per byte only (compress --budget)": dict(layouts=("byte",)),
         "ctx: default + ans_ctx codec": dict(codecs=("ans", "zstd", "ans_ctx")),
-        "qpack without LQER (--lqer off)": dict(lqer="off"),
+        "qpack + LQER in the solver (--lqer auto)": dict(lqer="auto"),
         # compress --budget with each loss proxy (--series loss); "sensitivity" names the setup that feeds `fisher=`
         **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher")},
         "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(loss_proxy="fisher",

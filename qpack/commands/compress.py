@@ -59,8 +59,8 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("--lqer-rank", type=int, default=0, help="rank of low-rank error correction (0: off)")
 @click.option("--lqer-top", type=int, default=0, help="how many tensors (largest error) get LQER")
 @click.option("--lqer", "lqer_mode", type=click.Choice(["off", "auto"]), default=None,
-              help="with --budget: auto (default) lets the solver pick which tensors get a low-rank error "
-              "correction, its rank and factor widths, with the factor bytes inside the budget; off: none")
+              help="with --budget: auto lets the solver pick which tensors get a low-rank error "
+              "correction, its rank and factor widths, with the factor bytes inside the budget; off (default): none")
 @click.option("--lqer-ranks", default="4,8,16", show_default=True, help="with --lqer auto: ranks to choose from")
 @click.option("--lqer-bits", default="2,4", show_default=True, help="with --lqer auto: factor widths (2 and/or 4)")
 @click.option("--lqer-group", type=int, default=64, show_default=True,
@@ -95,7 +95,7 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, rdo, los
         raise QpackInputError("--lqer auto chooses ranks itself; drop --lqer-rank/--lqer-top")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
                 lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy,
-                lqer=lqer_mode or ("off" if lqer_rank else "auto"), lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
+                lqer=lqer_mode or "off", lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
                 lqer_bits=_int_list(lqer_bits, "--lqer-bits"), lqer_group=lqer_group, step=step, rdo=rdo)
     if steps is not None:
         opts["steps"] = _float_list(steps)
