@@ -221,13 +221,12 @@ def write_report(out: Path, results: dict, args) -> None:
         f"# Rate-distortion on {Path(meta['ckpt']).parent.name}\n\n"
         f"Checkpoint `{meta['ckpt']}` ({meta['params']:,} parameters), unquantized sliding val_bpb "
         f"{results['unquantized']['val_bpb']:.4f}; val_bpb on the first {meta['tokens']:,} val tokens, window "
-        f"{meta['window']}, stride {meta['stride']}; Hessians from the same {meta['calib_tokens']:,} train-split "
-        "tokens for every series. Ratio = bytes qpack needs to reach the baseline's val_bpb (interpolated on its "
+        f"{meta['window']}, stride {meta['stride']}; Hessians (and the Fisher, where a series uses it) from the same "
+        f"{meta['calib_tokens']:,} train-split tokens for every series. Ratio = bytes qpack needs to reach the baseline's val_bpb (interpolated on its "
         "curve, linear in log bytes) over the baseline's bytes; below 1 means qpack needs fewer bytes. Both curves "
         "are taken as envelopes (best bpb with at most that many bytes). qpack's "
         "bytes are the whole artifact; the baseline's are its compressed stream alone.\n\n"
-        f"```\npython benchmarks/rd/bench_rd.py --ckpt {meta['ckpt']} --data {args.data} --window {meta['window']} "
-        f"--tokens {meta['tokens']} --out {args.out}\n```\n\n"
+        "The commands that made these points, series by series: [benchmarks/rd/README.md](../README.md).\n\n"
         + ratio_table + "\n\n## Every point\n\n" + points_table + "\n\n![val bpb against bytes](rd.png)\n")
     print(ratio_table)
 
