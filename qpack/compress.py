@@ -97,6 +97,9 @@ class CompressConfig:
             raise QpackInputError("LQER needs both --lqer-rank and --lqer-top (one without the other does nothing)")
         if self.sdclip_k and self.scheme not in ("search", "sdclip"):
             raise QpackInputError(f"--sdclip-k applies to --scheme search or sdclip, not {self.scheme!r}")
+        bad_k = [k for k in self.sdclip_k if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0]
+        if bad_k:  # before any quantization: a k <= 0 would only fail once the scheme runs
+            raise QpackInputError(f"--sdclip-k values must be positive numbers, got {bad_k[0]!r}")
         if not self.codecs:
             raise QpackInputError("at least one codec is needed")
         if not self.layouts or any(lay not in LAYOUTS for lay in self.layouts):

@@ -101,3 +101,14 @@ def test_cli_rejects_unknown_scheme(tmp_path):
                         "sdclip_gpt", "-o", str(tmp_path / "o.qpk")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "sdclip_gptq" in r.stderr
     assert not (tmp_path / "o.qpk").exists()
+
+
+@pytest.mark.parametrize("k", ["-1", "0"])
+def test_cli_rejects_a_k_that_is_not_positive_before_any_work(tmp_path, k):
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "m.pt")
+    r = subprocess.run([sys.executable, "-m", "qpack.cli", "compress", str(tmp_path / "m.pt"), "--scheme", "sdclip",
+                        "--sdclip-k", k, "--budget", "3KB", "-o", str(tmp_path / "o.qpk")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"qpack: error: --sdclip-k values must be positive numbers, got {float(k)!r}"], r.stderr
+    assert not (tmp_path / "o.qpk").exists()
