@@ -34,6 +34,8 @@ SERIES = {
     "guarded clip search, relative loss": {"scheme": "gptq_lite", "datafree_loss": "relative"},
     "no clip (rtn), relative+embed loss": {"scheme": "rtn", "datafree_loss": "relative+embed"},
     "qpack default (guarded clip search, relative+embed loss)": {},
+    # rate-aware steps without data: rounding on a grid of steps per block (qpack.quant.uniform), same loss
+    "uniform steps, relative+embed loss": {"scheme": "uniform"},
 }
 
 
