@@ -50,6 +50,12 @@ def val_slice(data: Path, n: int, luts, space_counts) -> tuple[np.ndarray, np.nd
     return val, target_bytes(val, luts, space_counts)
 
 
+def defaults_rank(rows: list[tuple], current: tuple, label: str) -> str:
+    """The log line for the current defaults: their bpb in the grid `rows` ((bpb, *setting), best first) and rank."""
+    row = next(r for r in rows if tuple(r[1:]) == current)
+    return f"current defaults {label}: {row[0]:.4f} (rank {rows.index(row) + 1} of {len(rows)})"
+
+
 def write_report(lines: list[str], out: Path) -> None:
     """Write the tuning log to `out` and print it."""
     text = "\n".join(lines) + "\n"
@@ -98,9 +104,7 @@ def main() -> None:
     lines.append("bpb     orders             eta   decay")
     lines += [f"{b:.4f}  {str(o):<17}  {e:<4}  {d}" for b, o, e, d in rows[:10]]
     old = MixerConfig()
-    old_row = next(r for r in rows if (r[1], r[2], r[3]) == (old.orders, old.eta, old.decay))
-    lines.append(f"current defaults {old.orders} eta {old.eta} decay {old.decay}: {old_row[0]:.4f} "
-                 f"(rank {rows.index(old_row) + 1} of {len(rows)})")
+    lines.append(defaults_rank(rows, (old.orders, old.eta, old.decay), f"{old.orders} eta {old.eta} decay {old.decay}"))
     _, orders, eta, decay = rows[0]
     chosen = MixerConfig(orders=orders, eta=eta, decay=decay)
 

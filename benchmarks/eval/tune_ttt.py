@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tune_mixer import bpb_of, held_out_train_slice, val_slice, write_report
+from tune_mixer import bpb_of, defaults_rank, held_out_train_slice, val_slice, write_report
 
 from qpack.data.tokenizer import byte_counting, load_tokenizer
 from qpack.eval.bpb import target_bytes
@@ -60,9 +60,8 @@ def main() -> None:
     lines.append("bpb     lr      chunk  optimizer")
     lines += [f"{b:.4f}  {lr:<6}  {c:<5}  {o}" for b, lr, c, o in rows]
     old = TTTConfig()
-    old_row = next(r for r in rows if (r[1], r[2], r[3]) == (old.lr, old.chunk, old.optimizer))
-    lines.append(f"current defaults lr {old.lr} chunk {old.chunk} {old.optimizer}: {old_row[0]:.4f} "
-                 f"(rank {rows.index(old_row) + 1} of {len(rows)})")
+    lines.append(defaults_rank(rows, (old.lr, old.chunk, old.optimizer),
+                               f"lr {old.lr} chunk {old.chunk} {old.optimizer}"))
     _, lr, chunk, opt = rows[0]
     chosen = replace(old, lr=lr, chunk=chunk, optimizer=opt)
     val, vbytes = val_slice(args.data, args.tokens, luts, space_counts)
