@@ -25,7 +25,7 @@ def fsync_dir(directory: str | os.PathLike) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # best effort: some filesystems refuse fsync on a directory; the rename itself is already atomic
     finally:
         os.close(fd)
 
@@ -75,7 +75,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None], _on
             try:
                 os.unlink(tmp)
             except OSError:
-                pass
+                pass  # the temp file is already gone; the error being raised is the one that matters
 
 
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes], _on_step: StepHook = None) -> int:

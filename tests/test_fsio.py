@@ -32,7 +32,7 @@ def test_every_writer_leaves_the_mode_open_would(tmp_path, umask_022):
     write_shard(tmp_path / "x_val_000000.bin", [1, 2, 3])
     write_container(tmp_path / "m.qpk", {}, [], [encode_section("a", make_codec("raw"), b"abc")])
     with open(tmp_path / "plain", "w"):
-        pass
+        pass  # an empty file made by plain open(): the mode every writer must match
     want = _mode(tmp_path / "plain")
     assert want == 0o644
     for name in ("m.pt", "m.safetensors", "x_val_000000.bin", "m.qpk"):

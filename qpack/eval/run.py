@@ -174,7 +174,7 @@ def data_warnings(extra: dict, data_dir: str | os.PathLike) -> list[str]:
         if want == data_manifest_hash(data_dir):
             return []
     except QpackFormatError:
-        pass
+        pass  # an unreadable manifest is not the one the model was trained with: warn below, as for a mismatch
     return [f"{manifest}: not the data manifest the model was trained with (its tokenizer or split may differ)"]
 
 
