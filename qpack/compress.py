@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
@@ -108,16 +109,11 @@ class CompressConfig:
             raise QpackInputError("code layouts need 'byte' or 'packed': 'trit' holds 2-bit codes only")
         for spec in self.codecs:
             parse_codec(spec)  # raises a clear error for unknown codecs or parameters
-        _check_rate_options(self)
         from .lqer_choice import check_config
+        from .rd.steps import check_rate_options
 
+        check_rate_options(self)
         check_config(self)
-
-
-def _check_rate_options(cfg: CompressConfig) -> None:
-    from .rd.steps import check_rate_options
-
-    check_rate_options(cfg)
 
 
 def _schemes() -> list[str]:
@@ -337,6 +333,11 @@ class _Job:
         # unit for every tensor (its proxy), so a tensor without a Hessian there falls back to mse as before.
         self._datafree = cfg.datafree_loss if not hessians and not self.fisher else None
 
+    @cached_property
+    def _datafree_ref(self) -> float | None:
+        """qpack.quant.datafree.reference_ms of the quantized tensors, computed once per job."""
+        return reference_ms({n: self.sd[n].detach().float() for n in self.quant_names})
+
     # -- passthrough: small tensors stored as they are (fp16 or fp32 for floats)
     def passthrough(self) -> dict[str, Option]:
         out: dict[str, Option] = {}
@@ -427,7 +428,7 @@ class _Job:
                     p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
                 fr = self._fisher_rows(n, b)
-                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, _datafree_ref(self))
+                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, self._datafree_ref)
                         if self._datafree is not None and fr is None else _diag_loss(w[b.r0:b.r1], wq, hd, fr))
                 out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p), loss))
         return out
@@ -451,7 +452,7 @@ class _Job:
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy, self._fisher_rows(n, b), self._datafree, n,
-                         _datafree_ref(self) if self._datafree is not None else None)
+                         self._datafree_ref if self._datafree is not None else None)
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -706,13 +707,6 @@ def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,
     if proxy == "relative":
         return estimate_loss(w, wq, h) / max(estimate_loss(w, torch.zeros_like(w), h), 1e-30) * w.numel()
     return estimate_loss(w, wq, h)
-
-
-def _datafree_ref(job: "_Job") -> float | None:
-    """qpack.quant.datafree.reference_ms of the job's quantized tensors, computed once per job."""
-    if "_datafree_ref" not in job.__dict__:
-        job.__dict__["_datafree_ref"] = reference_ms({n: job.sd[n].detach().float() for n in job.quant_names})
-    return job.__dict__["_datafree_ref"]
 
 
 def _diag_loss(w: torch.Tensor, wq: torch.Tensor, hdiag: torch.Tensor | None,
