@@ -63,6 +63,8 @@ class CompressConfig:
     steps: tuple[float, ...] | None = None  # steps offered with a budget (None: the scheme's default, see _steps_for)
     step: float | None = None  # scheme uniform without a budget: the one step for every matrix
     rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
+    # a uniform step in units of the whole tensor's std ("flat") or of each row's ("std"); "auto": see rd.steps.rows_for
+    step_rows: str = "auto"
     # LQER chosen by the budget solver (qpack.lqer_choice): "auto" (with a budget and no fixed lqer_rank) offers
     # every tensor a low-rank correction at each rank of lqer_ranks and factor widths of lqer_bits (B's scales
     # per lqer_group columns), bytes inside the budget; "off" (the default: with Fisher-weighted uniform steps it
@@ -360,7 +362,7 @@ class _Job:
                 cheapest.append(make_quantizer("rtn", min(self.widths), self.cfg.group_size).quantize(w))
             steps = _steps_for(self.cfg, n in self.hessians)
             if steps:
-                cheapest.append(_uniform(max(steps)).quantize(w))
+                cheapest.append(_uniform(max(steps), rows=self._rows(n)).quantize(w, row_weight=self._row_weight(n)))
             for b in self.blocks[n]:
                 estimate += min(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
                                 for q in cheapest)
@@ -372,7 +374,7 @@ class _Job:
         self._menu: dict[str, list[tuple[str, dict, int | None]]] = {}
         for n in self.quant_names:
             menu = [(s, p, b) for b in self.widths for s, p in _schemes_for(self.cfg, n in self.hessians)]
-            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo}, _UNIFORM_BITS)
+            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo, "rows": self._rows(n)}, _UNIFORM_BITS)
                      for st in _steps_for(self.cfg, n in self.hessians)]  # by step: neighbours err alike
             if self.cfg.budget is not None and self.cfg.fp16_candidate:
                 menu.append(("fp16", {}, None))  # kept last: see _fp16_index
@@ -417,10 +419,10 @@ class _Job:
         rtn: dict[Any, Quantized] = {}
         for scheme, params, bits in self._menu[n]:
             # widths: round-to-nearest at that width; uniform steps: rounding on that grid (no GPTQ, no RDO)
-            key = ("uniform", params["step"]) if scheme == "uniform" else bits
+            key = ("uniform", params["step"], params["rows"]) if scheme == "uniform" else bits
             if bits is not None and key not in rtn:
-                rtn[key] = (_uniform(params["step"]) if scheme == "uniform"
-                            else make_quantizer("rtn", bits, self.cfg.group_size)).quantize(w)
+                rtn[key] = (_uniform(params["step"], rows=params["rows"]).quantize(w, row_weight=self._row_weight(n))
+                            if scheme == "uniform" else make_quantizer("rtn", bits, self.cfg.group_size).quantize(w))
             for b in blocks:
                 if bits is None:
                     p: Quantized | torch.Tensor = w[b.r0:b.r1].to(torch.float16)
@@ -462,11 +464,11 @@ class _Job:
             from .quant.gptq import GPTQ
 
             if h is None:
-                return _uniform(**params).quantize(w)
+                return _uniform(**params).quantize(w, row_weight=self._row_weight(n))
             key = (n, "gptq", ())
             if key not in self._prepared:
                 self._prepared[key] = GPTQ(as_matrix(w), h)
-            return _uniform(**params).quantize_prepared(w, self._prepared[key])
+            return _uniform(**params).quantize_prepared(w, self._prepared[key], self._row_weight(n))
         quantizer = make_quantizer(scheme, bits, self.cfg.group_size, **params)
         if not hasattr(quantizer, "prepare") or h is None:
             return quantizer.quantize(w, h)
@@ -474,6 +476,19 @@ class _Job:
         if key not in self._prepared:
             self._prepared[key] = quantizer.prepare(w, h)
         return quantizer.quantize_prepared(self._prepared[key], tuple(w.shape))
+
+    def _rows(self, n: str) -> str:
+        """The uniform quantizer's row mode for tensor `n` (step_rows "fisher": "weighted" by the Fisher)."""
+        rows = _rows_for(self.cfg, n in self.hessians)
+        if rows != "fisher":
+            return rows
+        if n not in self.fisher:
+            raise QpackInputError("step rows 'fisher' needs Fisher sensitivities (compress --calib, loss proxy fisher)")
+        return "weighted"
+
+    def _row_weight(self, n: str) -> torch.Tensor | None:
+        """Per-row sensitivities of tensor `n` for rows="weighted": its Fisher's row means (None otherwise)."""
+        return as_matrix(self.fisher[n]).mean(dim=1) if self._rows(n) == "weighted" else None
 
     def _fisher_rows(self, n: str, b: Any) -> torch.Tensor | None:
         """The Fisher of block `b` of tensor `n` under loss proxy fisher, else None."""
@@ -761,9 +776,16 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
 _UNIFORM_BITS = 8  # qpack.rd.steps.UNIFORM_BITS: uniform codes are int8, the step sets the rate
 
 
-def _uniform(step: float, rdo: float = 0.0) -> Any:
+def _uniform(step: float, rdo: float = 0.0, rows: str = "flat") -> Any:
     """The uniform quantizer at one step (qpack.quant.uniform)."""
-    return make_quantizer("uniform", _UNIFORM_BITS, None, step=step, rdo=rdo)
+    return make_quantizer("uniform", _UNIFORM_BITS, None, step=step, rdo=rdo, rows=rows)
+
+
+def _rows_for(cfg: CompressConfig, has_hessian: bool) -> str:
+    """How one tensor's uniform steps scale with its rows (qpack.rd.steps.rows_for)."""
+    from .rd.steps import rows_for
+
+    return rows_for(cfg, has_hessian)
 
 
 def _steps_for(cfg: CompressConfig, has_hessian: bool) -> tuple[float, ...]:
@@ -778,7 +800,8 @@ def _menu_label(scheme: str, params: dict, bits: int | None) -> str:
     if bits is None:
         return "fp16"
     if scheme == "uniform":
-        return f"uniform/step{params['step']:.4g}" + (f"/rdo{params['rdo']:g}" if params.get("rdo") else "")
+        return (f"uniform/step{params['step']:.4g}" + ({"std": "/rowstd", "weighted": "/rowfisher"}.get(params.get("rows"), ""))
+                + (f"/rdo{params['rdo']:g}" if params.get("rdo") else ""))
     return f"{scheme}/int{bits}"
 
 

@@ -34,9 +34,11 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
-def _scales(w: torch.Tensor, step: float) -> torch.Tensor:
-    """Per-row steps written out independently: step * std(tensor), widened so that no weight needs |q| > 127."""
-    return _fp16(torch.maximum(step * w.std(correction=0), w.abs().amax(dim=1, keepdim=True) / 127))
+def _scales(w: torch.Tensor, step: float, per_row: bool = False) -> torch.Tensor:
+    """Per-row steps written out independently: step * std(tensor) (or, `per_row`, of each row), widened so that
+    no weight needs |q| > 127."""
+    std = w.std(dim=1, correction=0, keepdim=True) if per_row else w.std(correction=0)
+    return _fp16(torch.maximum(step * std, w.abs().amax(dim=1, keepdim=True) / 127))
 
 
 @pytest.mark.parametrize("bpp", [2.5, 4.0, 6.0])
@@ -63,8 +65,8 @@ def test_artifact_holds_codes_on_one_grid_step_per_block(tmp_path):
         w, got = sd[name], back[name][r0:r1]
         # some step of the menu explains every row of the block: integer codes within +-127 on that grid
         ok = []
-        for step in DEFAULT_STEPS:
-            s = _scales(w, step)[r0:r1]
+        for step in DEFAULT_STEPS:  # step_rows auto: a tensor without a Hessian has steps in its rows' stds
+            s = _scales(w, step, per_row=name not in hs)[r0:r1]
             q = got / s
             if torch.equal(q, torch.round(q)) and int(q.abs().max()) <= 127:
                 ok.append(step)
@@ -77,7 +79,7 @@ def test_artifact_holds_codes_on_one_grid_step_per_block(tmp_path):
 def test_fixed_step_without_budget_is_gptq_on_that_grid_bit_exact(tmp_path, step):
     sd, hs = _model(2)
     compress(sd, tmp_path / "g.qpk", scheme="uniform", step=step, hessians=hs)
-    compress(sd, tmp_path / "r.qpk", scheme="uniform", step=step)
+    compress(sd, tmp_path / "r.qpk", scheme="uniform", step=step, step_rows="flat")  # the grid GPTQ's has
     gptq, rtn = load(tmp_path / "g.qpk"), load(tmp_path / "r.qpk")
     for name, w in sd.items():
         if name == "norm.weight":
@@ -113,7 +115,8 @@ def test_floor_prices_the_coarsest_step():
     # the coarsest step (4 std) codes nearly every weight as 0: far below round-to-nearest int2, so a budget
     # under int2's floor is still reachable with uniform steps
     int2 = compress(sd, None, budget=int(2.3 * PARAMS / 8), bits=(2,), fp16_candidate=False).bytes_total
-    res = compress(sd, None, budget=int(0.6 * int2), hessians=hs, **OPTS)
+    # (flat steps: per-row steps give the 64-wide embedding 512 distinct fp16 scales, 0.25 bit per weight)
+    res = compress(sd, None, budget=int(0.6 * int2), hessians=hs, **OPTS, step_rows="flat")
     assert res.bytes_total <= int(0.6 * int2)
 
 
@@ -136,7 +139,8 @@ def test_mixed_menu_takes_the_cheaper_kind_per_block():
                                   dict(scheme="uniform", budget=10_000, steps=()),
                                   dict(scheme="uniform", budget=10_000, step=0.5), dict(step=0.5),
                                   dict(scheme="uniform", steps=(0.5,)), dict(budget=10_000, rdo=0.1, steps=()),
-                                  dict(scheme="uniform", step=0.5, group_size=32), dict(scheme="nope")])
+                                  dict(scheme="uniform", step=0.5, group_size=32), dict(scheme="nope"),
+                                  dict(scheme="uniform", step=0.5, step_rows="rows")])
 def test_config_refuses_bad_or_idle_options(opts):
     with pytest.raises(QpackInputError):
         CompressConfig(**opts)
@@ -151,6 +155,7 @@ def _cli(*args: str):
                                    ["--scheme", "uniform", "--budget", "40KB", "--rdo", "-1"],
                                    ["--scheme", "uniform", "--budget", "40KB", "--steps", "0.5,x"],
                                    ["--scheme", "uniform", "--step", "0.5", "--bits", "4"],
+                                   ["--scheme", "uniform", "--step", "0.5", "--step-rows", "rows"],
                                    ["--scheme", "bogus"]])
 def test_cli_bad_input_one_line_exit_2_no_file(tmp_path, flags):
     sd, _ = _model()
@@ -164,13 +169,17 @@ def test_cli_bad_input_one_line_exit_2_no_file(tmp_path, flags):
     assert not out.exists()
 
 
-def test_cli_fixed_step(tmp_path):
+@pytest.mark.parametrize("flags,per_row", [([], True), (["--step-rows", "flat"], False),
+                                           (["--step-rows", "std"], True)])
+def test_cli_fixed_step(tmp_path, flags, per_row):
+    # without --calib there is no Hessian: auto takes each row's std as the unit (SDClip's per-row scale)
     sd, _ = _model()
     ckpt = tmp_path / "m.pt"
     torch.save(sd, ckpt)
-    r = _cli(str(ckpt), "-o", str(tmp_path / "m.qpk"), "-q", "--scheme", "uniform", "--step", "0.4")
+    r = _cli(str(ckpt), "-o", str(tmp_path / "m.qpk"), "-q", "--scheme", "uniform", "--step", "0.4", *flags)
     assert r.exit_code == 0, r.stderr
-    s = _scales(sd["l2.weight"], 0.4)
+    s = _scales(sd["l2.weight"], 0.4, per_row)
+    assert (s.reshape(-1).unique().numel() > 1) == per_row
     assert torch.equal(load(tmp_path / "m.qpk")["l2.weight"], torch.round(sd["l2.weight"] / s).clamp(-127, 127) * s)
 
 
@@ -194,3 +203,52 @@ def test_auto_with_hessians_and_a_budget_takes_uniform_steps():
     for opts in (dict(steps=()), dict(bits=(3, 4, 5))):
         res = compress(sd, None, budget=budget, hessians=hs, **opts)
         assert {t.scheme.removesuffix("+lqer") for t in res.tensors if t.name.split("#")[0] in hs} <= {"gptq", "fp16"}
+
+
+def test_row_factors_are_the_inverse_root_of_relative_sensitivity():
+    from qpack.quant.uniform import row_factors, uniform_scales
+
+    # geometric mean of 1, 4, 16 is 4: steps (g / 4) ** -0.5
+    assert torch.allclose(row_factors(torch.tensor([1.0, 4.0, 16.0])).reshape(-1), torch.tensor([2.0, 1.0, 0.5]))
+    # a sensitivity ratio of 1e6 would ask for 1000x steps: held to 1/8..8
+    assert torch.allclose(row_factors(torch.tensor([1.0, 1e6])).reshape(-1), torch.tensor([8.0, 0.125]))
+    # on quarter octaves: 3x the geometric mean asks for 3 ** -0.5 = 2 ** -0.79, stored as 2 ** -0.75
+    assert torch.allclose(row_factors(torch.tensor([3.0, 1 / 3])).reshape(-1), torch.tensor([2 ** -0.75, 2 ** 0.75]))
+    w = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    s = uniform_scales(w, 0.5, 8, "weighted", torch.tensor([1.0, 4.0, 16.0]))
+    assert torch.equal(s.reshape(-1), _fp16(0.5 * w.std(correction=0) * torch.tensor([2.0, 1.0, 0.5])))
+    with pytest.raises(QpackInputError):
+        uniform_scales(w, 0.5, 8, "weighted", None)
+
+
+def test_fisher_rows_lower_the_fisher_loss_at_the_same_budget(tmp_path):
+    # rows whose Fisher differs 100x: equal marginal loss per bit wants finer steps on the sensitive rows. Rows of
+    # 512 weights, as in real models (per-row scales are a small part of their bytes)
+    g = torch.Generator().manual_seed(7)
+    sd, hs = {}, {}
+    for i in range(4):
+        sd[f"l{i}.weight"] = torch.randn(64, 512, generator=g) * 0.02 * (i + 1)
+        X = torch.randn(1024, 512, generator=g) * (torch.rand(512, generator=g) * 2 + 0.1)
+        hs[f"l{i}.weight"] = X.T @ X / 1024
+    fisher = {n: (10 ** (2 * torch.rand(t.shape[0], 1, generator=g))).expand(t.shape).contiguous()
+              for n, t in sd.items() if t.dim() == 2}
+    budget = int(3.5 * 4 * 64 * 512 / 8)
+    loss = {}
+    for rows in ("flat", "fisher"):
+        res = compress(sd, tmp_path / f"{rows}.qpk", budget=budget, hessians=hs, fisher=fisher, step_rows=rows,
+                       **FAST)
+        assert res.bytes_total <= budget
+        loss[rows] = sum(t.est_loss for t in res.tensors)
+    assert loss["fisher"] < 0.95 * loss["flat"], loss
+    # the artifact's steps follow the Fisher: within a matrix, the more sensitive row has the finer step
+    back = load(tmp_path / "fisher.qpk")
+    w, f = sd["l1.weight"], fisher["l1.weight"][:, 0]
+    i, j = int(f.argmax()), int(f.argmin())
+    nz = lambda r: back["l1.weight"][r][back["l1.weight"][r] != 0].abs().min()  # noqa: E731
+    assert nz(i) < nz(j)
+
+
+def test_fisher_rows_need_a_fisher():
+    sd, hs = _model()
+    with pytest.raises(QpackInputError):
+        compress(sd, None, budget=int(3.5 * PARAMS / 8), hessians=hs, step_rows="fisher", **FAST)

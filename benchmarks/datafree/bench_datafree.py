@@ -35,7 +35,10 @@ SERIES = {
     "no clip (rtn), relative+embed loss": {"scheme": "rtn", "datafree_loss": "relative+embed"},
     "qpack default (guarded clip search, relative+embed loss)": {},
     # rate-aware steps without data: rounding on a grid of steps per block (qpack.quant.uniform), same loss
-    "uniform steps, relative+embed loss": {"scheme": "uniform"},
+    "uniform steps, relative+embed loss": {"scheme": "uniform", "step_rows": "flat"},
+    # the same with each row's step in units of that row's std (SDClip's per-row scale, on a continuum)
+    "uniform steps per row std, relative+embed loss": {"scheme": "uniform", "step_rows": "std"},
+    "uniform steps per row std, relative loss": {"scheme": "uniform", "step_rows": "std", "datafree_loss": "relative"},
 }
 
 

@@ -38,6 +38,10 @@ def _float_list(text: str) -> tuple[float, ...]:
               "standard deviations of each matrix")
 @click.option("--steps", default=None, help="with --budget: uniform steps (comma list, in standard deviations) the "
               "solver picks from [default for --scheme uniform: 0.03 to 4, 8 per octave]")
+@click.option("--step-rows", default="auto", show_default=True,
+              help="uniform steps in units of each matrix's std (flat), of each row's (std), or flat scaled per "
+              "row by the row's mean Fisher (fisher, needs --calib); auto: flat for matrices with a Hessian "
+              "(--calib), std for the others")
 @click.option("--rdo", type=float, default=0.0, show_default=True,
               help="RDO rounding multiplier for uniform steps (0: nearest level)")
 @click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher"]), default="auto",
@@ -72,7 +76,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("--dry-run", is_flag=True, help="print the plan and predicted size; write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
-def command(model, output, budget, bits, scheme, sdclip_k, step, steps, rdo, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
+def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_rows, rdo, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
             forward_spec, seq_len, device, lqer_rank, lqer_top, lqer_mode, lqer_ranks, lqer_bits, lqer_group, code_files, code_codec, passthrough, min_numel, dry_run,
             as_json, quiet):
     """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
@@ -96,7 +100,8 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, rdo, los
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
                 lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy,
                 lqer=lqer_mode or "off", lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
-                lqer_bits=_int_list(lqer_bits, "--lqer-bits"), lqer_group=lqer_group, step=step, rdo=rdo)
+                lqer_bits=_int_list(lqer_bits, "--lqer-bits"), lqer_group=lqer_group, step=step, rdo=rdo,
+                step_rows=step_rows)
     if steps is not None:
         opts["steps"] = _float_list(steps)
     if bits and scheme == "uniform":

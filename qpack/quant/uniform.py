@@ -2,7 +2,9 @@
 
 With an entropy coder the rate knob is the step, not the number of levels: codes are stored at `bits` (8 by
 default, so +-127) and a step of `step` standard deviations (of the whole tensor with rows="flat", of each row
-with rows="std") sets the rate. Nothing clips: a row whose largest weight needs more than qmax levels gets the
+with rows="std") sets the rate. rows="weighted" gives row r the flat step times (g_r / G)^-1/2, g_r a per-row
+sensitivity (e.g. the row's mean Fisher) and G their geometric mean: with a loss sum_r g_r * err_r^2, that is the
+step profile of equal marginal loss per bit inside the tensor (high-rate theory), at the flat step's mean rate. Nothing clips: a row whose largest weight needs more than qmax levels gets the
 step absmax/qmax instead. With a Hessian the codes come from GPTQ on that grid; `rdo` > 0 turns on
 rate-distortion-optimised rounding (qpack.rd.grid_gptq), with code lengths from the codes' own histogram,
 re-estimated `iters` times.
@@ -17,7 +19,9 @@ import torch
 from ..errors import QpackInputError
 from .base import Quantized, Quantizer, as_matrix, qmax, register_quantizer, scales_fp16
 
-ROW_MODES = ("flat", "std")
+ROW_MODES = ("flat", "std", "weighted")
+FACTOR_STEPS_PER_OCTAVE = 4
+MAX_ROW_FACTOR = 8.0  # a weighted row's step stays within 1/8..8 of the flat step: a noisy g_r cannot starve a row
 
 
 def _number(name: str, value: Any, allow_zero: bool) -> float:
@@ -28,10 +32,29 @@ def _number(name: str, value: Any, allow_zero: bool) -> float:
     return float(value)
 
 
-def uniform_scales(W: torch.Tensor, step: float, bits: int, rows: str = "flat") -> torch.Tensor:
-    """Per-row steps (rows, 1) as fp16-exact float32: step * std, widened where a row would clip."""
+def row_factors(row_weight: torch.Tensor) -> torch.Tensor:
+    """(rows, 1) step multipliers (g_r / geomean g)^-1/2 for per-row sensitivities g_r, within 1/8..8, rounded to
+    quarter octaves."""
+    g = row_weight.detach().to(torch.float64).reshape(-1, 1)
+    floor = float(g.max()) * 1e-12 if float(g.max()) > 0 else 1.0
+    g = g.clamp_min(floor)
+    f = (g.log().mean() - g.log()).mul(0.5).exp().clamp(1 / MAX_ROW_FACTOR, MAX_ROW_FACTOR)
+    # on a grid of quarter octaves: a tensor's scales then take a few dozen values that its codec stores in a few
+    # bits each, instead of one fp16 per row (a 2^(1/8) mismatch costs a second-order sliver of the gain)
+    return torch.exp2(torch.round(torch.log2(f) * FACTOR_STEPS_PER_OCTAVE) / FACTOR_STEPS_PER_OCTAVE).to(torch.float32)
+
+
+def uniform_scales(W: torch.Tensor, step: float, bits: int, rows: str = "flat",
+                   row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row steps (rows, 1) as fp16-exact float32: step * std (times row_factors(row_weight) with
+    rows="weighted"), widened where a row would clip."""
     std = W.std(dim=1, correction=0, keepdim=True) if rows == "std" else W.std(correction=0).expand(W.shape[0], 1)
     s = step * std
+    if rows == "weighted":
+        if row_weight is None or row_weight.numel() != W.shape[0]:
+            raise QpackInputError(f"uniform: rows='weighted' needs one weight per row ({W.shape[0]}), got "
+                                  f"{None if row_weight is None else row_weight.numel()}")
+        s = s * row_factors(row_weight).to(s.device)
     s = torch.maximum(s, W.abs().amax(dim=1, keepdim=True) / qmax(bits))
     return scales_fp16(s).to(torch.float32)
 
@@ -42,7 +65,8 @@ class Uniform(Quantizer):
 
     defaults: dict[str, Any] = {
         "step": 0.25,  # grid step in standard deviations (the rate knob)
-        "rows": "flat",  # "flat": one step per tensor (rows widen only to avoid clipping); "std": per-row std
+        "rows": "flat",  # "flat": one step per tensor (rows widen only to avoid clipping); "std": per-row std;
+        # "weighted": the flat step scaled per row by a sensitivity given to quantize (see row_factors)
         "rdo": 0.0,  # Lagrange multiplier of RDO rounding, in squared steps per bit (0: nearest level)
         "iters": 2,  # RDO passes, each with code lengths from the previous pass's histogram
         "percdamp": 0.01,
@@ -63,21 +87,23 @@ class Uniform(Quantizer):
             if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1:
                 raise QpackInputError(f"uniform: {key} must be a positive integer, got {p[key]!r}")
 
-    def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None) -> Quantized:
+    def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None,
+                 row_weight: torch.Tensor | None = None) -> Quantized:
         from .gptq import GPTQ
 
         prepared = None if hessian is None else GPTQ(as_matrix(w), hessian, percdamp=self.params["percdamp"])
-        return self.quantize_prepared(w, prepared)
+        return self.quantize_prepared(w, prepared, row_weight)
 
-    def quantize_prepared(self, w: torch.Tensor, prepared=None) -> Quantized:
+    def quantize_prepared(self, w: torch.Tensor, prepared=None, row_weight: torch.Tensor | None = None) -> Quantized:
         """quantize() with the GPTQ preparation of w (qpack.quant.gptq.GPTQ) done once by the caller, or None
-        for independent rounding: a grid of steps then costs one Cholesky per matrix."""
+        for independent rounding: a grid of steps then costs one Cholesky per matrix. `row_weight`: the per-row
+        sensitivities of rows="weighted"."""
         from ..rd.grid_gptq import code_lengths, gptq_grid
 
         p = self.params
         W = as_matrix(w)
         m = qmax(self.bits)
-        S = uniform_scales(W, p["step"], self.bits, p["rows"])
+        S = uniform_scales(W, p["step"], self.bits, p["rows"], row_weight)
         q = gptq_grid(W, None, S, self.bits, 0.0, None, p["percdamp"], p["blocksize"], prepared)
         if p["rdo"] > 0:
             for _ in range(p["iters"]):

@@ -45,11 +45,26 @@ def steps_for(cfg: Any, has_hessian: bool) -> tuple[float, ...]:
     return DEFAULT_STEPS if cfg.scheme == "uniform" or auto_takes_steps(cfg, has_hessian) else ()
 
 
+#: CompressConfig.step_rows values; "auto" resolves per tensor (rows_for)
+STEP_ROWS = ("auto", "flat", "std", "fisher")
+
+
+def rows_for(cfg: Any, has_hessian: bool) -> str:
+    """Whether a tensor's uniform step is in units of the tensor's std ("flat"), of each row's ("std"), or the flat
+    step scaled per row by the row's mean Fisher ("fisher", qpack.quant.uniform.row_factors). auto: flat with a
+    Hessian (GPTQ and the solver see the output error directly), std without one."""
+    if cfg.step_rows != "auto":
+        return cfg.step_rows
+    return "flat" if has_hessian else "std"
+
+
 def check_rate_options(cfg: Any) -> None:
     """Refuse step/steps/rdo settings that are invalid or would do nothing (QpackInputError, one line)."""
     if isinstance(cfg.rdo, bool) or not isinstance(cfg.rdo, (int, float)) or not math.isfinite(cfg.rdo) \
             or cfg.rdo < 0:
         raise QpackInputError(f"rdo (the RDO rounding multiplier) must be a number >= 0, got {cfg.rdo!r}")
+    if cfg.step_rows not in STEP_ROWS:
+        raise QpackInputError(f"step rows must be one of {', '.join(STEP_ROWS)}, got {cfg.step_rows!r}")
     if cfg.step is not None:
         _positive("step", cfg.step)
         if cfg.scheme != "uniform":
