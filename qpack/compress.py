@@ -430,7 +430,7 @@ class _Job:
                     p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
                 fr = self._fisher_rows(n, b)
-                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, self._datafree_ref)
+                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, self._datafree_ref, p)
                         if self._datafree is not None and fr is None else _diag_loss(w[b.r0:b.r1], wq, hd, fr))
                 out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p), loss))
         return out
@@ -454,7 +454,7 @@ class _Job:
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy, self._fisher_rows(n, b), self._datafree, n,
-                         self._datafree_ref if self._datafree is not None else None)
+                         self._datafree_ref if self._datafree is not None else None, p)
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -708,7 +708,7 @@ def _fisher_for(cfg: CompressConfig, sd: Mapping[str, torch.Tensor], names: list
 
 def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,
           fisher: torch.Tensor | None = None, datafree: str | None = None, name: str = "",
-          ref_ms: float | None = None) -> float:
+          ref_ms: float | None = None, payload: Quantized | torch.Tensor | None = None) -> float:
     """The solver's loss for one block of tensor `name` under the configured proxy (`fisher`: the block's Fisher,
     proxy fisher; `datafree`: the data-free loss of a run with neither Hessians nor Fisher, qpack.quant.datafree)."""
     if proxy == "fisher" and fisher is not None:
@@ -716,7 +716,7 @@ def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,
 
         return fisher_weighted_loss(w, wq, fisher)
     if datafree is not None:
-        return datafree_loss(w, wq, datafree, name, ref_ms)
+        return datafree_loss(w, wq, datafree, name, ref_ms, payload)
     if proxy == "mse" or h is None:
         return estimate_loss(w, wq, None)
     if proxy == "relative":

@@ -2,6 +2,7 @@
 the data-free loss helper, and the no-Hessian default compress uses is the one the README names."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -147,6 +148,48 @@ def test_datafree_loss_values():
     assert _loss(w, wq, None, "hessian", datafree="relative") == datafree_loss(w, wq, "relative")
     with pytest.raises(QpackInputError, match="data-free loss"):
         CompressConfig(datafree_loss="fisher")
+
+
+def test_model_loss_is_the_high_rate_error_of_the_stored_steps():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=g) * 0.3
+    q = make_quantizer("uniform", 8, step=0.5, rows="std").quantize(w)
+    wq = q.dequantize().reshape(w.shape)
+    s = q.scales.double().reshape(-1, 1)
+    modeled = float((s ** 2 / 12).expand(16, 64).sum())  # every weight's error uniform on +-step/2
+    measured = float(((w - wq).double() ** 2).sum())
+    ms = float((w.double() ** 2).mean())
+    got = datafree_loss(w, wq, "model+embed", "blocks.0.attn.q.weight", payload=q)
+    assert got == pytest.approx(0.5 * max(modeled, measured) / ms, rel=1e-9)
+    # stored steps that understate the error (as a clip's do, which cuts weights): the measured error counts
+    clipped = make_quantizer("rtn", 2).quantize(w)
+    cq = clipped.dequantize().reshape(w.shape)
+    cut = float(((w - cq).double() ** 2).sum())
+    small = dataclasses.replace(clipped, scales=clipped.scales * 0.01)
+    assert datafree_loss(w, cq, "model+embed", "x.weight", payload=small) == pytest.approx(0.5 * cut / ms, rel=1e-9)
+    # an fp16 block (a tensor, not Quantized) and the embedding's weighting are relative+embed's
+    assert datafree_loss(w, wq, "model+embed", "x.weight") == datafree_loss(w, wq, "relative+embed", "x.weight")
+    assert datafree_loss(w, wq, "model+embed", "tok_emb.weight", ref_ms=0.25, payload=q) == pytest.approx(
+        EMBED_WEIGHT * 0.5 * max(modeled, measured) / 0.25, rel=1e-9)
+
+
+def test_model_loss_gives_both_tensors_one_row_relative_step(tmp_path):
+    # a Gaussian and a heavy-tailed (Laplace) tensor of different scales: under the modeled loss equal marginal
+    # loss per byte is, at high rate, one step in units of each row's std for both (SDClip's one k)
+    from qpack.artifact import read_artifact
+
+    g = torch.Generator().manual_seed(6)
+    u = torch.rand(128, 256, generator=g) - 0.5
+    sd = {"a.weight": torch.randn(128, 256, generator=g), "b.weight": -0.1 * u.sign() * torch.log1p(-2 * u.abs())}
+    cfg = CompressConfig(budget=int(4.0 * 2 * 128 * 256 / 8), scheme="uniform", fp16_candidate=False,
+                         datafree_loss="model+embed", chunk_numel=1 << 20)
+    compress(dict(sd), tmp_path / "m.qpk", cfg)
+    art = read_artifact(tmp_path / "m.qpk")
+    step = {}
+    for n, w in sd.items():
+        q = art.quantized(n)
+        step[n] = (q.scales.float().reshape(-1) / w.std(dim=1, correction=0)).median()
+    assert float(step["a.weight"]) == pytest.approx(float(step["b.weight"]), rel=0.10), step
 
 
 def test_relative_loss_allocates_by_scale_free_error():

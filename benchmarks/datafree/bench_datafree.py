@@ -39,6 +39,9 @@ SERIES = {
     # the same with each row's step in units of that row's std (SDClip's per-row scale, on a continuum)
     "uniform steps per row std, relative+embed loss": {"scheme": "uniform", "step_rows": "std"},
     "uniform steps per row std, relative loss": {"scheme": "uniform", "step_rows": "std", "datafree_loss": "relative"},
+    # the same steps, the allocation on the high-rate model of each block's error (qpack.quant.datafree)
+    "uniform steps per row std, model+embed loss": {"scheme": "uniform", "step_rows": "std",
+                                                    "datafree_loss": "model+embed"},
 }
 
 

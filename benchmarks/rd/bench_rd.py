@@ -146,6 +146,10 @@ def main() -> None:
         "layouts: codes one symbol per byte only (compress --budget)": dict(layouts=("byte",)),
         "ctx: default + ans_ctx codec": dict(codecs=("ans", "zstd", "ans_ctx")),
         "qpack + LQER in the solver (--lqer auto)": dict(lqer="auto"),
+        # each row's step in units of that row's std (SDClip's per-row scale, on the continuum)
+        "rows: per-row std steps (--step-rows std)": dict(step_rows="std"),
+        # each row's step scaled by its mean Fisher (qpack.quant.uniform.row_factors), GPTQ on that grid
+        "rows: per-row Fisher steps (--step-rows fisher)": dict(step_rows="fisher"),
         # compress --budget with each loss proxy (--series loss); "sensitivity" names the setup that feeds `fisher=`
         **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher")},
         "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(loss_proxy="fisher",
