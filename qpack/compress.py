@@ -395,6 +395,8 @@ class _Job:
         capacity = self.cfg.budget - self.cfg.code_bytes - fixed_bytes - 96 * (len(blocks) + len(self._fixed)) - 512
         by_entry = {b.entry: b.tensor for b in blocks}
         realize = lambda entry, i: self._realize(by_entry[entry], i, realized)  # noqa: E731
+        if self._datafree == "common":  # one step for all (qpack.rd.common_step); no GPTQ to clear without data
+            return self._common(blocks, proxies, realized, realize, capacity)
         try:
             choices = realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized, realize, capacity)
             if not any(_steps_for(self.cfg, n in self.hessians) for n in self.quant_names):
@@ -408,6 +410,27 @@ class _Job:
             return realize_neighbours(choices, realized, realize, capacity, on_grid)
         finally:
             self._prepared.clear()
+
+    def _common(self, blocks: list, proxies: dict[str, list[Candidate]], realized: dict[str, dict[int, Candidate]],
+                realize: Callable[[str, int], None], capacity: int) -> list[Choices]:
+        """Data-free loss "common": every block at one position of the step grid (the embedding finer by
+        qpack.quant.datafree.common_step_divisor), the solver choosing only between it and the next finer."""
+        from .quant.datafree import common_step_divisor
+        from .rd.common_step import grid_offset, realize_common
+
+        step_index: dict[str, list[int]] = {}
+        offsets: dict[str, int] = {}
+        for b in blocks:
+            menu = self._menu[b.tensor]
+            idx = sorted((i for i, item in enumerate(menu) if item[0] == "uniform"), key=lambda i: menu[i][1]["step"])
+            if not idx:
+                raise QpackInputError(f"data-free loss 'common' puts every tensor on one uniform step, but {b.tensor} "
+                                      "has none on its menu: use --scheme uniform")
+            step_index[b.entry] = idx
+            divisor = common_step_divisor(self.sd[b.tensor], b.tensor, self._datafree_ref)
+            offsets[b.entry] = grid_offset(divisor, [menu[i][1]["step"] for i in idx])
+        return realize_common([Choices(b.entry, proxies[b.entry]) for b in blocks], step_index, offsets, realized,
+                              realize, capacity)
 
     def _proxies(self, n: str) -> dict[str, list[Candidate]]:
         """Round-to-nearest estimates of every menu item for each block of `n`: predicted bytes and loss."""

@@ -27,21 +27,23 @@ def _is_matrix(t: torch.Tensor, min_numel: int) -> bool:
     return t.is_floating_point() and t.ndim >= 2 and t.numel() >= min_numel
 
 
-def sdclip_rtn(sd: dict[str, torch.Tensor], k: float = 12.85, bits: int = 6,
-               min_numel: int = 4096) -> tuple[int, dict[str, torch.Tensor]]:
-    """(brotli-11 bytes of the shuffled stream, dequantized state dict) of SDClip RTN."""
+def sdclip_rtn(sd: dict[str, torch.Tensor], k: float = 12.85, bits: int = 6, min_numel: int = 4096,
+               measure: bool = True) -> tuple[int | None, dict[str, torch.Tensor]]:
+    """(brotli-11 bytes of the shuffled stream, or None when not `measure`d, dequantized state dict) of SDClip
+    RTN."""
     parts: dict[str, Quantized | torch.Tensor] = {}
     for n, t in sd.items():
         if _is_matrix(t, min_numel):
             parts[n] = make_quantizer("sdclip", bits, k=k).quantize(t.float())
         else:
             parts[n] = t.detach().to(torch.float16)
-    return rp.compressed_size(parts), rp.dequantized(parts, sd)
+    return rp.compressed_size(parts) if measure else None, rp.dequantized(parts, sd)
 
 
-def naive_int8(sd: dict[str, torch.Tensor], clip_q: float | None = INT8_CLIP_Q,
-               min_numel: int = 4096) -> tuple[int, dict[str, torch.Tensor]]:
-    """(zlib-9 bytes of the stream, dequantized state dict) of per-row int8; clip_q None: per-row absmax."""
+def naive_int8(sd: dict[str, torch.Tensor], clip_q: float | None = INT8_CLIP_Q, min_numel: int = 4096,
+               measure: bool = True) -> tuple[int | None, dict[str, torch.Tensor]]:
+    """(zlib-9 bytes of the stream, or None when not `measure`d, dequantized state dict) of per-row int8;
+    clip_q None: per-row absmax."""
     parts: dict[str, Quantized | torch.Tensor] = {}
     for n, t in sd.items():
         if not _is_matrix(t, min_numel):
@@ -53,7 +55,7 @@ def naive_int8(sd: dict[str, torch.Tensor], clip_q: float | None = INT8_CLIP_Q,
         s = scales_fp16(clip.clamp_min(1e-12) / 127)
         q = quantize_with_scales(w, s, 8, None)
         parts[n] = Quantized(q, s, tuple(t.shape), 8, "int8", None, {})
-    return len(zlib.compress(rp.raw_stream(parts), 9)), rp.dequantized(parts, sd)
+    return len(zlib.compress(rp.raw_stream(parts), 9)) if measure else None, rp.dequantized(parts, sd)
 
 
 @contextmanager

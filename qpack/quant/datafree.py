@@ -20,8 +20,12 @@
     is larger, which is where a clip cut weights). The solver then equalizes
     steps in units of each block's scale (SDClip's one k for every row, with the embedding's factor) and only
     bends that where the rate curves do, instead of chasing the measured error's idiosyncrasies, which do not
-    predict the model's loss (benchmarks/datafree: on SmolLM2 one common step beat the measured-error
-    allocation at the same bytes).
+    predict the model's loss. Measured on SmolLM2 it bends them anyway (ffn_down a step coarser) and scores no
+    better than "relative+embed".
+  * "common": no trades at all (qpack.rd.common_step): one step for every block in units of its rows' std, the
+    embedding's finer by common_step_divisor, the finest that fits; the solver picks, per block, only among
+    that step and the next two finer ones (by the "model+embed" loss) to fill the budget. On SmolLM2 one
+    common step beat every allocation a data-free loss made (benchmarks/datafree).
 """
 from __future__ import annotations
 
@@ -33,7 +37,11 @@ import torch
 from ..errors import QpackInputError
 from .base import Quantized, as_matrix
 
-DATAFREE_LOSSES = ("relative", "relative+embed", "model+embed", "mse")
+DATAFREE_LOSSES = ("relative", "relative+embed", "model+embed", "common", "mse")
+#: "common": the embedding's step is divided by sqrt(max(1, COMMON_EMBED_WEIGHT * its mean square over the
+#: matrices' median)); SmolLM2 (0.5x the matrices' mean square) then keeps the matrices' step, our checkpoints'
+#: embeddings (11-14x) get a step about 3.5x finer
+COMMON_EMBED_WEIGHT = 1.0
 EMBED_NAME = re.compile(r"(emb|wte|lm_head)", re.I)
 EMBED_WEIGHT = 3.0
 DEFAULT_DATAFREE_LOSS = "relative+embed"
@@ -62,10 +70,18 @@ def datafree_weight(w: torch.Tensor, mode: str, name: str = "", ref_ms: float | 
     if check_datafree_loss(mode) == "mse":
         return 1.0
     ms = _ms(w)
-    if mode in ("relative+embed", "model+embed") and EMBED_NAME.search(name):
+    if mode in ("relative+embed", "model+embed", "common") and EMBED_NAME.search(name):
         ms = ref_ms if ref_ms else ms
         return EMBED_WEIGHT / ms if ms > 0 else EMBED_WEIGHT
     return 1.0 / ms if ms > 0 else 1.0
+
+
+def common_step_divisor(w: torch.Tensor, name: str, ref_ms: float | None) -> float:
+    """How much finer than the common step tensor `name` is stored under data-free loss "common": 1 for a block
+    matrix, sqrt(max(1, COMMON_EMBED_WEIGHT * mean square / ref_ms)) for the embedding / output head."""
+    if not EMBED_NAME.search(name) or not ref_ms:
+        return 1.0
+    return max(1.0, COMMON_EMBED_WEIGHT * _ms(w) / ref_ms) ** 0.5
 
 
 def modeled_sq_error(q: Quantized) -> float:
@@ -79,6 +95,6 @@ def datafree_loss(w: torch.Tensor, wq: torch.Tensor, mode: str, name: str = "", 
     """The solver's loss for replacing the block `w` (of the tensor `name`) by `wq` with no data; under
     "model+embed" a quantized `payload` (the block as stored) gives the modeled error where it is larger."""
     e = float((as_matrix(w).to(torch.float64) - as_matrix(wq).to(torch.float64)).square().sum())
-    if mode == "model+embed" and isinstance(payload, Quantized):
+    if mode in ("model+embed", "common") and isinstance(payload, Quantized):
         e = max(e, modeled_sq_error(payload))  # the measured error still counts where it is larger: clipping
     return 0.5 * e * datafree_weight(w, mode, name, ref_ms)
