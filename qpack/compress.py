@@ -385,18 +385,16 @@ class _Job:
             for n in self.progress(self.quant_names, "quantize", len(self.quant_names)):
                 self._realize(n, 0, realized)
             return [Choices(b.entry, [realized[b.entry][0]]) for b in blocks]
+        by_entry = {b.entry: b.tensor for b in blocks}
+        realize = lambda entry, i: self._realize(by_entry[entry], i, realized)  # noqa: E731
+        if self._datafree == "common":  # one step for all (qpack.rd.common_step); no GPTQ without data
+            return self._common(blocks, realized, realize)
         proxies: dict[str, list[Candidate]] = {}
         for n in self.progress(self.quant_names, "price", len(self.quant_names)):
             proxies.update(self._proxies(n))
             if self.cfg.fp16_candidate:  # fp16 is cheap to price exactly: always a real candidate
                 self._realize(n, len(self._menu[n]) - 1, realized)
-        fixed_bytes = sum(o.encoded.nbytes for o in self._fixed.values())
-        # Room for the blocks, less a first guess at the manifest; qpack.budget.fit corrects it by measuring.
-        capacity = self.cfg.budget - self.cfg.code_bytes - fixed_bytes - 96 * (len(blocks) + len(self._fixed)) - 512
-        by_entry = {b.entry: b.tensor for b in blocks}
-        realize = lambda entry, i: self._realize(by_entry[entry], i, realized)  # noqa: E731
-        if self._datafree == "common":  # one step for all (qpack.rd.common_step); no GPTQ to clear without data
-            return self._common(blocks, proxies, realized, realize, capacity)
+        capacity = self._capacity(blocks)
         try:
             choices = realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized, realize, capacity)
             if not any(_steps_for(self.cfg, n in self.hessians) for n in self.quant_names):
@@ -411,26 +409,43 @@ class _Job:
         finally:
             self._prepared.clear()
 
-    def _common(self, blocks: list, proxies: dict[str, list[Candidate]], realized: dict[str, dict[int, Candidate]],
-                realize: Callable[[str, int], None], capacity: int) -> list[Choices]:
-        """Data-free loss "common": every block at one position of the step grid (the embedding finer by
-        qpack.quant.datafree.common_step_divisor), the solver choosing only between it and the next finer."""
-        from .quant.datafree import common_step_divisor
-        from .rd.common_step import grid_offset, realize_common
+    def _capacity(self, blocks: list) -> int:
+        """Room for the blocks, less a first guess at the manifest; qpack.budget.fit corrects it by measuring."""
+        fixed_bytes = sum(o.encoded.nbytes for o in self._fixed.values())
+        return self.cfg.budget - self.cfg.code_bytes - fixed_bytes - 96 * (len(blocks) + len(self._fixed)) - 512
 
-        step_index: dict[str, list[int]] = {}
-        offsets: dict[str, int] = {}
-        for b in blocks:
-            menu = self._menu[b.tensor]
-            idx = sorted((i for i, item in enumerate(menu) if item[0] == "uniform"), key=lambda i: menu[i][1]["step"])
-            if not idx:
-                raise QpackInputError(f"data-free loss 'common' puts every tensor on one uniform step, but {b.tensor} "
-                                      "has none on its menu: use --scheme uniform")
-            step_index[b.entry] = idx
-            divisor = common_step_divisor(self.sd[b.tensor], b.tensor, self._datafree_ref)
-            offsets[b.entry] = grid_offset(divisor, [menu[i][1]["step"] for i in idx])
-        return realize_common([Choices(b.entry, proxies[b.entry]) for b in blocks], step_index, offsets, realized,
-                              realize, capacity)
+    def _common(self, blocks: list, realized: dict[str, dict[int, Candidate]],
+                realize: Callable[[str, int], None]) -> list[Choices]:
+        """Data-free loss "common" (qpack.rd.common_step): one step s for every tensor (the embedding's finer by
+        qpack.quant.datafree.common_step_divisor), bisected on the estimated bytes; each menu becomes s and a
+        few slightly finer steps, and the solver fills the budget from those."""
+        from .quant.datafree import common_step_divisor
+        from .rd.common_step import bisect_step, fill_steps
+
+        for n in self.quant_names:
+            if not any(item[0] == "uniform" for item in self._menu[n]):
+                raise QpackInputError(f"data-free loss 'common' puts every tensor on one uniform step, but {n} has "
+                                      "none on its menu: use --scheme uniform")
+        rows = {n: self._rows(n) for n in self.quant_names}
+        div = {n: common_step_divisor(self.sd[n], n, self._datafree_ref) for n in self.quant_names}
+        capacity = self._capacity(blocks)
+
+        def size_at(step: float) -> int:
+            total = 0
+            for n in self.progress(self.quant_names, f"step {step:.4g}", len(self.quant_names)):
+                q = _uniform(step / div[n], rows=rows[n]).quantize(self.sd[n].detach().float())
+                parts = self.blocks[n]
+                total += sum(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(parts) > 1 else q) for b in parts)
+            return total
+
+        grid = [item[1]["step"] for n in self.quant_names for item in self._menu[n] if item[0] == "uniform"]
+        step = bisect_step(size_at, capacity, min(grid), max(grid))
+        proxies: dict[str, list[Candidate]] = {}
+        for n in self.progress(self.quant_names, "price", len(self.quant_names)):
+            self._menu[n] = [("uniform", {"step": st / div[n], "rdo": self.cfg.rdo, "rows": rows[n]}, _UNIFORM_BITS)
+                             for st in fill_steps(step)]
+            proxies.update(self._proxies(n))
+        return realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized, realize, capacity)
 
     def _proxies(self, n: str) -> dict[str, list[Candidate]]:
         """Round-to-nearest estimates of every menu item for each block of `n`: predicted bytes and loss."""

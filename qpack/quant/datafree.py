@@ -23,9 +23,9 @@
     predict the model's loss. Measured on SmolLM2 it bends them anyway (ffn_down a step coarser) and scores no
     better than "relative+embed".
   * "common": no trades at all (qpack.rd.common_step): one step for every block in units of its rows' std, the
-    embedding's finer by common_step_divisor, the finest that fits; the solver picks, per block, only among
-    that step and the next two finer ones (by the "model+embed" loss) to fill the budget. On SmolLM2 one
-    common step beat every allocation a data-free loss made (benchmarks/datafree).
+    embedding's finer by common_step_divisor, bisected to the largest estimated size that fits; the solver picks,
+    per block, only among that step and two finer ones 1/32 octave apart (by the "model+embed" loss) to fill
+    the budget. On SmolLM2 one common step beat every allocation a data-free loss made (benchmarks/datafree).
 """
 from __future__ import annotations
 

@@ -1,76 +1,39 @@
-"""One step for every block: SDClip's single k, on qpack's grid of uniform steps, without calibration data.
+"""One step for every block: SDClip's single k, on qpack's continuum of uniform steps, without calibration data.
 
 Without data a loss proxy's trades between blocks are guesses, and on a pretrained LM they measured worse than
-no trade at all (benchmarks/datafree: SmolLM2 at SDClip's bytes, one common step in units of each row's std
-beat the solver's allocation under every data-free loss). So data-free loss "common" gives every block the same
-position on the step grid (`offsets` move a tensor finer, e.g. the embedding), the finest that fits by the
-estimated bytes, and lets the solver choose per block only between that step and the next two finer ones, which
-is what fills the budget's last bytes.
+no trade at all (benchmarks/datafree: SmolLM2 at SDClip's bytes, one common step in units of each row's std beat
+the solver's allocation under every data-free loss, and the solver's fill between grid steps, which kept
+ffn_down a step coarser, lost to it too). So data-free loss "common" bisects one step s, in units of each row's
+std (a tensor's divided by its divisor, e.g. the embedding's), to the largest estimated size that fits; each
+block's menu is then s and FILL_STEPS finer steps 1/FILL_PER_OCTAVE octave apart, and the solver fills the
+budget's last bytes from those, so no block strays more than FILL_STEPS / FILL_PER_OCTAVE octave from s.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable
 
-from ..budget import Candidate, Choices, realize_lazily
-
-
-def grid_offset(step_divisor: float, steps: Sequence[float]) -> int:
-    """How many positions finer a tensor sits on an ascending geometric step grid to divide its step by
-    `step_divisor` (>= 1), rounded to the grid."""
-    if step_divisor <= 1.0 or len(steps) < 2:
-        return 0
-    per_octave = 1.0 / math.log2(steps[1] / steps[0])
-    return int(round(per_octave * math.log2(step_divisor)))
+FILL_PER_OCTAVE = 32
+FILL_STEPS = 2
 
 
-def common_position(bytes_at: Mapping[str, Sequence[int]], offsets: Mapping[str, int], capacity: int) -> int:
-    """The finest grid position p such that the blocks, each at step p - offsets[block] (clamped to its grid),
-    fit in `capacity` by their estimated bytes; the coarsest position when none fits. bytes_at[block][j] is the
-    estimate at step j of an ascending grid (finer first, so bytes fall as j grows)."""
-    n = min(len(b) for b in bytes_at.values())
-
-    def total(p: int) -> int:
-        return sum(b[min(max(p - offsets.get(k, 0), 0), n - 1)] for k, b in bytes_at.items())
-
-    for p in range(n):
-        if total(p) <= capacity:
-            return p
-    return n - 1
-
-
-def allowed_positions(p: int, offset: int, n: int, finer: int = 2) -> list[int]:
-    """The grid positions one block may take around common position p: its own step and the `finer` next finer
-    ones (two: the manifest's size is guessed high before the first build, so one finer step can leave a small
-    model's budget a few percent short)."""
-    mine = min(max(p - offset, 0), n - 1)
-    return sorted({max(mine - k, 0) for k in range(finer + 1)})
+def bisect_step(size_at: Callable[[float], int], capacity: int, lo: float, hi: float, iters: int = 14) -> float:
+    """The smallest step in [lo, hi] (to 1/2^iters of the log range) whose size_at(step) <= capacity; size_at
+    must fall as the step grows. hi when even hi does not fit, lo when lo already does."""
+    if size_at(lo) <= capacity:
+        return lo
+    if size_at(hi) > capacity:
+        return hi
+    a, b = math.log(lo), math.log(hi)  # size_at(e^a) > capacity >= size_at(e^b)
+    for _ in range(iters):
+        mid = 0.5 * (a + b)
+        if size_at(math.exp(mid)) <= capacity:
+            b = mid
+        else:
+            a = mid
+    return math.exp(b)
 
 
-def realize_common(proxies: Sequence[Choices], step_index: Mapping[str, Sequence[int]], offsets: Mapping[str, int],
-                   realized: dict[str, dict[int, Candidate]], realize: Callable[[str, int], None],
-                   capacity: int) -> list[Choices]:
-    """Real candidates per block, restricted to the common step and the next finer ones (see module doc).
-
-    `step_index[block]` lists the menu indices of the block's uniform steps, finest first; `realize(block, i)`
-    and `realized[block][i]` use menu indices, as qpack.budget.realize_lazily does."""
-    est = {ch.name: [ch.candidates[i].nbytes for i in step_index[ch.name]] for ch in proxies}
-    n = min(len(v) for v in step_index.values())
-    p = common_position(est, offsets, capacity)
-    allowed = {ch.name: [step_index[ch.name][j] for j in allowed_positions(p, offsets.get(ch.name, 0), n)]
-               for ch in proxies}
-    local: dict[str, dict[int, Candidate]] = {}
-
-    def sync() -> None:  # realizing one block realizes its siblings: copy every real one into the local view
-        for name, idx in allowed.items():
-            for k, i in enumerate(idx):
-                if i in realized.get(name, {}):
-                    local.setdefault(name, {})[k] = realized[name][i]
-
-    def realize_local(name: str, k: int) -> None:
-        realize(name, allowed[name][k])
-        sync()
-
-    sync()
-    restricted = [Choices(ch.name, [ch.candidates[i] for i in allowed[ch.name]]) for ch in proxies]
-    return realize_lazily(restricted, local, realize_local, capacity)
+def fill_steps(step: float) -> list[float]:
+    """A block's menu around the common step: step, then FILL_STEPS finer ones (finest first)."""
+    return [step * 2 ** (-k / FILL_PER_OCTAVE) for k in range(FILL_STEPS, -1, -1)]
