@@ -438,12 +438,27 @@ class _Job:
                 total += sum(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(parts) > 1 else q) for b in parts)
             return total
 
+        def set_menus(step: float) -> None:
+            for n in self.quant_names:
+                self._menu[n] = [("uniform", {"step": st / div[n], "rdo": self.cfg.rdo, "rows": rows[n]},
+                                  _UNIFORM_BITS) for st in fill_steps(step)]
+
         grid = [item[1]["step"] for n in self.quant_names for item in self._menu[n] if item[0] == "uniform"]
         step = bisect_step(size_at, capacity, min(grid), max(grid))
+        # The estimate leaves out the codec's framing and tables: encode every block at that step, and bisect
+        # again on the estimate scaled by what the real bytes were (the fill alone spans too little to absorb it).
+        set_menus(step)
+        own = len(fill_steps(step)) - 1
+        for n in self.progress(self.quant_names, "measure", len(self.quant_names)):
+            self._realize(n, own, realized)
+        real = sum(realized[b.entry][own].nbytes for b in blocks)
+        ratio = real / max(size_at(step), 1)
+        if abs(ratio - 1) > 1e-3:
+            realized.clear()
+            step = bisect_step(lambda st: int(size_at(st) * ratio), capacity, min(grid), max(grid))
+            set_menus(step)
         proxies: dict[str, list[Candidate]] = {}
         for n in self.progress(self.quant_names, "price", len(self.quant_names)):
-            self._menu[n] = [("uniform", {"step": st / div[n], "rdo": self.cfg.rdo, "rows": rows[n]}, _UNIFORM_BITS)
-                             for st in fill_steps(step)]
             proxies.update(self._proxies(n))
         return realize_lazily([Choices(b.entry, proxies[b.entry]) for b in blocks], realized, realize, capacity)
 

@@ -212,7 +212,8 @@ def test_impossible_budget_refused_before_quantizing(tmp_path, monkeypatch):
     with pytest.raises(BudgetError, match="smallest reachable") as e:
         compress(_state_dict(), tmp_path / "m.qpk", _cfg(budget=3_000))
     assert e.value.min_bytes > 3_000
-    assert {name for name, _ in calls} == {"rtn"}, calls  # only the quick floor ran
+    # only the quick floor ran: round-to-nearest at the fewest bits and on the coarsest uniform step
+    assert {name for name, _ in calls} == {"rtn", "uniform"}, calls
 
 
 def test_budget_runs_only_the_widths_it_can_use(tmp_path, monkeypatch):

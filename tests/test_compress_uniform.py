@@ -198,8 +198,12 @@ def test_auto_with_hessians_and_a_budget_takes_uniform_steps():
     budget = int(3.0 * PARAMS / 8)
     auto = compress(sd, None, budget=budget, hessians=hs)
     assert {t.scheme.removesuffix("+lqer") for t in auto.tensors if t.name.split("#")[0] in hs} <= {"uniform", "fp16"}
-    # the embedding has no Hessian: GPTQ-lite widths there; widths asked for (bits or steps=()): GPTQ widths
-    assert {t.scheme.removesuffix("+lqer") for t in auto.tensors if t.name.startswith("emb")} <= {"gptq_lite", "fp16"}
+    # the embedding has no Hessian: GPTQ-lite widths and uniform steps (rounding, per-row std) on its menu;
+    # widths asked for (bits or steps=()): GPTQ widths
+    emb = {t.scheme.removesuffix("+lqer") for t in auto.tensors if t.name.startswith("emb")}
+    assert emb <= {"gptq_lite", "uniform", "fp16"}
+    from qpack.rd.steps import auto_adds_steps
+    assert auto_adds_steps(CompressConfig(budget=budget), False) and not auto_adds_steps(CompressConfig(), False)
     for opts in (dict(steps=()), dict(bits=(3, 4, 5))):
         res = compress(sd, None, budget=budget, hessians=hs, **opts)
         assert {t.scheme.removesuffix("+lqer") for t in res.tensors if t.name.split("#")[0] in hs} <= {"gptq", "fp16"}

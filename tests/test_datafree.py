@@ -199,7 +199,8 @@ def test_relative_loss_allocates_by_scale_free_error():
     sd = {"a.weight": torch.randn(64, 128, generator=g), "b.weight": 10 * torch.randn(64, 128, generator=g)}
     widths = {}
     for mode in ("mse", "relative"):
-        r = compress(dict(sd), None, CompressConfig(budget=9000, fp16_candidate=False, datafree_loss=mode),
+        r = compress(dict(sd), None, CompressConfig(budget=9000, fp16_candidate=False, datafree_loss=mode,
+                                                    scheme="gptq_lite"),
                      dry_run=True)
         widths[mode] = {t.name: t.bits for t in r.tensors}
     assert widths["mse"]["b.weight"] > widths["mse"]["a.weight"]
@@ -237,10 +238,9 @@ def test_bisect_step_finds_the_finest_step_that_fits():
 def test_common_loss_puts_every_block_on_one_step(tmp_path):
     # a Gaussian and a Laplace matrix, and an embedding with several times their mean square: every matrix block
     # is stored at one step in units of its rows' std (to within the fill's 2/32 octave), the embedding's finer by
-    # sqrt(its mean square / the matrices' median); the file fills the budget
-    import math
-
+    # (its mean square / the matrices' median) ** COMMON_EMBED_EXPONENT; the file fills the budget
     from qpack.artifact import read_artifact
+    from qpack.quant.datafree import COMMON_EMBED_EXPONENT
 
     g = torch.Generator().manual_seed(8)
     u = torch.rand(256, 256, generator=g) - 0.5
@@ -248,7 +248,7 @@ def test_common_loss_puts_every_block_on_one_step(tmp_path):
           "tok_emb.weight": 4.0 * torch.randn(512, 128, generator=g)}
     ms = {n: float(t.double().square().mean()) for n, t in sd.items()}
     ref = sorted([ms["a.weight"], ms["b.weight"]])[1]  # the median of two: the upper one
-    divisor = math.sqrt(ms["tok_emb.weight"] / ref)
+    divisor = (ms["tok_emb.weight"] / ref) ** COMMON_EMBED_EXPONENT
     budget = int(3.5 * sum(t.numel() for t in sd.values()) / 8)
     cfg = CompressConfig(budget=budget, scheme="uniform", datafree_loss="common", chunk_numel=16384)
     r = compress(dict(sd), tmp_path / "m.qpk", cfg)
@@ -272,4 +272,4 @@ def test_common_loss_puts_every_block_on_one_step(tmp_path):
 def test_common_loss_needs_uniform_steps():
     sd = {"a.weight": torch.randn(64, 128)}
     with pytest.raises(QpackInputError, match="common"):
-        compress(sd, None, CompressConfig(budget=5000, datafree_loss="common"))
+        compress(sd, None, CompressConfig(budget=5000, datafree_loss="common", scheme="gptq_lite"))

@@ -33,7 +33,9 @@ SERIES = {
     "guarded clip search, mse loss": {"scheme": "gptq_lite", "datafree_loss": "mse"},
     "guarded clip search, relative loss": {"scheme": "gptq_lite", "datafree_loss": "relative"},
     "no clip (rtn), relative+embed loss": {"scheme": "rtn", "datafree_loss": "relative+embed"},
-    "qpack default (guarded clip search, relative+embed loss)": {},
+    "previous default (guarded clip search, relative+embed loss)": {"scheme": "gptq_lite"},
+    # GPTQ-lite widths and uniform steps with each row's std as the unit on one menu (qpack.rd.steps.auto_adds_steps)
+    "qpack default (widths and per-row std steps, relative+embed loss)": {},
     # rate-aware steps without data: rounding on a grid of steps per block (qpack.quant.uniform), same loss
     "uniform steps, relative+embed loss": {"scheme": "uniform", "step_rows": "flat"},
     # the same with each row's step in units of that row's std (SDClip's per-row scale, on a continuum)
@@ -100,6 +102,7 @@ def main() -> None:
                     help="a results.json of the same model whose baseline bytes to reuse (a stream's size depends on "
                     "the weights alone; brotli-11 on the 135M model takes most of an hour here): only the scores "
                     "are computed")
+    ap.add_argument("--at", default=None, help="only the points at the baseline whose name starts with this")
     ap.add_argument("--out", required=True)
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md from results.json")
     args = ap.parse_args()
@@ -140,7 +143,7 @@ def main() -> None:
     for base_name, base in res["baselines"].items():
         for name, opts in SERIES.items():
             key = f"{name} @ {base_name}"
-            if (wanted and name not in wanted) or key in res["points"]:
+            if (wanted and name not in wanted) or key in res["points"] or (args.at and not base_name.startswith(args.at)):
                 continue
             t0 = time.perf_counter()
             nbytes, sd, r = pl.qpack_datafree(scorer.sd, base["bytes"], **{**opts, **extra})

@@ -42,6 +42,7 @@ DATAFREE_LOSSES = ("relative", "relative+embed", "model+embed", "common", "mse")
 #: matrices' median)); SmolLM2 (0.5x the matrices' mean square) then keeps the matrices' step, our checkpoints'
 #: embeddings (11-14x) get a step about 3.5x finer
 COMMON_EMBED_WEIGHT = 1.0
+COMMON_EMBED_EXPONENT = 0.75
 EMBED_NAME = re.compile(r"(emb|wte|lm_head)", re.I)
 EMBED_WEIGHT = 3.0
 DEFAULT_DATAFREE_LOSS = "relative+embed"
@@ -81,7 +82,7 @@ def common_step_divisor(w: torch.Tensor, name: str, ref_ms: float | None) -> flo
     matrix, sqrt(max(1, COMMON_EMBED_WEIGHT * mean square / ref_ms)) for the embedding / output head."""
     if not EMBED_NAME.search(name) or not ref_ms:
         return 1.0
-    return max(1.0, COMMON_EMBED_WEIGHT * _ms(w) / ref_ms) ** 0.5
+    return max(1.0, COMMON_EMBED_WEIGHT * _ms(w) / ref_ms) ** COMMON_EMBED_EXPONENT
 
 
 def modeled_sq_error(q: Quantized) -> float:

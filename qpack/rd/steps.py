@@ -36,13 +36,24 @@ def auto_takes_steps(cfg: Any, has_hessian: bool) -> bool:
             and tuple(cfg.bits) == tuple(default_bits))
 
 
+def auto_adds_steps(cfg: Any, has_hessian: bool) -> bool:
+    """Whether scheme "auto" offers a matrix without a Hessian uniform steps (rounding on the grid, each row's std
+    the unit) besides its GPTQ-lite widths: with a budget, unless widths were asked for. Measured without data
+    (benchmarks/datafree): steps beat the widths at SDClip's bytes on all three models, the widths fill an int8-sized
+    budget better (steps stop at int8 codes, the next thing up is fp16); the solver takes each where it pays."""
+    default_bits = type(cfg).__dataclass_fields__["bits"].default
+    return (cfg.scheme == "auto" and not has_hessian and cfg.budget is not None and cfg.steps is None
+            and tuple(cfg.bits) == tuple(default_bits))
+
+
 def steps_for(cfg: Any, has_hessian: bool) -> tuple[float, ...]:
     """The uniform steps offered to one matrix under CompressConfig `cfg` (empty: none)."""
     if cfg.budget is None:
         return (float(cfg.step),) if cfg.scheme == "uniform" else ()
     if cfg.steps is not None:
         return tuple(float(s) for s in cfg.steps)
-    return DEFAULT_STEPS if cfg.scheme == "uniform" or auto_takes_steps(cfg, has_hessian) else ()
+    return DEFAULT_STEPS if cfg.scheme == "uniform" or auto_takes_steps(cfg, has_hessian) \
+        or auto_adds_steps(cfg, has_hessian) else ()
 
 
 #: CompressConfig.step_rows values; "auto" resolves per tensor (rows_for)
