@@ -11,6 +11,7 @@ solved, tells which) and prices each candidate by encoding it exactly as it will
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -430,6 +431,7 @@ class _Job:
         div = {n: common_step_divisor(self.sd[n], n, self._datafree_ref) for n in self.quant_names}
         capacity = self._capacity(blocks)
 
+        @functools.lru_cache(maxsize=None)  # the bisection and the real-bytes check ask for the same steps again
         def size_at(step: float) -> int:
             total = 0
             for n in self.progress(self.quant_names, f"step {step:.4g}", len(self.quant_names)):

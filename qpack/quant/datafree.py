@@ -38,10 +38,9 @@ from ..errors import QpackInputError
 from .base import Quantized, as_matrix
 
 DATAFREE_LOSSES = ("relative", "relative+embed", "model+embed", "common", "mse")
-#: "common": the embedding's step is divided by sqrt(max(1, COMMON_EMBED_WEIGHT * its mean square over the
-#: matrices' median)); SmolLM2 (0.5x the matrices' mean square) then keeps the matrices' step, our checkpoints'
-#: embeddings (11-14x) get a step about 3.5x finer
-COMMON_EMBED_WEIGHT = 1.0
+#: "common": the embedding's step is divided by max(1, its mean square over the matrices' median) to this power;
+#: SmolLM2 (0.5x the matrices' mean square) then keeps the matrices' step, our checkpoints' embeddings (11-14x)
+#: get one 6-7x finer
 COMMON_EMBED_EXPONENT = 0.75
 EMBED_NAME = re.compile(r"(emb|wte|lm_head)", re.I)
 EMBED_WEIGHT = 3.0
@@ -79,10 +78,10 @@ def datafree_weight(w: torch.Tensor, mode: str, name: str = "", ref_ms: float | 
 
 def common_step_divisor(w: torch.Tensor, name: str, ref_ms: float | None) -> float:
     """How much finer than the common step tensor `name` is stored under data-free loss "common": 1 for a block
-    matrix, sqrt(max(1, COMMON_EMBED_WEIGHT * mean square / ref_ms)) for the embedding / output head."""
+    matrix, max(1, mean square / ref_ms) ** COMMON_EMBED_EXPONENT for the embedding / output head."""
     if not EMBED_NAME.search(name) or not ref_ms:
         return 1.0
-    return max(1.0, COMMON_EMBED_WEIGHT * _ms(w) / ref_ms) ** COMMON_EMBED_EXPONENT
+    return max(1.0, _ms(w) / ref_ms) ** COMMON_EMBED_EXPONENT
 
 
 def modeled_sq_error(q: Quantized) -> float:
@@ -94,7 +93,8 @@ def modeled_sq_error(q: Quantized) -> float:
 def datafree_loss(w: torch.Tensor, wq: torch.Tensor, mode: str, name: str = "", ref_ms: float | None = None,
                   payload: Quantized | torch.Tensor | None = None) -> float:
     """The solver's loss for replacing the block `w` (of the tensor `name`) by `wq` with no data; under
-    "model+embed" a quantized `payload` (the block as stored) gives the modeled error where it is larger."""
+    "model+embed" and "common" a quantized `payload` (the block as stored) gives the modeled error where it is
+    larger."""
     e = float((as_matrix(w).to(torch.float64) - as_matrix(wq).to(torch.float64)).square().sum())
     if mode in ("model+embed", "common") and isinstance(payload, Quantized):
         e = max(e, modeled_sq_error(payload))  # the measured error still counts where it is larger: clipping

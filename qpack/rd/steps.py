@@ -27,13 +27,18 @@ def _positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _auto_menu(cfg: Any) -> bool:
+    """Scheme "auto" with a budget and the default menu (no `steps` given, `bits` not narrowed)."""
+    default_bits = type(cfg).__dataclass_fields__["bits"].default
+    return (cfg.scheme == "auto" and cfg.budget is not None and cfg.steps is None
+            and tuple(cfg.bits) == tuple(default_bits))
+
+
 def auto_takes_steps(cfg: Any, has_hessian: bool) -> bool:
     """Whether scheme "auto" puts uniform steps (GPTQ on the grid) on this matrix's menu instead of GPTQ widths:
     with a Hessian and a budget, unless widths were asked for (`bits` narrowed from the default, or steps=()).
     Measured: fewer bytes at equal val_bpb than the widths at most sizes (README "Rate-distortion")."""
-    default_bits = type(cfg).__dataclass_fields__["bits"].default
-    return (cfg.scheme == "auto" and has_hessian and cfg.budget is not None and cfg.steps is None
-            and tuple(cfg.bits) == tuple(default_bits))
+    return has_hessian and _auto_menu(cfg)
 
 
 def auto_adds_steps(cfg: Any, has_hessian: bool) -> bool:
@@ -41,9 +46,7 @@ def auto_adds_steps(cfg: Any, has_hessian: bool) -> bool:
     the unit) besides its GPTQ-lite widths: with a budget, unless widths were asked for. Measured without data
     (benchmarks/datafree): steps beat the widths at SDClip's bytes on all three models, the widths fill an int8-sized
     budget better (steps stop at int8 codes, the next thing up is fp16); the solver takes each where it pays."""
-    default_bits = type(cfg).__dataclass_fields__["bits"].default
-    return (cfg.scheme == "auto" and not has_hessian and cfg.budget is not None and cfg.steps is None
-            and tuple(cfg.bits) == tuple(default_bits))
+    return not has_hessian and _auto_menu(cfg)
 
 
 def steps_for(cfg: Any, has_hessian: bool) -> tuple[float, ...]:
