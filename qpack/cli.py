@@ -1,7 +1,8 @@
 """The `qpack` command line: one click group; each subcommand lives in qpack/commands/<name>.py.
 
 A command module exposes `command` (a click.Command). This file only collects them and turns every
-QpackError into one line on stderr with exit code 2.
+QpackError, and every usage error of a subcommand (an unknown option, a value outside a choice), into one line
+on stderr with exit code 2.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except QpackError as exc:
             click.echo(f"qpack: error: {exc}", err=True)
+            ctx.exit(2)
+        except click.UsageError as exc:  # click's own would print the usage and a hint around it: 4 lines
+            where = f"qpack {exc.ctx.info_name}: " if exc.ctx is not None and exc.ctx.parent is not None else ""
+            click.echo(f"qpack: error: {where}{exc.format_message()}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("qpack: interrupted", err=True)

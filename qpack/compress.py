@@ -66,11 +66,12 @@ class CompressConfig:
     rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
     # a uniform step in units of the whole tensor's std ("flat") or of each row's ("std"); "auto": see rd.steps.rows_for
     step_rows: str = "auto"
-    # LQER chosen by the budget solver (qpack.lqer_choice): "auto" (with a budget and no fixed lqer_rank) offers
-    # every tensor a low-rank correction at each rank of lqer_ranks and factor widths of lqer_bits (B's scales
-    # per lqer_group columns), bytes inside the budget; "off" (the default: with Fisher-weighted uniform steps it
-    # measured no better at 3-6 bits/param, benchmarks/rd): none, or the fixed lqer_rank/lqer_top mode.
-    lqer: str = "off"
+    # LQER chosen by the budget solver (qpack.lqer_choice), with a budget and no fixed lqer_rank: every tensor is
+    # offered a low-rank correction at each rank of lqer_ranks and factor widths of lqer_bits (B's scales per
+    # lqer_group columns), bytes inside the budget. "auto" (the default) does so with calibration data: there it
+    # measured fewer bytes at equal bpb at 8 of 9 sizes (benchmarks/rd); data-free it was not measured to pay.
+    # "on" offers it data-free too; "off": none, or the fixed lqer_rank/lqer_top mode.
+    lqer: str = "auto"
     lqer_ranks: tuple[int, ...] = (4, 8, 16)
     lqer_bits: tuple[int, ...] = (2, 4)
     lqer_group: int = 64
@@ -562,7 +563,7 @@ class _Job:
             result = fit(full, self.cfg.budget, self.cfg.code_bytes, lambda pick: self.build(fixed, full, pick))
         from .lqer_choice import LqerChooser, active
 
-        if active(self.cfg):  # LQER groups priced against these picks, then solved with them
+        if active(self.cfg, calibrated=bool(self.hessians)):  # LQER groups priced against these picks, then solved with them
             result = LqerChooser(self, fixed, choices).run(result)
         return choices, result
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # compress imports this module; the types are only for readin
     from .compress import CompressConfig, Option, _Job
 
 ROUNDS = 3
-MODES = ("off", "auto")
+MODES = ("off", "auto", "on")
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,12 @@ def check_config(cfg: "CompressConfig") -> None:
         raise QpackInputError(f"--lqer-group must be a positive number of columns, got {cfg.lqer_group!r}")
 
 
-def active(cfg: "CompressConfig") -> bool:
-    """Whether the solver chooses LQER: mode auto (opt-in: `--lqer auto`), a budget to trade factor bytes against, and no
-    fixed --lqer-rank/--lqer-top (which keeps its own mode)."""
-    return cfg.lqer == "auto" and cfg.budget is not None and cfg.lqer_rank == 0
+def active(cfg: "CompressConfig", calibrated: bool) -> bool:
+    """Whether the solver chooses LQER: a budget to trade factor bytes against, no fixed --lqer-rank/--lqer-top
+    (which keeps its own mode), and mode on, or auto (the default) with calibration data (Hessians)."""
+    if cfg.budget is None or cfg.lqer_rank != 0:
+        return False
+    return cfg.lqer == "on" or (cfg.lqer == "auto" and calibrated)
 
 
 def menu(cfg: "CompressConfig") -> list[LqerOption]:

@@ -114,7 +114,7 @@ def squared_error(sd, path) -> float:
 def run_both(sd, budget, tmp_path):
     """compress with LQER in the solver and without, at one budget: (result, artifact path) of each."""
     path, plain = tmp_path / "m.qpk", tmp_path / "plain.qpk"
-    r = compress(sd, path, CompressConfig(budget=budget, bits=(3, 4), lqer="auto", lqer_ranks=(2, 4), **COMMON))
+    r = compress(sd, path, CompressConfig(budget=budget, bits=(3, 4), lqer="on", lqer_ranks=(2, 4), **COMMON))
     p = compress(sd, plain, CompressConfig(budget=budget, bits=(3, 4), lqer="off", **COMMON))
     assert r.bytes_total <= budget and p.bytes_total <= budget
     art = read_artifact(path)
@@ -164,7 +164,7 @@ def test_lqer_bytes_are_inside_the_budget(tmp_path, extra):
                    dry_run=True).bytes_total
     budget = at3 + extra
     path = tmp_path / "m.qpk"
-    r = compress(sd, path, CompressConfig(budget=budget, bits=(3, 4, 5), lqer="auto", chunk_numel=4096,
+    r = compress(sd, path, CompressConfig(budget=budget, bits=(3, 4, 5), lqer="on", chunk_numel=4096,
                                           lqer_ranks=(2, 4), **COMMON))
     size = path.stat().st_size
     assert size == r.bytes_total <= budget
@@ -208,12 +208,14 @@ def test_bad_factor_arguments():
     (["--lqer", "auto", "--lqer-ranks", "4,x"], "--lqer-ranks"),
     (["--lqer", "auto"], "needs --budget"),
     (["--lqer", "auto", "--lqer-rank", "2", "--lqer-top", "1"], "drop --lqer-rank"),
+    (["--lqer", "on"], "needs --budget"),
+    (["--lqer", "never"], "--lqer"),
 ])
 def test_cli_bad_lqer_flags_exit_2_and_write_nothing(tmp_path, args, needle):
     ckpt = tmp_path / "m.pt"
     torch.save({"w": torch.randn(64, 64)}, ckpt)
     out = tmp_path / "m.qpk"
-    budget = [] if args == ["--lqer", "auto"] else ["--budget", "100000"]
+    budget = [] if "needs" in needle else ["--budget", "100000"]
     result = CliRunner().invoke(main, ["compress", str(ckpt), "-o", str(out), "-q", *budget, *args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -221,7 +223,7 @@ def test_cli_bad_lqer_flags_exit_2_and_write_nothing(tmp_path, args, needle):
     assert not out.exists()
 
 
-def test_cli_lqer_auto_compresses_under_budget(tmp_path):
+def test_cli_lqer_on_compresses_under_budget_without_data(tmp_path):
     g = torch.Generator().manual_seed(5)
     ckpt = tmp_path / "m.pt"
     torch.save({"w": torch.randn(128, 64, generator=g) * 0.1 + torch.randn(128, 2, generator=g) @ torch.randn(
@@ -230,7 +232,7 @@ def test_cli_lqer_auto_compresses_under_budget(tmp_path):
     # widths only (--scheme gptq_lite): without data the default menu also holds per-row steps, which code this
     # low-rank matrix well enough that the solver has no use for a factor at this budget
     result = CliRunner().invoke(main, ["compress", str(ckpt), "-o", str(out), "-q", "--budget", "3500",
-                                       "--scheme", "gptq_lite", "--lqer", "auto", "--lqer-ranks", "2,4", "--json"])
+                                       "--scheme", "gptq_lite", "--lqer", "on", "--lqer-ranks", "2,4", "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     assert out.stat().st_size <= 3500
     assert read_artifact(out).lowrank("w") is not None
@@ -258,15 +260,21 @@ def test_hessian_whitened_svd_removes_more_curvature_weighted_error():
     assert hessian_root(h, 31) is None and hessian_root(None, 32) is None
 
 
-def test_lqer_is_opt_in_with_a_budget_and_yields_to_the_fixed_mode(tmp_path):
+def test_lqer_default_is_on_with_calibration_off_without_and_yields_to_the_fixed_mode(tmp_path):
     sd = grid_weights(4, True, n=4)
     budget = two_upgrades(sd) + 1000
-    auto = compress(sd, tmp_path / "d.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer="auto", **COMMON))
-    off = compress(sd, tmp_path / "o.qpk", CompressConfig(budget=budget, bits=(3, 4), **COMMON))  # the default
+    # identity Hessians: calibration data whose inputs are white, so the Hessian-weighted error is the plain one
+    eye = {n: torch.eye(64) * 64 for n in sd}
+    on = compress(sd, tmp_path / "d.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer="on", **COMMON))
+    free = compress(sd, tmp_path / "o.qpk", CompressConfig(budget=budget, bits=(3, 4), **COMMON))  # the default
+    calib = compress(sd, tmp_path / "c.qpk", CompressConfig(budget=budget, bits=(3, 4), **COMMON), hessians=eye)
+    off = compress(sd, tmp_path / "x.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer="off", **COMMON),
+                   hessians=eye)
     fixed = compress(sd, tmp_path / "f.qpk", CompressConfig(budget=budget, bits=(3, 4), lqer_rank=1, lqer_top=1,
                                                             **COMMON))
     lqer = lambda r: [t.name for t in r.tensors if t.scheme.endswith("+lqer")]  # noqa: E731
-    assert lqer(auto) and not lqer(off) and len(lqer(fixed)) == 1
+    assert lqer(on) and lqer(calib) and not lqer(free) and not lqer(off) and len(lqer(fixed)) == 1
+    assert calib.bytes_total <= budget
     assert read_artifact(tmp_path / "f.qpk").lowrank(lqer(fixed)[0])[0].bits == 8  # the fixed mode's int8 factors
-    nobudget = compress(sd, tmp_path / "n.qpk", CompressConfig(**COMMON))  # fixed widths: nothing to trade
+    nobudget = compress(sd, tmp_path / "n.qpk", CompressConfig(**COMMON), hessians=eye)  # fixed widths: no trade
     assert not lqer(nobudget)

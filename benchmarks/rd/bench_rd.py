@@ -133,7 +133,9 @@ def main() -> None:
 
     # name -> CompressConfig options for compress(..., budget=target); "hessians": False compresses without them
     qpack_series = {
-        "qpack default (compress --budget)": {},  # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps)
+        # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps) and LQER in the solver (lqer auto)
+        "qpack default (compress --budget)": {},
+        "LQER off (--lqer off)": dict(lqer="off"),  # the default before LQER joined it
         "qpack gptq widths (steps=())": dict(steps=()),  # the default before uniform steps
         "previous default: widths + mse + no LQER + byte codes": dict(steps=(), loss_proxy="mse", lqer="off",
                                                                       layouts=("byte",)),
@@ -145,7 +147,6 @@ def main() -> None:
         "mixed: gptq widths + uniform steps": dict(scheme="auto", steps=DEFAULT_STEPS),
         "layouts: codes one symbol per byte only (compress --budget)": dict(layouts=("byte",)),
         "ctx: default + ans_ctx codec": dict(codecs=("ans", "zstd", "ans_ctx")),
-        "qpack + LQER in the solver (--lqer auto)": dict(lqer="auto"),
         # each row's step in units of that row's std (SDClip's per-row scale, on the continuum)
         "rows: per-row std steps (--step-rows std)": dict(step_rows="std"),
         # each row's step scaled by its mean Fisher (qpack.quant.uniform.row_factors), GPTQ on that grid
@@ -209,8 +210,13 @@ def write_report(out: Path, results: dict, args) -> None:
             b = {**b, "bytes": nbytes, "bits_per_param": 8 * nbytes / meta["params"], "series": b["series"] + " (smaller)"}
         row = [f"{b['bits_per_param']:.2f}", f"{b['bytes']:,}", f"{b['val_bpb']:.4f}", b["series"]]
         for n in qnames:
-            need = interp_bytes([(q["bytes"], q["val_bpb"]) for q in series[n]], b["val_bpb"])
-            row.append("out of range" if need is None else f"{need / b['bytes']:.3f}")
+            curve = [(q["bytes"], q["val_bpb"]) for q in series[n]]
+            need = interp_bytes(curve, b["val_bpb"])
+            smallest = min(curve)
+            if need is None and smallest[1] <= b["val_bpb"]:  # its smallest point already does better: a bound
+                row.append(f"<= {smallest[0] / b['bytes']:.3f}")
+            else:
+                row.append("out of range" if need is None else f"{need / b['bytes']:.3f}")
         rows.append(row)
     ratio_table = markdown_table(["baseline bits/param", "baseline bytes", "baseline val_bpb", "best setting"]
                                  + [f"{n}: bytes ratio" for n in qnames], rows)
@@ -228,7 +234,8 @@ def write_report(out: Path, results: dict, args) -> None:
         f"{meta['window']}, stride {meta['stride']}; Hessians (and the Fisher, where a series uses it) from the same "
         f"{meta['calib_tokens']:,} train-split tokens for every series. Ratio = bytes qpack needs to reach the baseline's val_bpb (interpolated on its "
         "curve, linear in log bytes) over the baseline's bytes; below 1 means qpack needs fewer bytes. Both curves "
-        "are taken as envelopes (best bpb with at most that many bytes). qpack's "
+        "are taken as envelopes (best bpb with at most that many bytes); \"<= r\": the series' smallest point already "
+        "does better than the baseline there, so it needs at most r. qpack's "
         "bytes are the whole artifact; the baseline's are its compressed stream alone.\n\n"
         "The commands that made these points, series by series: [benchmarks/rd/README.md](../README.md).\n\n"
         + ratio_table + "\n\n## Every point\n\n" + points_table + "\n\n![val bpb against bytes](rd.png)\n")

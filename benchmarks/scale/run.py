@@ -67,8 +67,8 @@ def prepare(shape: str, work: Path) -> dict:
     return {"params": params, "fp32_bytes": 4 * params, "calib_seconds": calib, "matrices_with_hessian": len(hessians)}
 
 
-def worker(task: str, shape: str, work: Path, calib: bool) -> dict:
-    """One measurement in this process: compress, refuse, gptq or load."""
+def worker(task: str, shape: str, work: Path, calib: bool, options: dict | None = None) -> dict:
+    """One measurement in this process: compress, refuse, gptq or load; `options` are CompressConfig fields."""
     import torch
 
     import qpack
@@ -100,7 +100,8 @@ def worker(task: str, shape: str, work: Path, calib: bool) -> dict:
     budget = BUDGET if task == "compress" else IMPOSSIBLE
     t0 = time.perf_counter()
     try:
-        res = compress(ckpt, work / f"{tag}.qpk" if task == "compress" else None, CompressConfig(budget=budget),
+        cfg = CompressConfig(budget=budget, **(options or {}))
+        res = compress(ckpt, work / f"{tag}.qpk" if task == "compress" else None, cfg,
                        hessians=hessians, dry_run=task != "compress")
     except BudgetError as exc:
         return {"seconds": time.perf_counter() - t0, "refused": True, "min_bytes": exc.min_bytes,
@@ -109,8 +110,8 @@ def worker(task: str, shape: str, work: Path, calib: bool) -> dict:
             "refused": False, "peak_rss": _peak_rss(), "base_rss": base_rss}
 
 
-def _run_worker(task: str, shape: str, work: Path, calib: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", task, "--shape", shape, "--work", str(work)]
+def _run_worker(task: str, shape: str, work: Path, calib: bool, options: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", task, "--shape", shape, "--work", str(work), "--options", options]
     if calib:
         cmd.append("--calib")
     got = subprocess.run(cmd, capture_output=True, text=True)
@@ -127,12 +128,13 @@ def main() -> None:
     ap.add_argument("--modes", default="free,calib", help="free (data-free) and/or calib (16,384 tokens)")
     ap.add_argument("--tasks", default="compress,refuse,load,gptq")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--options", default="{}", help='compress options as JSON, e.g. \'{"lqer": "auto"}\'')
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--calib", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.shape, Path(args.work), args.calib)))
+        print(json.dumps(worker(args.worker, args.shape, Path(args.work), args.calib, json.loads(args.options))))
         return
 
     import tempfile
@@ -142,6 +144,8 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     run = results.setdefault(args.label, {})
+    if args.options != "{}":
+        run["options"] = json.loads(args.options)
     run["machine"] = f"{os.cpu_count()} cores, shared with other jobs (load average {os.getloadavg()[0]:.1f} at start)"
     tasks = args.tasks.split(",")
     for shape in args.shapes.split(","):
@@ -157,7 +161,7 @@ def main() -> None:
             for task in tasks:
                 if task == "gptq" and not calib:
                     continue
-                m[task] = _run_worker(task, shape, work, calib)
+                m[task] = _run_worker(task, shape, work, calib, args.options)
                 _ratios(m, info, calib)
                 out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")  # partial results survive
                 print(shape, mode, task, json.dumps(m[task]), flush=True)

@@ -62,13 +62,14 @@ def _float_list(text: str) -> tuple[float, ...]:
               help="where calibration runs the model [default: cuda when available, else cpu]")
 @click.option("--lqer-rank", type=int, default=0, help="rank of low-rank error correction (0: off)")
 @click.option("--lqer-top", type=int, default=0, help="how many tensors (largest error) get LQER")
-@click.option("--lqer", "lqer_mode", type=click.Choice(["off", "auto"]), default=None,
-              help="with --budget: auto lets the solver pick which tensors get a low-rank error "
-              "correction, its rank and factor widths, with the factor bytes inside the budget; off (default): none")
-@click.option("--lqer-ranks", default="4,8,16", show_default=True, help="with --lqer auto: ranks to choose from")
-@click.option("--lqer-bits", default="2,4", show_default=True, help="with --lqer auto: factor widths (2 and/or 4)")
+@click.option("--lqer", "lqer_mode", type=click.Choice(["off", "auto", "on"]), default=None,
+              help="with --budget: the solver picks which tensors get a low-rank error correction, its rank and "
+              "factor widths, with the factor bytes inside the budget; auto (default): with --calib; on: data-free "
+              "too; off: none")
+@click.option("--lqer-ranks", default="4,8,16", show_default=True, help="when the solver chooses LQER: ranks to choose from")
+@click.option("--lqer-bits", default="2,4", show_default=True, help="when the solver chooses LQER: factor widths (2 and/or 4)")
 @click.option("--lqer-group", type=int, default=64, show_default=True,
-              help="with --lqer auto: columns per scale group of factor B")
+              help="when the solver chooses LQER: columns per scale group of factor B")
 @click.option("--code", "code_files", multiple=True, type=click.Path(path_type=Path), help="code files shipped with the artifact (counted in the budget)")
 @click.option("--code-codec", default=None, help="count --code bytes compressed with this codec (e.g. lzma)")
 @click.option("--passthrough", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="dtype of small tensors")
@@ -93,13 +94,13 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
     if output is not None and output.is_dir():
         raise QpackInputError(f"{output}: is a directory; give the artifact's file name (e.g. model.qpk)")
     output = output or model.with_suffix(".qpk")
-    if lqer_mode == "auto" and budget is None:
-        raise QpackInputError("--lqer auto needs --budget (the solver trades factor bytes against the rest)")
-    if lqer_mode == "auto" and lqer_rank:
-        raise QpackInputError("--lqer auto chooses ranks itself; drop --lqer-rank/--lqer-top")
+    if lqer_mode in ("auto", "on") and budget is None:
+        raise QpackInputError(f"--lqer {lqer_mode} needs --budget (the solver trades factor bytes against the rest)")
+    if lqer_mode in ("auto", "on") and lqer_rank:
+        raise QpackInputError(f"--lqer {lqer_mode} chooses ranks itself; drop --lqer-rank/--lqer-top")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
                 lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy,
-                lqer=lqer_mode or "off", lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
+                lqer=lqer_mode or "auto", lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
                 lqer_bits=_int_list(lqer_bits, "--lqer-bits"), lqer_group=lqer_group, step=step, rdo=rdo,
                 step_rows=step_rows)
     if steps is not None:
