@@ -69,7 +69,8 @@ class CompressConfig:
     # LQER chosen by the budget solver (qpack.lqer_choice), with a budget and no fixed lqer_rank: every tensor is
     # offered a low-rank correction at each rank of lqer_ranks and factor widths of lqer_bits (B's scales per
     # lqer_group columns), bytes inside the budget. "auto" (the default) does so with calibration data: there it
-    # measured fewer bytes at equal bpb at 8 of 9 sizes (benchmarks/rd); data-free it was not measured to pay.
+    # measured fewer bytes at equal bpb at 16 of 17 sizes (benchmarks/rd); without data it did not pay
+    # (benchmarks/datafree).
     # "on" offers it data-free too; "off": none, or the fixed lqer_rank/lqer_top mode.
     lqer: str = "auto"
     lqer_ranks: tuple[int, ...] = (4, 8, 16)

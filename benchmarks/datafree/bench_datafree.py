@@ -46,6 +46,8 @@ SERIES = {
                                                     "datafree_loss": "model+embed"},
     # the same steps, one for every block (the embedding's finer by its mean square): qpack.rd.common_step
     "uniform steps per row std, one common step": {"scheme": "uniform", "step_rows": "std", "datafree_loss": "common"},
+    # the default plus LQER in the solver, which the default (--lqer auto) offers only with calibration data
+    "default + LQER (--lqer on)": {"lqer": "on"},
 }
 
 
