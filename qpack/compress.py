@@ -564,7 +564,8 @@ class _Job:
             result = fit(full, self.cfg.budget, self.cfg.code_bytes, lambda pick: self.build(fixed, full, pick))
         from .lqer_choice import LqerChooser, active
 
-        if active(self.cfg, calibrated=bool(self.hessians)):  # LQER groups priced against these picks, then solved with them
+        # LQER groups priced against these picks, then solved with them
+        if active(self.cfg, calibrated=bool(self.hessians)):
             result = LqerChooser(self, fixed, choices).run(result)
         return choices, result
 

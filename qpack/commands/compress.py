@@ -66,8 +66,10 @@ def _float_list(text: str) -> tuple[float, ...]:
               help="with --budget: the solver picks which tensors get a low-rank error correction, its rank and "
               "factor widths, with the factor bytes inside the budget; auto (default): with --calib; on: data-free "
               "too; off: none")
-@click.option("--lqer-ranks", default="4,8,16", show_default=True, help="when the solver chooses LQER: ranks to choose from")
-@click.option("--lqer-bits", default="2,4", show_default=True, help="when the solver chooses LQER: factor widths (2 and/or 4)")
+@click.option("--lqer-ranks", default="4,8,16", show_default=True,
+              help="when the solver chooses LQER: ranks to choose from")
+@click.option("--lqer-bits", default="2,4", show_default=True,
+              help="when the solver chooses LQER: factor widths (2 and/or 4)")
 @click.option("--lqer-group", type=int, default=64, show_default=True,
               help="when the solver chooses LQER: columns per scale group of factor B")
 @click.option("--code", "code_files", multiple=True, type=click.Path(path_type=Path), help="code files shipped with the artifact (counted in the budget)")
