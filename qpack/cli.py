@@ -28,12 +28,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except QpackError as exc:
-            click.echo(f"qpack: error: {exc}", err=True)
-            ctx.exit(2)
-        except click.UsageError as exc:  # click's own would print the usage and a hint around it: 4 lines
-            where = f"qpack {exc.ctx.info_name}: " if exc.ctx is not None and exc.ctx.parent is not None else ""
-            click.echo(f"qpack: error: {where}{exc.format_message()}", err=True)
+        except (QpackError, click.UsageError) as exc:  # click's own usage error would print 4 lines
+            msg = str(exc)
+            if isinstance(exc, click.UsageError) and exc.ctx is not None and exc.ctx.parent is not None:
+                msg = f"qpack {exc.ctx.info_name}: {exc.format_message()}"  # name the subcommand
+            click.echo(f"qpack: error: {msg}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("qpack: interrupted", err=True)

@@ -110,8 +110,9 @@ def worker(task: str, shape: str, work: Path, calib: bool, options: dict | None 
             "refused": False, "peak_rss": _peak_rss(), "base_rss": base_rss}
 
 
-def _run_worker(task: str, shape: str, work: Path, calib: bool, options: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", task, "--shape", shape, "--work", str(work), "--options", options]
+def _run_worker(task: str, shape: str, work: Path, calib: bool, options: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", task, "--shape", shape, "--work", str(work),
+           "--options", json.dumps(options)]
     if calib:
         cmd.append("--calib")
     got = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,8 +145,9 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     run = results.setdefault(args.label, {})
-    if args.options != "{}":
-        run["options"] = json.loads(args.options)
+    options = json.loads(args.options)  # parsed once: a bad value stops here, before any worker starts
+    if options:
+        run["options"] = options
     run["machine"] = f"{os.cpu_count()} cores, shared with other jobs (load average {os.getloadavg()[0]:.1f} at start)"
     tasks = args.tasks.split(",")
     for shape in args.shapes.split(","):
@@ -161,7 +163,7 @@ def main() -> None:
             for task in tasks:
                 if task == "gptq" and not calib:
                     continue
-                m[task] = _run_worker(task, shape, work, calib, args.options)
+                m[task] = _run_worker(task, shape, work, calib, options)
                 _ratios(m, info, calib)
                 out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")  # partial results survive
                 print(shape, mode, task, json.dumps(m[task]), flush=True)

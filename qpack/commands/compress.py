@@ -96,10 +96,11 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
     if output is not None and output.is_dir():
         raise QpackInputError(f"{output}: is a directory; give the artifact's file name (e.g. model.qpk)")
     output = output or model.with_suffix(".qpk")
-    if lqer_mode in ("auto", "on") and budget is None:
-        raise QpackInputError(f"--lqer {lqer_mode} needs --budget (the solver trades factor bytes against the rest)")
-    if lqer_mode in ("auto", "on") and lqer_rank:
-        raise QpackInputError(f"--lqer {lqer_mode} chooses ranks itself; drop --lqer-rank/--lqer-top")
+    if lqer_mode in ("auto", "on"):  # asked for by name: refuse what would silently turn it off
+        if budget is None:
+            raise QpackInputError(f"--lqer {lqer_mode} needs --budget (the solver trades factor bytes against the rest)")
+        if lqer_rank:
+            raise QpackInputError(f"--lqer {lqer_mode} chooses ranks itself; drop --lqer-rank/--lqer-top")
     opts = dict(scheme=scheme, group_size=group_size, passthrough_dtype=passthrough, min_numel=min_numel,
                 lqer_rank=lqer_rank, lqer_top=lqer_top, sdclip_k=tuple(sdclip_k), loss_proxy=loss_proxy,
                 lqer=lqer_mode or "auto", lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
