@@ -32,7 +32,7 @@ from .container import (
 from .errors import QpackError, QpackFormatError, QpackInputError, Reason
 from .pack import LAYOUTS, decode_codes, encode_codes, layout_size
 from .provenance import complete_meta
-from .quant.base import MAX_BITS, MIN_BITS, Quantized, n_groups
+from .quant.base import MAX_CODE_BITS, MIN_BITS, Quantized, n_groups
 
 #: dtype name -> (torch dtype, little-endian numpy dtype used on disk). bfloat16 travels as its raw 16 bits.
 DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -158,12 +158,26 @@ def _smallest(name: str, trials: Sequence[tuple[Codec, int]], raws: Sequence[byt
 
 def usable_layouts(bits: int) -> tuple[str, ...]:
     """The code layouts that hold `bits`-bit codes and differ as bytes ("packed" at 8 bits is "byte" again)."""
+    if bits > 8:
+        return ("planes",)
     return ("byte",) + (("packed",) if bits < 8 else ()) + (("trit",) if bits == 2 else ())
+
+
+def per_plane(codecs: Sequence[Codec], count: int) -> list[Codec]:
+    """`codecs` for a "planes" section of `count` codes: an order-0 `ans` with one table for the whole stream gets
+    one table per plane instead (group = count), since the high plane and the low plane differ in distribution."""
+    return [make_codec("ans", {**c.params, "group": count}) if c.name == "ans" and not c.params.get("group") else c
+            for c in codecs]
 
 
 def code_layouts(choice: LayoutChoice, bits: int, codecs: list[Codec], where: str) -> list[tuple[str, list[Codec]]]:
     """The (layout, codecs) trials for `bits`-bit codes. A single named layout is used as it is (a width it
-    cannot hold is an error later); of several, those that cannot hold the width are skipped."""
+    cannot hold is an error later); of several, those that cannot hold the width are skipped. Codes wider than
+    8 bits have one layout, "planes", whatever was chosen for narrow ones (a mapping's "planes" or else "byte"
+    codecs go with it)."""
+    if bits > 8:
+        picked = choice.get("planes", choice.get("byte")) if isinstance(choice, Mapping) else None
+        return [("planes", codecs if picked is None else _codecs(picked))]
     if isinstance(choice, str):
         if choice == "auto":
             return [(lay, codecs) for lay in usable_layouts(bits)]
@@ -179,7 +193,7 @@ def code_layouts(choice: LayoutChoice, bits: int, codecs: list[Codec], where: st
             raise QpackInputError(f"tensor {where!r}: unknown code layout {lay!r}; known: {', '.join(LAYOUTS)}, auto")
     if single:
         return pairs
-    fits = [(lay, cs) for lay, cs in pairs if lay != "trit" or bits == 2]
+    fits = [(lay, cs) for lay, cs in pairs if (lay != "trit" or bits == 2) and lay != "planes"]
     if not fits:
         raise QpackInputError(f"tensor {where!r}: none of the code layouts {[lay for lay, _ in pairs]} holds "
                               f"{bits}-bit codes")
@@ -252,7 +266,8 @@ def _encode_quant(
     except ValueError as exc:
         raise QpackInputError(f"tensor {prefix!r}: {exc}") from None
     # Layout first, then codec: a tie keeps the earlier layout (byte before packed).
-    code_sec, which_code = _smallest(f"{prefix}codes", [(c, i) for i, (_, cs) in enumerate(trials) for c in cs],
+    code_sec, which_code = _smallest(f"{prefix}codes", [(c, i) for i, (lay, cs) in enumerate(trials)
+                                                        for c in (per_plane(cs, q.numel) if lay == "planes" else cs)],
                                      raws, verify)
     layouts = SCALE_LAYOUTS if scale_layout == "auto" else (scale_layout,)
     scale_sec, which = encode_smallest(f"{prefix}scales", scale_codecs,
@@ -394,8 +409,8 @@ class Artifact:
         shape = self._check_shape(e["shape"], where)
         rows, cols = matrix_shape(shape)
         bits = e["bits"]
-        if not is_int(bits) or not MIN_BITS <= bits <= MAX_BITS:
-            self._fail(Reason.BAD_MANIFEST, f"{where}: bits must be an integer in {MIN_BITS}..{MAX_BITS}, "
+        if not is_int(bits) or not MIN_BITS <= bits <= MAX_CODE_BITS:
+            self._fail(Reason.BAD_MANIFEST, f"{where}: bits must be an integer in {MIN_BITS}..{MAX_CODE_BITS}, "
                                             f"got {bits!r:.40}")
         if not isinstance(e["scheme"], str) or not _SCHEME_RE.match(e["scheme"]):
             self._fail(Reason.UNKNOWN_SCHEME, f"{where}: scheme {e['scheme']!r:.80} is not a plain scheme name")

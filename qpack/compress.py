@@ -23,14 +23,14 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 import numpy as np
 import torch
 
-from .artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry, usable_layouts
+from .artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry, per_plane, usable_layouts
 from .budget import Candidate, Choices, Fit, check_floor, fit, realize_lazily
 from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
 from .pack import LAYOUTS, encode_codes
 from .provenance import provenance
 from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss, reference_ms
-from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
+from .quant.base import MAX_BITS, MAX_CODE_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -60,7 +60,8 @@ class CompressConfig:
     chunk_numel: int = 65536  # with a budget, rows are split into blocks of about this many weights (max 8)
     # Code layouts (qpack.pack) each quantized candidate may be stored in; the smallest (layout, codec) wins.
     layouts: tuple[str, ...] = ("byte", "packed", "trit")
-    # rate-aware steps (scheme "uniform", qpack.quant.uniform): int8 codes on a grid of `step` standard deviations.
+    # rate-aware steps (scheme "uniform", qpack.quant.uniform): codes (8 to 12 bits, as wide as the step needs) on a
+    # grid of `step` standard deviations.
     steps: tuple[float, ...] | None = None  # steps offered with a budget (None: the scheme's default, see _steps_for)
     step: float | None = None  # scheme uniform without a budget: the one step for every matrix
     rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
@@ -665,10 +666,12 @@ class _Encoder:
             return self._pairs[key]
         values = q.q.reshape(-1)
         # At 8 bits "packed" is byte for byte the "byte" layout: store it as "byte".
-        layouts = [lay for lay in self.layouts if lay in usable_layouts(q.bits)] or ["byte"]
+        # past 8 bits the one layout is "planes", whatever cfg.layouts names for narrow codes
+        layouts = [lay for lay in self.layouts if lay in usable_layouts(q.bits)] or [usable_layouts(q.bits)[0]]
         sample = values[: self.SAMPLE].cpu().numpy()
         sizes = {(lay, i): len(c.encode(encode_codes(sample, q.bits, lay)))
-                 for lay in layouts for i, c in enumerate(self.codecs)}
+                 for lay in layouts
+                 for i, c in enumerate(per_plane(self.codecs, sample.size) if lay == "planes" else self.codecs)}
         best = min(sizes.values())
         keep = {lay: [c for i, c in enumerate(self.codecs) if sizes[lay, i] <= best * 1.02 + 16] for lay in layouts}
         self._pairs[key] = {lay: cs for lay, cs in keep.items() if cs}
@@ -799,8 +802,13 @@ def _predicted_bytes(payload: Quantized | torch.Tensor) -> int:
     if isinstance(payload, torch.Tensor):
         sym = np.frombuffer(_tensor_bytes(payload), dtype=np.uint8)
         return _entropy_bytes(np.bincount(sym, minlength=256)) + 16
+    extra = 2 * payload.scales.numel() + 64
+    if payload.bits > 8:  # layout "planes" under per-plane ans tables (qpack.pack, artifact.per_plane)
+        q = payload.q.reshape(-1).to(torch.int32).cpu()
+        z = torch.where(q >= 0, 2 * q, -2 * q - 1)
+        return sum(_entropy_bytes(torch.bincount(p, minlength=256).numpy()) for p in (z >> 8, z & 0xFF)) + extra
     codes = payload.q.reshape(-1).to(torch.int16) + 128
-    return _entropy_bytes(torch.bincount(codes.cpu(), minlength=256).numpy()) + 2 * payload.scales.numel() + 64
+    return _entropy_bytes(torch.bincount(codes.cpu(), minlength=256).numpy()) + extra
 
 
 def _entropy_bytes(counts: np.ndarray) -> int:
@@ -831,7 +839,7 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
                      q.scheme, q.group_size, dict(q.params))
 
 
-_UNIFORM_BITS = 8  # qpack.rd.steps.UNIFORM_BITS: uniform codes are int8, the step sets the rate
+_UNIFORM_BITS = MAX_CODE_BITS  # qpack.rd.steps.UNIFORM_BITS; the widest uniform codes: the step sets the rate, the codes are as wide as it needs
 
 
 def _uniform(step: float, rdo: float = 0.0, rows: str = "flat") -> Any:

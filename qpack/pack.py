@@ -1,5 +1,10 @@
 """Bit packing for quantized codes: dense widths 1..8 (signed or unsigned), trits, and code layouts.
 
+Codes wider than 8 bits (9..16) have one layout, "planes": each code q as its zigzag symbol z (0, -1, 1, -2, ...
+-> 0, 1, 2, 3, ...), the high bytes of all symbols, then their low bytes. Zigzag keeps every code under 128 in
+magnitude at high byte 0, so the high plane is nearly constant and the low plane holds the shape of the
+distribution: an order-0 coder with one table per plane stays close to the codes' own entropy.
+
 Bit order is little-endian throughout: value i occupies stream bits [i*w, (i+1)*w), least significant
 bit first, and stream bit k lives in byte k // 8 at bit k % 8. So int4 is two nibbles per byte (low
 nibble first) and int6 is four values in three bytes. Eight values of width w always fill exactly w
@@ -13,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-LAYOUTS = ("byte", "packed", "trit")
+LAYOUTS = ("byte", "packed", "trit", "planes")
+PLANES_BITS = (9, 16)  # the widths layout "planes" holds (inclusive)
 _TRITS_PER_BYTE = 5
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
 
@@ -141,9 +147,16 @@ def _qmax(bits: int) -> int:
 
 
 def _check_layout(layout: str, bits: int) -> None:
-    _check_width(bits)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown code layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    lo, hi = PLANES_BITS
+    if layout == "planes":
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
+            raise ValueError(f"layout 'planes' holds {lo}..{hi}-bit codes, got {bits!r} bits")
+        return
+    if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and lo <= bits <= hi:
+        raise ValueError(f"layout {layout!r} holds codes of at most 8 bits, got {bits}; wider codes use 'planes'")
+    _check_width(bits)
     if layout == "trit" and bits != 2:
         raise ValueError(f"layout 'trit' holds 2-bit codes (values -1..1) only, got {bits} bits")
 
@@ -154,13 +167,16 @@ def layout_size(count: int, bits: int, layout: str) -> int:
     _check_count(count)
     if layout == "byte":
         return count
+    if layout == "planes":
+        return 2 * count
     if layout == "trit":
         return trit_size(count)
     return packed_size(count, bits)
 
 
 def encode_codes(q, bits: int, layout: str) -> bytes:
-    """Symmetric codes q in [-qmax, qmax] -> bytes: "byte" one symbol q+qmax per byte, "packed" dense, "trit" base 3."""
+    """Symmetric codes q in [-qmax, qmax] -> bytes: "byte" one symbol q+qmax per byte, "packed" dense, "trit" base 3,
+    "planes" (9..16 bits) the zigzag symbols' high bytes, then their low bytes."""
     _check_layout(layout, bits)
     v = np.asarray(q).reshape(-1)
     if v.size and not np.issubdtype(v.dtype, np.integer):
@@ -170,6 +186,10 @@ def encode_codes(q, bits: int, layout: str) -> bytes:
         raise ValueError(f"codes span [{int(v.min())}, {int(v.max())}], outside [-{m}, {m}] for {bits} bits")
     if layout == "trit":
         return pack_trits(v)
+    if layout == "planes":
+        w = v.astype(np.int32)
+        z = np.where(w >= 0, 2 * w, -2 * w - 1).astype(np.uint16)
+        return (z >> 8).astype(np.uint8).tobytes() + (z & 0xFF).astype(np.uint8).tobytes()
     symbols = (v.astype(np.int16) + m).astype(np.uint8)
     if layout == "byte":
         return symbols.tobytes()
@@ -177,13 +197,20 @@ def encode_codes(q, bits: int, layout: str) -> bytes:
 
 
 def decode_codes(data: bytes, bits: int, layout: str, count: int) -> np.ndarray:
-    """Inverse of encode_codes: `count` int8 codes; raises ValueError on a wrong length or a symbol > 2*qmax."""
+    """Inverse of encode_codes: `count` codes (int8; int16 from "planes"); raises ValueError on a wrong length or a
+    symbol > 2*qmax."""
     want = layout_size(count, bits, layout)
     if len(data) != want:
         raise ValueError(f"{layout} codes hold {len(data)} bytes, {count} codes at {bits} bits need {want}")
     if layout == "trit":
         return unpack_trits(data, count)
     m = _qmax(bits)
+    if layout == "planes":
+        planes = np.frombuffer(bytes(data), dtype=np.uint8).reshape(2, count).astype(np.int32)
+        z = (planes[0] << 8) | planes[1]
+        if z.size and int(z.max()) > 2 * m:
+            raise ValueError(f"zigzag code symbol {int(z.max())} is above {2 * m}, the largest at {bits} bits")
+        return np.where(z & 1, -((z + 1) >> 1), z >> 1).astype(np.int16)
     if layout == "byte":
         symbols = np.frombuffer(bytes(data), dtype=np.uint8)
     else:

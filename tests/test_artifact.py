@@ -160,6 +160,30 @@ def test_every_width_and_layout(bits, layout):
     assert np.array_equal(got.q, q.q) and got.scales.numpy().tobytes() == q.scales.numpy().tobytes()
 
 
+@pytest.mark.parametrize("bits", range(9, 13))
+def test_wide_codes_round_trip_in_planes(bits):
+    # codes past int8 (scheme uniform at fine steps) are stored as two byte planes whatever layout was asked for
+    m = (1 << (bits - 1)) - 1
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(-m, m + 1, (5, 17), generator=g, dtype=torch.int16)
+    codes[0, :2] = torch.tensor([m, -m], dtype=torch.int16)
+    q = Quantized(codes, torch.full((5, 1), 0.001, dtype=torch.float16), (5, 17), bits, "uniform")
+    for layout in ("byte", "auto", ("byte", "packed")):
+        art = loads_artifact(build_artifact([TensorEntry("w", q, layout=layout, codec=make_codec("ans", {}))]))
+        assert art.entry("w")["layout"] == "planes" and art.entry("w")["bits"] == bits
+        got = art.quantized("w")
+        assert got.q.dtype == torch.int16 and torch.equal(got.q, codes)
+
+
+def test_wide_codes_out_of_range_are_refused():
+    q = Quantized(torch.zeros(1, 4, dtype=torch.int16), torch.ones(1, 1, dtype=torch.float16), (1, 4), 9, "uniform")
+    data = build_artifact([TensorEntry("w", q)])
+    manifest, payload = split(data)
+    codes = bytearray(payload[: manifest["sections"][0]["length"]])
+    codes[0] = 2  # high byte 2: zigzag symbol 512 > 2 * qmax(9) = 510
+    refused(_patch_section(data, 0, bytes(codes)), Reason.LAYOUT)
+
+
 def test_deterministic_bytes(tmp_path):
     a = build_artifact(entries(), {"model_config": {"d": 1}})
     b = build_artifact(entries(), {"model_config": {"d": 1}})
@@ -340,7 +364,8 @@ def _w(m):
         (lambda m: _w(m).update(shape=[2**40, 2**40]), Reason.LIMIT),
         (lambda m: _w(m).update(shape=[1] * 17), Reason.BAD_MANIFEST),
         (lambda m: _w(m).update(shape="8x24"), Reason.BAD_MANIFEST),
-        (lambda m: _w(m).update(bits=9), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(bits=13), Reason.BAD_MANIFEST),
+        (lambda m: _w(m).update(bits=9), Reason.LAYOUT),  # 9..12 bits only in layout planes
         (lambda m: _w(m).update(bits=1), Reason.BAD_MANIFEST),
         (lambda m: _w(m).update(bits=True), Reason.BAD_MANIFEST),
         (lambda m: _w(m).update(bits=4.0), Reason.BAD_MANIFEST),

@@ -1,6 +1,7 @@
 """`qpack compress --scheme uniform`: a grid of steps per matrix on the budget solver's menu, GPTQ on that grid."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 from qpack.cli import main
 from qpack.compress import CompressConfig, compress
 from qpack.errors import BudgetError, QpackInputError
+from qpack.quant.base import make_quantizer
 from qpack.rd.steps import DEFAULT_STEPS
 from qpack.statedict import load
 
@@ -34,11 +36,15 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
-def _scales(w: torch.Tensor, step: float, per_row: bool = False) -> torch.Tensor:
+def _scales(w: torch.Tensor, step: float, per_row: bool = False, qmax: int = 2047) -> torch.Tensor:
     """Per-row steps written out independently: step * std(tensor) (or, `per_row`, of each row), widened so that
-    no weight needs |q| > 127."""
+    no weight needs |q| > qmax (12-bit codes: compress's uniform steps go past int8)."""
     std = w.std(dim=1, correction=0, keepdim=True) if per_row else w.std(correction=0)
-    return _fp16(torch.maximum(step * std, w.abs().amax(dim=1, keepdim=True) / 127))
+    top = w.abs().amax(dim=1, keepdim=True)
+    s = _fp16(torch.maximum(step * std, top / qmax))
+    # a widened step that fp16 rounded short would clip: the next fp16 value up (numpy's nextafter, in float16)
+    up = torch.from_numpy(np.nextafter(s.numpy().astype(np.float16), np.float16(np.inf)).astype(np.float32))
+    return torch.where(s * qmax < top, up, s)
 
 
 @pytest.mark.parametrize("bpp", [2.5, 4.0, 6.0])
@@ -75,7 +81,7 @@ def test_artifact_holds_codes_on_one_grid_step_per_block(tmp_path):
     assert len(found) > 1  # the solver used more than one step
 
 
-@pytest.mark.parametrize("step", [0.4, 0.02])  # at 0.02 std most rows would clip: their step widens instead
+@pytest.mark.parametrize("step", [0.4, 0.02])  # at 0.02 std most rows' codes go past int8 (9-10 bits)
 def test_fixed_step_without_budget_is_gptq_on_that_grid_bit_exact(tmp_path, step):
     sd, hs = _model(2)
     compress(sd, tmp_path / "g.qpk", scheme="uniform", step=step, hessians=hs)
@@ -88,13 +94,24 @@ def test_fixed_step_without_budget_is_gptq_on_that_grid_bit_exact(tmp_path, step
         s = _scales(w, step)
         assert float((rtn[name] - w).abs().max()) <= float(s.max()) / 2 * 1.01  # nothing clipped
         # without Hessians: nearest level on the grid, computed here independently
-        assert torch.equal(rtn[name], torch.round(w / s).clamp(-127, 127) * s), name
+        assert torch.equal(rtn[name], torch.round(w / s).clamp(-2047, 2047) * s), name
         if name in hs:  # with them: GPTQ on the same grid: same levels, different (better) choices
             q = gptq[name] / s
             assert torch.equal(q, torch.round(q)) and not torch.equal(gptq[name], rtn[name])
             d_g, d_r = (gptq[name] - w).double(), (rtn[name] - w).double()
             H = hs[name].double()
             assert torch.einsum("ij,jk,ik->", d_g, H, d_g) < torch.einsum("ij,jk,ik->", d_r, H, d_r)
+
+
+def test_a_step_past_twelve_bits_widens_and_nothing_clips():
+    # max|w| / 2047 rounded to fp16 is short of max|w| / 2047 in about half the rows; unguarded, those rows clip
+    w = torch.randn(64, 300, generator=torch.Generator().manual_seed(5))
+    q = make_quantizer("uniform", 12, step=1e-4, rows="flat").quantize(w)
+    s = _scales(w, 1e-4)
+    assert q.bits == 12 and int(q.q.abs().max()) <= 2047
+    assert torch.equal(q.scales.float(), s)
+    assert bool(((q.dequantize() - w).abs() <= s / 2 * (1 + 1e-6)).all())
+    assert torch.equal(q.dequantize(), torch.round(w / s) * s)
 
 
 def test_more_budget_never_raises_the_estimated_loss():

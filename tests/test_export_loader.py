@@ -93,6 +93,10 @@ def run(tmp_path_factory):
         compress(sd, path, budget=budget, codecs=(codec,), chunk_numel=2048,
                        lqer_rank=2, lqer_top=1)
         arts[codec] = path
+    # a budget above int8's (10 bits/param) on uniform steps: the solver takes codes past 8 bits (layout planes)
+    arts["wide"] = tmp / "wide.qpk"
+    compress(sd, arts["wide"], budget=int(numel * 10 / 8) + 8000, scheme="uniform", codecs=("ans", "zstd"),
+             chunk_numel=2048)
     goldens = sorted(GOLDEN.glob("*.qpk"))
     data = (GOLDEN / "ans.qpk").read_bytes()
     bad = {}
@@ -141,6 +145,16 @@ def test_bit_identical_to_qpack_load(run, codec):
     assert codec in used and used <= {codec, "raw"}
     assert art.meta["aliases"] and art.meta["row_splits"]  # the artifact exercises both
     assert any(e.get("lowrank") for e in art.entries)
+    got = run["out"]["results"][str(path)]
+    assert "error" not in got, got
+    assert got["tensors"] == fingerprint(qpack.load(path))
+
+
+def test_wide_codes_decode_bit_exact(run):
+    path = run["arts"]["wide"]
+    art = qpack.artifact.read_artifact(path)
+    wide = [e for e in art.entries if e.get("kind") == "quant" and e["bits"] > 8]
+    assert wide and all(e["layout"] == "planes" for e in wide)
     got = run["out"]["results"][str(path)]
     assert "error" not in got, got
     assert got["tensors"] == fingerprint(qpack.load(path))

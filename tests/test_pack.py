@@ -151,6 +151,21 @@ def test_trit_layout():
         encode_codes(q, 3, "trit")
 
 
+def test_planes_layout_by_hand():
+    # zigzag 0, 1, 2, 511, 510: high bytes 0 0 0 1 1, then low bytes 0 1 2 255 254
+    q = np.array([0, -1, 1, -256, 255], dtype=np.int16)
+    data = encode_codes(q, 10, "planes")
+    assert data == bytes([0, 0, 0, 1, 1, 0, 1, 2, 255, 254]) and layout_size(5, 10, "planes") == 10
+    got = decode_codes(data, 10, "planes", 5)
+    assert got.dtype == np.int16 and np.array_equal(got, q)
+    with pytest.raises(ValueError, match="above 1022"):  # zigzag 1023 is -512, outside 10 bits' [-511, 511]
+        decode_codes(bytes([3, 255]), 10, "planes", 1)
+    with pytest.raises(ValueError, match="planes"):
+        encode_codes(np.zeros(2, dtype=np.int8), 8, "planes")
+    with pytest.raises(ValueError, match="at most 8 bits"):
+        encode_codes(np.zeros(2, dtype=np.int16), 9, "byte")
+
+
 def test_decode_codes_validates():
     with pytest.raises(ValueError, match="above 62"):
         decode_codes(bytes([63]), 6, "byte", 1)

@@ -37,7 +37,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("--step", type=float, default=None, help="--scheme uniform without --budget: the grid step, in "
               "standard deviations of each matrix")
 @click.option("--steps", default=None, help="with --budget: uniform steps (comma list, in standard deviations) the "
-              "solver picks from [default for --scheme uniform: 0.03 to 4, 8 per octave]")
+              "solver picks from [default for --scheme uniform: 0.015 to 4, 8 per octave]")
 @click.option("--step-rows", default="auto", show_default=True,
               help="uniform steps in units of each matrix's std (flat), of each row's (std), or flat scaled per "
               "row by the row's mean Fisher (fisher, needs --calib); auto: flat for matrices with a Hessian "

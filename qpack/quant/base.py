@@ -2,7 +2,7 @@
 
 A quantizer sees one weight as a 2-D float32 matrix W (rows = output features; a tensor of higher rank is
 viewed as (shape[0], -1)). Codes are symmetric signed integers in [-qmax, qmax], qmax = 2**(bits-1) - 1
-(int6: [-31, 31]), with one fp16 scale per row, or per row and group of `group_size` columns.
+(int6: [-31, 31]), held as int8 up to 8 bits and int16 above (scheme "uniform" only), with one fp16 scale per row, or per row and group of `group_size` columns.
 Dequantization is q * scale in float32 and is the only definition of it in qpack.
 """
 from __future__ import annotations
@@ -18,12 +18,26 @@ import torch
 from ..errors import QpackInputError
 from ..registry import Registry
 
-MIN_BITS, MAX_BITS = 2, 8
+MIN_BITS, MAX_BITS = 2, 8  # the widths a width scheme (rtn, gptq, sdclip, ...) quantizes at
+#: the widest codes a Quantized holds: scheme "uniform" goes past int8 when its step is finer than a row's
+#: absmax / 127 (high rates: the 17M-param golf baseline at 16 MB is 7.4 bits/param); stored as two byte planes
+MAX_CODE_BITS = 12
 
 
 def qmax(bits: int) -> int:
     """Largest code magnitude at `bits` (symmetric range [-qmax, qmax])."""
     return (1 << (bits - 1)) - 1
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """The integer dtype that holds `bits`-bit codes: int8 up to 8 bits, int16 above."""
+    return torch.int8 if bits <= 8 else torch.int16
+
+
+def code_width(q: torch.Tensor, least: int = MIN_BITS) -> int:
+    """The narrowest width (at least `least`) whose symmetric range [-qmax, qmax] holds every code of q."""
+    top = int(q.abs().max()) if q.numel() else 0
+    return max(least, top.bit_length() + 1)
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -63,7 +77,7 @@ class Quantized:
     `q` and `scales` are torch tensors on one device (numpy arrays given here are converted); bytes are made
     from them only where an artifact is written (qpack.artifact)."""
 
-    q: torch.Tensor  # int8, shape (rows, cols), values in [-qmax(bits), qmax(bits)]
+    q: torch.Tensor  # code_dtype(bits), shape (rows, cols), values in [-qmax(bits), qmax(bits)]
     scales: torch.Tensor  # float16, shape (rows, n_groups(cols, group_size)), on q's device
     shape: tuple[int, ...]  # original tensor shape
     bits: int
@@ -72,12 +86,14 @@ class Quantized:
     params: dict[str, Any] = field(default_factory=dict)  # scheme parameters worth recording (clip k, ...)
 
     def __post_init__(self) -> None:
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise QpackInputError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+        if not MIN_BITS <= self.bits <= MAX_CODE_BITS:
+            raise QpackInputError(f"bits must be in {MIN_BITS}..{MAX_CODE_BITS}, got {self.bits}")
         self.q = _as_tensor(self.q, "codes")
         self.scales = _as_tensor(self.scales, "scales")
-        if self.q.dtype != torch.int8 or self.q.ndim != 2:
-            raise QpackInputError(f"codes must be a 2-D int8 tensor, got {self.q.dtype} {tuple(self.q.shape)}")
+        want_dtype = code_dtype(self.bits)
+        if self.q.dtype != want_dtype or self.q.ndim != 2:
+            raise QpackInputError(f"codes at {self.bits} bits must be a 2-D {str(want_dtype).replace('torch.', '')} "
+                                  f"tensor, got {self.q.dtype} {tuple(self.q.shape)}")
         rows, cols = self.q.shape
         if math.prod(self.shape) != rows * cols:
             raise QpackInputError(f"codes {tuple(self.q.shape)} do not match shape {self.shape}")
@@ -133,12 +149,13 @@ class Quantizer(ABC):
 
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
+    max_bits: ClassVar[int] = MAX_BITS  # the widest `bits` it takes (scheme "uniform": MAX_CODE_BITS)
     #: extra parameter name -> default; unknown parameters are rejected.
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, bits: int, group_size: int | None = None, **params: Any):
-        if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            raise QpackInputError(f"{self.name}: bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= self.max_bits:
+            raise QpackInputError(f"{self.name}: bits must be an integer in {MIN_BITS}..{self.max_bits}, got {bits!r}")
         if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
             raise QpackInputError(f"{self.name}: group_size must be a positive integer, got {group_size!r}")
         unknown = set(params) - set(self.defaults)

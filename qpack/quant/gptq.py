@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import QpackInputError
-from .base import Quantized, Quantizer, as_matrix, qmax, register_quantizer, scales_fp16
+from .base import Quantized, Quantizer, as_matrix, code_dtype, qmax, register_quantizer, scales_fp16
 from .gptq_lite import DEFAULT_GRID, DEFAULT_MIN_RATIO, clip_ratios, search_clip_scales
 from .grid import group_absmax
 from .sdclip import group_std
@@ -188,8 +188,8 @@ class GPTQ:
 
     def solve(self, scales: torch.Tensor, bits: int, group_size: int | None = None, blocksize: int = 128,
               rounding: Rounding | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Codes int8 (rows, cols) on W's device for fp16 `scales` (rows, n_groups), in the original column
-        order; `rounding` (default round-to-nearest-and-clamp) turns each column into codes."""
+        """Codes (rows, cols) as code_dtype(bits) on W's device for fp16 `scales` (rows, n_groups), in the
+        original column order; `rounding` (default round-to-nearest-and-clamp) turns each column into codes."""
         if not isinstance(blocksize, int) or blocksize < 1:
             raise QpackInputError(f"gptq: blocksize must be a positive integer, got {blocksize!r}")
         with _one_thread(self.W.device):
@@ -255,7 +255,8 @@ class GPTQ:
             W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
         if self.invperm is not None:
             Q = Q[:, self.invperm]
-        return Q.to(torch.int8)
+        top = int(m) if isinstance(m, int) else int(m.max())  # the widest code bound of the sweep
+        return Q.to(code_dtype(top.bit_length() + 1))
 
     def quantize(self, bits: int, group_size: int | None = None, scales: ScaleRule | torch.Tensor = absmax_scales,
                  blocksize: int = 128, rounding: Rounding | None = None, shape: tuple[int, ...] | None = None,

@@ -1,7 +1,8 @@
 """Uniform: a step from a continuum instead of a width, for entropy-coded codes.
 
-With an entropy coder the rate knob is the step, not the number of levels: codes are stored at `bits` (8 by
-default, so +-127) and a step of `step` standard deviations (of the whole tensor with rows="flat", of each row
+With an entropy coder the rate knob is the step, not the number of levels: `bits` (8 by default, so +-127; up to
+MAX_CODE_BITS = 12) caps the codes' width, the codes are stored at the narrowest width of at least 8 (at most
+`bits`) that holds them, and a step of `step` standard deviations (of the whole tensor with rows="flat", of each row
 with rows="std") sets the rate. rows="weighted" gives row r the flat step times (g_r / G)^-1/2, g_r a per-row
 sensitivity (e.g. the row's mean Fisher) and G their geometric mean: with a loss sum_r g_r * err_r^2, that is the
 step profile of equal marginal loss per bit inside the tensor (high-rate theory), at the flat step's mean rate. Nothing clips: a row whose largest weight needs more than qmax levels gets the
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import QpackInputError
-from .base import Quantized, Quantizer, as_matrix, qmax, register_quantizer, scales_fp16
+from .base import (MAX_CODE_BITS, Quantized, Quantizer, as_matrix, code_dtype, code_width, qmax, register_quantizer,
+                   scales_fp16)
 
 ROW_MODES = ("flat", "std", "weighted")
 FACTOR_STEPS_PER_OCTAVE = 4
@@ -55,13 +57,22 @@ def uniform_scales(W: torch.Tensor, step: float, bits: int, rows: str = "flat",
             raise QpackInputError(f"uniform: rows='weighted' needs one weight per row ({W.shape[0]}), got "
                                   f"{None if row_weight is None else row_weight.numel()}")
         s = s * row_factors(row_weight).to(s.device)
-    s = torch.maximum(s, W.abs().amax(dim=1, keepdim=True) / qmax(bits))
-    return scales_fp16(s).to(torch.float32)
+    top = W.abs().amax(dim=1, keepdim=True)
+    s16 = scales_fp16(torch.maximum(s, top / qmax(bits))).to(torch.float32)
+    if bits > 8:
+        # fp16 rounding can leave a widened step up to 2^-11 short: at int8 that clips 0.06 of a level at most,
+        # at 12 bits a whole one. Such a row takes the next fp16 step up instead.
+        short = s16 * qmax(bits) < top
+        h = s16.to(torch.float16)
+        s16 = torch.where(short, torch.nextafter(h, torch.full_like(h, float("inf"))).to(torch.float32), s16)
+    return s16
 
 
 @register_quantizer("uniform")
 class Uniform(Quantizer):
     """Codes q * step with a continuous step (in standard deviations); GPTQ and RDO rounding on that grid."""
+
+    max_bits = MAX_CODE_BITS
 
     defaults: dict[str, Any] = {
         "step": 0.25,  # grid step in standard deviations (the rate knob)
@@ -110,4 +121,6 @@ class Uniform(Quantizer):
                 q = gptq_grid(W, None, S, self.bits, p["rdo"], code_lengths(q, m), p["percdamp"], p["blocksize"],
                               prepared)
         params = {"step": p["step"], "rows": p["rows"], "rdo": p["rdo"], "gptq": prepared is not None}
-        return Quantized(q, S.to(torch.float16), tuple(w.shape), self.bits, self.name, None, params)
+        # past 8 bits only as wide as the codes need: a step every row holds in int8 gives the int8 artifact
+        bits = self.bits if self.bits <= 8 else max(8, code_width(q))
+        return Quantized(q.to(code_dtype(bits)), S.to(torch.float16), tuple(w.shape), bits, self.name, None, params)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quant.base import qmax
+from ..quant.base import code_dtype, qmax
 from ..quant.gptq import GPTQ, Column
 
 
@@ -54,12 +54,12 @@ class RelativeRDO:
 def gptq_grid(W: torch.Tensor, H: torch.Tensor | None, scales: torch.Tensor, bits: int, mu: float = 0.0,
               lengths: torch.Tensor | None = None, percdamp: float = 0.01, blocksize: int = 128,
               prepared: GPTQ | None = None) -> torch.Tensor:
-    """int8 codes (rows, cols) of W on the grid q * scales[row] (|q| <= qmax(bits)): GPTQ with act-order when H
+    """Codes (rows, cols, code_dtype(bits)) of W on the grid q * scales[row] (|q| <= qmax(bits)): GPTQ with act-order when H
     (or an already `prepared` GPTQ of W) is given, else independent rounding; nearest or RDO rounding."""
     m = qmax(bits)
     S = scales.to(torch.float32).reshape(W.shape[0], 1)
     if H is None and prepared is None:
-        return round_rdo(W.to(torch.float32) / S, m, float(mu), lengths).to(torch.int8)
+        return round_rdo(W.to(torch.float32) / S, m, float(mu), lengths).to(code_dtype(bits))
     g = prepared if prepared is not None else GPTQ(W.to(torch.float32), H, percdamp=percdamp)
     rounding = RelativeRDO(g, mu, lengths) if (mu > 0 and lengths is not None) else None
     q, _ = g.solve(S.to(torch.float16), bits, None, blocksize, rounding)

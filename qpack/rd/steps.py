@@ -1,6 +1,6 @@
 """Which uniform steps `qpack compress` offers a matrix, and the checks on the options that set them.
 
-Scheme "uniform" (qpack.quant.uniform) stores int8 codes on a grid of `step` standard deviations; with an entropy
+Scheme "uniform" (qpack.quant.uniform) stores codes (8 to 12 bits, as wide as the step needs) on a grid of `step` standard deviations; with an entropy
 coder the step is the rate knob, so with a budget each matrix's menu is a grid of steps (instead of, or besides,
 the widths) and the solver equalizes the marginal loss per byte across blocks. Without a budget one `step` is used.
 """
@@ -10,14 +10,18 @@ import math
 from typing import Any
 
 from ..errors import QpackInputError
+from ..quant.base import MAX_CODE_BITS
 from .candidates import step_grid
 
-#: The default menu of steps: 0.03 to 4 standard deviations, 8 per octave (57 steps). At 0.03 a Gaussian
-#: tensor's codes already span the whole int8 range (the step then widens so nothing clips); at 4 nearly
-#: every code is zero. 8 per octave measured better than 4 on cpu-smoke from 2.5 to 4.5 bits/param
-#: (benchmarks/rd, README "Rate-distortion").
-DEFAULT_STEPS: tuple[float, ...] = tuple(step_grid(0.03, 4.0, 8))
-UNIFORM_BITS = 8  # codes are stored at int8: the step, not the width, sets the rate
+#: The default menu of steps: 0.03 / 2^(FINER_STEPS / 8) to 4 standard deviations, 8 per octave. At 0.03 a
+#: Gaussian tensor's codes span about the int8 range (about 7 bits/param under ans: naive int8's rate); the
+#: FINER_STEPS below it take 9-10 bit codes, for budgets above int8's; at 4 nearly every code is zero. 8 per
+#: octave measured better than 4 on cpu-smoke from 2.5 to 4.5 bits/param (benchmarks/rd, README
+#: "Rate-distortion"). The finer steps are prepended so the grid from 0.03 up is exactly the one measured.
+FINER_STEPS = 8
+DEFAULT_STEPS: tuple[float, ...] = tuple(0.03 * 2 ** (-k / 8) for k in range(FINER_STEPS, 0, -1)) \
+    + tuple(step_grid(0.03, 4.0, 8))
+UNIFORM_BITS = MAX_CODE_BITS  # the widest uniform codes: the step, not the width, sets the rate
 
 
 def _positive(name: str, value: Any) -> float:

@@ -350,7 +350,8 @@ def qpk_attacks() -> dict[str, tuple[bytes, str, str]]:
     a["tensor_shape_mismatch.qpk"] = (mut(lambda m: tw(m).update(shape=[4, 9])), "layout",
                                       "shape needs more codes than the section holds")
     a["raw_shape_mismatch.qpk"] = (mut(lambda m: tb(m).update(shape=[5])), "layout", "raw shape vs bytes")
-    a["tensor_bits_9.qpk"] = (mut(lambda m: tw(m).update(bits=9)), "bad_manifest", "bits 9")
+    a["tensor_bits_9.qpk"] = (mut(lambda m: tw(m).update(bits=9)), "layout", "bits 9 in a byte layout")
+    a["tensor_bits_13.qpk"] = (mut(lambda m: tw(m).update(bits=13)), "bad_manifest", "bits 13")
     a["tensor_bits_0.qpk"] = (mut(lambda m: tw(m).update(bits=0)), "bad_manifest", "bits 0")
     a["tensor_layout.qpk"] = (mut(lambda m: tw(m).update(layout="zigzag")), "layout", "unknown code layout")
     a["tensor_raw_dtype.qpk"] = (mut(lambda m: tb(m).update(dtype="object")), "bad_manifest", "dtype 'object'")

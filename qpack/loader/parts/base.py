@@ -189,15 +189,15 @@ def _check_quant(e, keys, secs, used):
     s = _shape(e["shape"])
     r, c = _mat(s)
     b, g, lay = e["bits"], e["group_size"], e["layout"]
-    if type(b) is not int or not 2 <= b <= 8:
-        _err("bits must be an integer in 2..8")
+    if type(b) is not int or not 2 <= b <= 12:
+        _err("bits must be an integer in 2..12")
     if not isinstance(e["scheme"], str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", e["scheme"]):
         _err("scheme is not a plain name")
     if not isinstance(e["params"], dict):
         _err("params must be an object")
     if g is not None and _int(g, 1 << 40, "group_size") == 0:
         _err("group_size must be positive or null")
-    sizes = {"byte": r * c, "packed": -(-r * c * b // 8)}
+    sizes = {"planes": 2 * r * c} if b > 8 else {"byte": r * c, "packed": -(-r * c * b // 8)}
     if b == 2:
         sizes["trit"] = -(-r * c // 5)
     if lay not in sizes or _ref(e["codes"], {"section", "codec"}, secs, used) != sizes[lay]:
@@ -243,9 +243,15 @@ def _check(ts, secs):
 
 
 def _codes(raw, b, lay, n):
-    # Symbols s = q + qmax in the byte, packed (width b, LSB first) or trit (base 3, 5 per byte) layout.
+    # Symbols s = q + qmax in the byte, packed (width b, LSB first) or trit (base 3, 5 per byte) layout; planes:
+    # zigzag symbols z (q = z/2 or -(z+1)/2), all high bytes then all low bytes.
     m = (1 << b - 1) - 1
     u = np.frombuffer(raw, np.uint8)
+    if lay == "planes":
+        z = u[:n].astype(np.int32) << 8 | u[n:]
+        if n and z.max() > 2 * m:
+            _err("code symbol out of range")
+        return np.where(z & 1, -((z + 1) >> 1), z >> 1).astype(np.int16)
     if lay == "trit":
         if n and (u.max() > 242 or n % 5 and u[-1] >= 3 ** (n % 5)):
             _err("trit codes out of range")
