@@ -175,6 +175,27 @@ def test_wide_codes_round_trip_in_planes(bits):
         assert got.q.dtype == torch.int16 and torch.equal(got.q, codes)
 
 
+def _entropy_bytes(sym: np.ndarray) -> float:
+    _, counts = np.unique(sym, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum() / 8)
+
+
+def test_wide_codes_cost_about_their_entropy_under_ans():
+    # Gaussian codes of std 100 (9-10 bits; the default menu's finest step, 0.015 std, gives 67 on a Gaussian
+    # matrix): ans with one table per plane lands within 1% of the codes' own order-0 entropy (zigzag keeps most
+    # codes at high byte 0) and well under one table over both planes
+    g = torch.Generator().manual_seed(1)
+    codes = (torch.randn(256, 1024, generator=g) * 100).round().clamp(-511, 511).to(torch.int16)
+    q = Quantized(codes, torch.full((256, 1), 1e-3, dtype=torch.float16), (256, 1024), 10, "uniform")
+    art = loads_artifact(build_artifact([TensorEntry("w", q, layout="auto", codec=make_codec("ans", {}))]))
+    got = art.section_bytes("w")["codes"]
+    h = _entropy_bytes(codes.numpy().reshape(-1))
+    assert h < got < 1.01 * h
+    one_table = len(make_codec("ans", {}).encode(art.container.section(art.entry("w")["codes"]["section"])))
+    assert got < 0.97 * one_table
+
+
 def test_wide_codes_out_of_range_are_refused():
     q = Quantized(torch.zeros(1, 4, dtype=torch.int16), torch.ones(1, 1, dtype=torch.float16), (1, 4), 9, "uniform")
     data = build_artifact([TensorEntry("w", q)])
