@@ -624,9 +624,10 @@ class _Job:
             c = ch.candidates[i]
             o: Option = c.data
             enc = lowranks.get(ch.name, o.encoded)
+            # the stored width: a uniform block's codes are as wide as its step needs (8-12), not the menu's cap
+            bits = enc.manifest.get("bits", o.bits)
             out.append(TensorReport(ch.name, tuple(o.payload.shape), o.scheme + ("+lqer" if ch.name in lowranks else ""),
-                                    o.bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss,
-                                    enc.manifest.get("layout")))
+                                    bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss, enc.manifest.get("layout")))
         return out
 
 

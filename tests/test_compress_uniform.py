@@ -103,6 +103,23 @@ def test_fixed_step_without_budget_is_gptq_on_that_grid_bit_exact(tmp_path, step
             assert torch.einsum("ij,jk,ik->", d_g, H, d_g) < torch.einsum("ij,jk,ik->", d_r, H, d_r)
 
 
+def test_a_budget_above_int8s_takes_codes_past_8_bits(tmp_path):
+    # at 10 bits/param every matrix gets a finer grid than int8's finest (per-row absmax / 127) could give it
+    sd, _ = _model(2)
+    n = sum(t.numel() for t in sd.values())
+    budget = int(n * 10 / 8) + 4000
+    res = compress(sd, tmp_path / "w.qpk", budget=budget, scheme="uniform")
+    assert res.bytes_total <= budget
+    out = load(tmp_path / "w.qpk")
+    wide = [t for t in res.tensors if t.bits and t.bits > 8]
+    assert wide and all(t.layout == "planes" for t in wide)
+    for t in wide:
+        w = sd[t.name]
+        s = _fp16(w.abs().amax(dim=1, keepdim=True) / 127)
+        int8_err = (torch.round(w / s).clamp(-127, 127) * s - w).pow(2).sum()
+        assert (out[t.name] - w).pow(2).sum() < 0.75 * int8_err, t.name
+
+
 def test_a_step_past_twelve_bits_widens_and_nothing_clips():
     # max|w| / 2047 rounded to fp16 is short of max|w| / 2047 in about half the rows; unguarded, those rows clip
     w = torch.randn(64, 300, generator=torch.Generator().manual_seed(5))
