@@ -27,10 +27,11 @@ from .artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry, p
 from .budget import Candidate, Choices, Fit, check_floor, fit, realize_lazily
 from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
-from .pack import LAYOUTS, encode_codes
+from .pack import LAYOUTS, encode_codes, zigzag
 from .provenance import provenance
+from .rd.steps import UNIFORM_BITS as _UNIFORM_BITS  # the widest uniform codes: the step sets the rate
 from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss, reference_ms
-from .quant.base import MAX_BITS, MAX_CODE_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
+from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -627,7 +628,8 @@ class _Job:
             # the stored width: a uniform block's codes are as wide as its step needs (8-12), not the menu's cap
             bits = enc.manifest.get("bits", o.bits)
             out.append(TensorReport(ch.name, tuple(o.payload.shape), o.scheme + ("+lqer" if ch.name in lowranks else ""),
-                                    bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss, enc.manifest.get("layout")))
+                                    bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss,
+                                    enc.manifest.get("layout")))
         return out
 
 
@@ -805,9 +807,8 @@ def _predicted_bytes(payload: Quantized | torch.Tensor) -> int:
         return _entropy_bytes(np.bincount(sym, minlength=256)) + 16
     extra = 2 * payload.scales.numel() + 64
     if payload.bits > 8:  # layout "planes" under per-plane ans tables (qpack.pack, artifact.per_plane)
-        q = payload.q.reshape(-1).to(torch.int32).cpu()
-        z = torch.where(q >= 0, 2 * q, -2 * q - 1)
-        return sum(_entropy_bytes(torch.bincount(p, minlength=256).numpy()) for p in (z >> 8, z & 0xFF)) + extra
+        z = zigzag(payload.q.reshape(-1).cpu().numpy())
+        return sum(_entropy_bytes(np.bincount(p, minlength=256)) for p in (z >> 8, z & 0xFF)) + extra
     codes = payload.q.reshape(-1).to(torch.int16) + 128
     return _entropy_bytes(torch.bincount(codes.cpu(), minlength=256).numpy()) + extra
 
@@ -840,7 +841,6 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
                      q.scheme, q.group_size, dict(q.params))
 
 
-_UNIFORM_BITS = MAX_CODE_BITS  # qpack.rd.steps.UNIFORM_BITS; the widest uniform codes: the step sets the rate, the codes are as wide as it needs
 
 
 def _uniform(step: float, rdo: float = 0.0, rows: str = "flat") -> Any:

@@ -142,6 +142,18 @@ def unpack_trits(data: bytes, count: int) -> np.ndarray:
     return (digits.reshape(-1)[:count].astype(np.int8) - 1)
 
 
+def zigzag(q) -> np.ndarray:
+    """Signed codes -> zigzag symbols (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...) as uint16, layout "planes"'s symbols."""
+    w = np.asarray(q).astype(np.int32)
+    return np.where(w >= 0, 2 * w, -2 * w - 1).astype(np.uint16)
+
+
+def unzigzag(z: np.ndarray) -> np.ndarray:
+    """Inverse of zigzag: int16 codes."""
+    z = z.astype(np.int32)
+    return np.where(z & 1, -((z + 1) >> 1), z >> 1).astype(np.int16)
+
+
 def _qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
@@ -150,11 +162,12 @@ def _check_layout(layout: str, bits: int) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown code layout {layout!r}; known: {', '.join(LAYOUTS)}")
     lo, hi = PLANES_BITS
+    wide = isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and lo <= bits <= hi
     if layout == "planes":
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
+        if not wide:
             raise ValueError(f"layout 'planes' holds {lo}..{hi}-bit codes, got {bits!r} bits")
         return
-    if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and lo <= bits <= hi:
+    if wide:
         raise ValueError(f"layout {layout!r} holds codes of at most 8 bits, got {bits}; wider codes use 'planes'")
     _check_width(bits)
     if layout == "trit" and bits != 2:
@@ -187,8 +200,7 @@ def encode_codes(q, bits: int, layout: str) -> bytes:
     if layout == "trit":
         return pack_trits(v)
     if layout == "planes":
-        w = v.astype(np.int32)
-        z = np.where(w >= 0, 2 * w, -2 * w - 1).astype(np.uint16)
+        z = zigzag(v)
         return (z >> 8).astype(np.uint8).tobytes() + (z & 0xFF).astype(np.uint8).tobytes()
     symbols = (v.astype(np.int16) + m).astype(np.uint8)
     if layout == "byte":
@@ -210,7 +222,7 @@ def decode_codes(data: bytes, bits: int, layout: str, count: int) -> np.ndarray:
         z = (planes[0] << 8) | planes[1]
         if z.size and int(z.max()) > 2 * m:
             raise ValueError(f"zigzag code symbol {int(z.max())} is above {2 * m}, the largest at {bits} bits")
-        return np.where(z & 1, -((z + 1) >> 1), z >> 1).astype(np.int16)
+        return unzigzag(z)
     if layout == "byte":
         symbols = np.frombuffer(bytes(data), dtype=np.uint8)
     else:

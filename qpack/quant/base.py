@@ -2,7 +2,8 @@
 
 A quantizer sees one weight as a 2-D float32 matrix W (rows = output features; a tensor of higher rank is
 viewed as (shape[0], -1)). Codes are symmetric signed integers in [-qmax, qmax], qmax = 2**(bits-1) - 1
-(int6: [-31, 31]), held as int8 up to 8 bits and int16 above (scheme "uniform" only), with one fp16 scale per row, or per row and group of `group_size` columns.
+(int6: [-31, 31]), held as int8 up to 8 bits and int16 above (scheme "uniform" only), with one fp16 scale per
+row, or per row and group of `group_size` columns.
 Dequantization is q * scale in float32 and is the only definition of it in qpack.
 """
 from __future__ import annotations
@@ -34,10 +35,14 @@ def code_dtype(bits: int) -> torch.dtype:
     return torch.int8 if bits <= 8 else torch.int16
 
 
+def bits_for(top: int, least: int = MIN_BITS) -> int:
+    """The narrowest width (at least `least`) whose symmetric range [-qmax, qmax] holds codes up to |top|."""
+    return max(least, int(top).bit_length() + 1)
+
+
 def code_width(q: torch.Tensor, least: int = MIN_BITS) -> int:
     """The narrowest width (at least `least`) whose symmetric range [-qmax, qmax] holds every code of q."""
-    top = int(q.abs().max()) if q.numel() else 0
-    return max(least, top.bit_length() + 1)
+    return bits_for(int(q.abs().max()) if q.numel() else 0, least)
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import QpackInputError
-from .base import Quantized, Quantizer, as_matrix, code_dtype, qmax, register_quantizer, scales_fp16
+from .base import Quantized, Quantizer, as_matrix, bits_for, code_dtype, qmax, register_quantizer, scales_fp16
 from .gptq_lite import DEFAULT_GRID, DEFAULT_MIN_RATIO, clip_ratios, search_clip_scales
 from .grid import group_absmax
 from .sdclip import group_std
@@ -255,8 +255,7 @@ class GPTQ:
             W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
         if self.invperm is not None:
             Q = Q[:, self.invperm]
-        top = int(m) if isinstance(m, int) else int(m.max())  # the widest code bound of the sweep
-        return Q.to(code_dtype(top.bit_length() + 1))
+        return Q.to(code_dtype(bits_for(m if isinstance(m, int) else int(m.max()))))  # the sweep's widest bound
 
     def quantize(self, bits: int, group_size: int | None = None, scales: ScaleRule | torch.Tensor = absmax_scales,
                  blocksize: int = 128, rounding: Rounding | None = None, shape: tuple[int, ...] | None = None,

@@ -122,5 +122,5 @@ class Uniform(Quantizer):
                               prepared)
         params = {"step": p["step"], "rows": p["rows"], "rdo": p["rdo"], "gptq": prepared is not None}
         # past 8 bits only as wide as the codes need: a step every row holds in int8 gives the int8 artifact
-        bits = self.bits if self.bits <= 8 else max(8, code_width(q))
+        bits = self.bits if self.bits <= 8 else code_width(q, least=8)
         return Quantized(q.to(code_dtype(bits)), S.to(torch.float16), tuple(w.shape), bits, self.name, None, params)

@@ -54,8 +54,9 @@ class RelativeRDO:
 def gptq_grid(W: torch.Tensor, H: torch.Tensor | None, scales: torch.Tensor, bits: int, mu: float = 0.0,
               lengths: torch.Tensor | None = None, percdamp: float = 0.01, blocksize: int = 128,
               prepared: GPTQ | None = None) -> torch.Tensor:
-    """Codes (rows, cols, code_dtype(bits)) of W on the grid q * scales[row] (|q| <= qmax(bits)): GPTQ with act-order when H
-    (or an already `prepared` GPTQ of W) is given, else independent rounding; nearest or RDO rounding."""
+    """Codes (rows, cols; code_dtype(bits)) of W on the grid q * scales[row] (|q| <= qmax(bits)): GPTQ with
+    act-order when H (or an already `prepared` GPTQ of W) is given, else independent rounding; nearest or RDO
+    rounding."""
     m = qmax(bits)
     S = scales.to(torch.float32).reshape(W.shape[0], 1)
     if H is None and prepared is None:

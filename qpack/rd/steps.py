@@ -1,8 +1,8 @@
 """Which uniform steps `qpack compress` offers a matrix, and the checks on the options that set them.
 
-Scheme "uniform" (qpack.quant.uniform) stores codes (8 to 12 bits, as wide as the step needs) on a grid of `step` standard deviations; with an entropy
-coder the step is the rate knob, so with a budget each matrix's menu is a grid of steps (instead of, or besides,
-the widths) and the solver equalizes the marginal loss per byte across blocks. Without a budget one `step` is used.
+Scheme "uniform" (qpack.quant.uniform) stores codes (8 to 12 bits, as wide as the step needs) on a grid of `step`
+standard deviations; with an entropy coder the step is the rate knob, so with a budget each matrix's menu is a
+grid of steps (instead of, or besides, the widths) and the solver equalizes the marginal loss per byte across blocks. Without a budget one `step` is used.
 """
 from __future__ import annotations
 
