@@ -56,6 +56,8 @@ _SCHEME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _QUANT_KEYS = frozenset({"name", "kind", "shape", "dtype", "scheme", "bits", "group_size", "params", "layout",
                          "codes", "scales", "lowrank"})
 _FACTOR_KEYS = frozenset({"shape", "scheme", "bits", "group_size", "params", "layout", "codes", "scales"})
+# a quantized tensor with column multipliers (Quantized.col_scale) has one more key; readers that predate it refuse it
+_COL_KEY = "col_scale"
 _RAW_KEYS = frozenset({"name", "kind", "shape", "dtype", "data"})
 
 
@@ -282,7 +284,13 @@ def _encode_quant(
         "codes": {"section": code_sec.name, "codec": code_sec.codec},
         "scales": {"section": scale_sec.name, "codec": scale_sec.codec, "layout": layouts[which]},
     }
-    return entry, [code_sec, scale_sec]
+    sections = [code_sec, scale_sec]
+    if q.col_scale is not None:
+        col_sec, _ = encode_smallest(f"{prefix}col_scale", scale_codecs, [q.col_scale.numpy().astype("<f2").tobytes()],
+                                     verify)
+        entry[_COL_KEY] = {"section": col_sec.name, "codec": col_sec.codec}
+        sections.append(col_sec)
+    return entry, sections
 
 
 def encode_entry(entry: TensorEntry, verify: bool = False) -> EncodedEntry:
@@ -404,7 +412,7 @@ class Artifact:
         return info.raw_length
 
     def _check_quant(self, e: dict, where: str, used: set[str], keys: frozenset) -> tuple[int, int]:
-        if set(e) != keys:
+        if set(e) != keys and not (keys is _QUANT_KEYS and set(e) == keys | {_COL_KEY}):
             self._fail(Reason.BAD_MANIFEST, f"{where} must have exactly the keys {sorted(keys)}")
         shape = self._check_shape(e["shape"], where)
         rows, cols = matrix_shape(shape)
@@ -438,6 +446,11 @@ class Artifact:
         if have != want:
             self._fail(Reason.LAYOUT, f"{where}: {rows} rows x {n_groups(cols, gs)} groups need {want} scale bytes, "
                                       f"section holds {have}")
+        if _COL_KEY in e:
+            have = self._use_section(e[_COL_KEY], f"{where}.{_COL_KEY}", used, frozenset({"section", "codec"}))
+            if have != 2 * cols:
+                self._fail(Reason.LAYOUT, f"{where}: {cols} columns need {2 * cols} column-scale bytes, section holds "
+                                          f"{have}")
         return rows, cols
 
     def _check_entry(self, i: int, e: dict, used: set[str]) -> None:
@@ -506,9 +519,14 @@ class Artifact:
             self._fail(Reason.LAYOUT, f"{where}: {exc}")
         if not np.isfinite(scales).all():
             self._fail(Reason.BAD_MANIFEST, f"{where}: scales hold NaN or infinity")
+        col = None
+        if _COL_KEY in e:
+            col = np.frombuffer(self.container.section(e[_COL_KEY]["section"]), dtype="<f2").astype(np.float16)
+            if not (np.isfinite(col) & (col > 0)).all():
+                self._fail(Reason.BAD_MANIFEST, f"{where}: column scales must be finite and positive")
         try:
             return Quantized(q.reshape(rows, cols), scales, shape, e["bits"], e["scheme"], e["group_size"],
-                             dict(e["params"]))
+                             dict(e["params"]), col)
         except QpackError as exc:
             self._fail(Reason.LAYOUT, f"{where}: {exc}")
 
@@ -551,12 +569,14 @@ class Artifact:
         return {name: self.tensor(name, device) for name in self.names()}
 
     def section_bytes(self, name: str) -> dict[str, int]:
-        """Encoded bytes of tensor `name` by part: codes, scales, lowrank (quant) or data (raw)."""
+        """Encoded bytes of tensor `name` by part: codes, scales (with column scales), lowrank (quant) or data
+        (raw)."""
         e = self.entry(name)
         size = lambda ref: self.container.section_info(ref["section"]).length  # noqa: E731
         if e["kind"] == "raw":
             return {"data": size(e["data"])}
-        out = {"codes": size(e["codes"]), "scales": size(e["scales"]), "lowrank": 0}
+        out = {"codes": size(e["codes"]), "scales": size(e["scales"]) + (size(e[_COL_KEY]) if _COL_KEY in e else 0),
+               "lowrank": 0}
         if e["lowrank"]:
             out["lowrank"] = sum(size(e["lowrank"][k][p]) for k in ("a", "b") for p in ("codes", "scales"))
         return out

@@ -30,7 +30,7 @@ from .errors import BudgetError, QpackInputError
 from .pack import LAYOUTS, encode_codes, zigzag
 from .provenance import provenance
 from .rd.steps import UNIFORM_BITS as _UNIFORM_BITS  # the widest uniform codes: the step sets the rate
-from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss, reference_ms
+from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss, head_columns, reference_ms
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
@@ -339,6 +339,8 @@ class _Job:
         # A run with neither Hessians nor Fisher weighs errors by the data-free loss; a calibrated run keeps one
         # unit for every tensor (its proxy), so a tensor without a Hessian there falls back to mse as before.
         self._datafree = cfg.datafree_loss if not hessians and not self.fisher else None
+        # data-free: a tied head's columns weighed (and its steps scaled) by the final norm's gain
+        self._head_cols = head_columns(self.sd, self.quant_names) if self._datafree not in (None, "mse") else {}
 
     @cached_property
     def _datafree_ref(self) -> float | None:
@@ -367,7 +369,8 @@ class _Job:
                 cheapest.append(make_quantizer("rtn", min(self.widths), self.cfg.group_size).quantize(w))
             steps = _steps_for(self.cfg, n in self.hessians)
             if steps:
-                cheapest.append(_uniform(max(steps), rows=self._rows(n)).quantize(w, row_weight=self._row_weight(n)))
+                cheapest.append(_uniform(max(steps), rows=self._rows(n)).quantize(w, row_weight=self._row_weight(n),
+                                                                                 col_weight=self._head_cols.get(n)))
             for b in self.blocks[n]:
                 estimate += min(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
                                 for q in cheapest)
@@ -439,7 +442,8 @@ class _Job:
         def size_at(step: float) -> int:
             total = 0
             for n in self.progress(self.quant_names, f"step {step:.4g}", len(self.quant_names)):
-                q = _uniform(step / div[n], rows=rows[n]).quantize(self.sd[n].detach().float())
+                q = _uniform(step / div[n], rows=rows[n]).quantize(self.sd[n].detach().float(),
+                                                                   col_weight=self._head_cols.get(n))
                 parts = self.blocks[n]
                 total += sum(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(parts) > 1 else q) for b in parts)
             return total
@@ -480,7 +484,8 @@ class _Job:
             # widths: round-to-nearest at that width; uniform steps: rounding on that grid (no GPTQ, no RDO)
             key = ("uniform", params["step"], params["rows"]) if scheme == "uniform" else bits
             if bits is not None and key not in rtn:
-                rtn[key] = (_uniform(params["step"], rows=params["rows"]).quantize(w, row_weight=self._row_weight(n))
+                rtn[key] = (_uniform(params["step"], rows=params["rows"]).quantize(w, row_weight=self._row_weight(n),
+                                                                                   col_weight=self._head_cols.get(n))
                             if scheme == "uniform" else make_quantizer("rtn", bits, self.cfg.group_size).quantize(w))
             for b in blocks:
                 if bits is None:
@@ -489,7 +494,8 @@ class _Job:
                     p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
                 fr = self._fisher_rows(n, b)
-                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, self._datafree_ref, p)
+                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, self._datafree_ref, p,
+                                      self._head_cols.get(n))
                         if self._datafree is not None and fr is None else _diag_loss(w[b.r0:b.r1], wq, hd, fr))
                 out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p), loss))
         return out
@@ -513,7 +519,7 @@ class _Job:
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy, self._fisher_rows(n, b), self._datafree, n,
-                         self._datafree_ref if self._datafree is not None else None, p)
+                         self._datafree_ref if self._datafree is not None else None, p, self._head_cols.get(n))
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -523,7 +529,7 @@ class _Job:
             from .quant.gptq import GPTQ
 
             if h is None:
-                return _uniform(**params).quantize(w, row_weight=self._row_weight(n))
+                return _uniform(**params).quantize(w, row_weight=self._row_weight(n), col_weight=self._head_cols.get(n))
             key = (n, "gptq", ())
             if key not in self._prepared:
                 self._prepared[key] = GPTQ(as_matrix(w), h)
@@ -627,8 +633,9 @@ class _Job:
             enc = lowranks.get(ch.name, o.encoded)
             # the stored width: a uniform block's codes are as wide as its step needs (8-12), not the menu's cap
             bits = enc.manifest.get("bits", o.bits)
-            out.append(TensorReport(ch.name, tuple(o.payload.shape), o.scheme + ("+lqer" if ch.name in lowranks else ""),
-                                    bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss,
+            scheme = o.scheme + ("+cols" if "col_scale" in enc.manifest else "") + \
+                ("+lqer" if ch.name in lowranks else "")
+            out.append(TensorReport(ch.name, tuple(o.payload.shape), scheme, bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss,
                                     enc.manifest.get("layout")))
         return out
 
@@ -772,15 +779,17 @@ def _fisher_for(cfg: CompressConfig, sd: Mapping[str, torch.Tensor], names: list
 
 def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,
           fisher: torch.Tensor | None = None, datafree: str | None = None, name: str = "",
-          ref_ms: float | None = None, payload: Quantized | torch.Tensor | None = None) -> float:
+          ref_ms: float | None = None, payload: Quantized | torch.Tensor | None = None,
+          col_weight: torch.Tensor | None = None) -> float:
     """The solver's loss for one block of tensor `name` under the configured proxy (`fisher`: the block's Fisher,
-    proxy fisher; `datafree`: the data-free loss of a run with neither Hessians nor Fisher, qpack.quant.datafree)."""
+    proxy fisher; `datafree`: the data-free loss of a run with neither Hessians nor Fisher, qpack.quant.datafree,
+    with its per-column weights `col_weight`)."""
     if proxy == "fisher" and fisher is not None:
         from .sensitivity import fisher_weighted_loss
 
         return fisher_weighted_loss(w, wq, fisher)
     if datafree is not None:
-        return datafree_loss(w, wq, datafree, name, ref_ms, payload)
+        return datafree_loss(w, wq, datafree, name, ref_ms, payload, col_weight)
     if proxy == "mse" or h is None:
         return estimate_loss(w, wq, None)
     if proxy == "relative":
@@ -805,7 +814,7 @@ def _predicted_bytes(payload: Quantized | torch.Tensor) -> int:
     if isinstance(payload, torch.Tensor):
         sym = np.frombuffer(_tensor_bytes(payload), dtype=np.uint8)
         return _entropy_bytes(np.bincount(sym, minlength=256)) + 16
-    extra = 2 * payload.scales.numel() + 64
+    extra = 2 * payload.scales.numel() + 64 + (0 if payload.col_scale is None else 2 * payload.col_scale.numel())
     if payload.bits > 8:  # layout "planes" under per-plane ans tables (qpack.pack, artifact.per_plane)
         z = zigzag(payload.q.reshape(-1).cpu().numpy())
         return sum(_entropy_bytes(np.bincount(p, minlength=256)) for p in (z >> 8, z & 0xFF)) + extra
@@ -838,7 +847,7 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
     """Rows r0:r1 of a quantized tensor, as a quantized tensor of its own."""
     shape = (r1 - r0,) + tuple(q.shape[1:]) if len(q.shape) > 1 else (r1 - r0, q.q.shape[1])
     return Quantized(q.q[r0:r1].contiguous(), q.scales[r0:r1].contiguous(), shape, q.bits,
-                     q.scheme, q.group_size, dict(q.params))
+                     q.scheme, q.group_size, dict(q.params), q.col_scale)
 
 
 

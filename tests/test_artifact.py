@@ -551,3 +551,47 @@ def test_plan_meta_of_older_artifacts_still_assembles():
         Plan.from_meta({"dtypes": {"w": "complex64"}})
     with pytest.raises(QpackFormatError):
         assemble(loads_artifact(build_artifact([TensorEntry("w#rows0-4", a)], meta)))
+
+
+def _col_scaled(rows: int = 6, cols: int = 5) -> Quantized:
+    q = quant((rows, cols), 4, seed=7)
+    col = torch.tensor([0.5, 1.0, 2.0, 0.75, 3.0][:cols], dtype=torch.float16)
+    return Quantized(q.q, q.scales, q.shape, q.bits, q.scheme, None, {}, col)
+
+
+def test_column_scales_round_trip_and_multiply_each_column():
+    q = _col_scaled()
+    got = loads_artifact(build_artifact([TensorEntry("w", q, scale_layout="plain")])).quantized("w")
+    assert torch.equal(got.col_scale, q.col_scale) and torch.equal(got.q, q.q)
+    # by hand: code * row scale * column multiplier, in float32
+    want = np.asarray(q.q, np.float32) * np.asarray(q.scales, np.float32) * np.asarray(q.col_scale, np.float32)[None]
+    assert np.array_equal(got.dequantize().numpy(), want)
+    plain = Quantized(q.q, q.scales, q.shape, q.bits, q.scheme)
+    assert not torch.equal(plain.dequantize(), got.dequantize())
+
+
+@pytest.mark.parametrize("col", [[1.0, 0.0, 1.0], [1.0, -2.0, 1.0], [1.0, float("nan"), 1.0], [1.0, 1.0]])
+def test_bad_column_scales_are_refused_by_writer_and_reader(col):
+    q = quant((4, 3), 4)
+    with pytest.raises(QpackInputError):
+        Quantized(q.q, q.scales, q.shape, q.bits, q.scheme, None, {}, torch.tensor(col, dtype=torch.float16))
+    good = build_artifact([TensorEntry("w", Quantized(q.q, q.scales, q.shape, q.bits, q.scheme, None, {},
+                                                      torch.ones(3, dtype=torch.float16)),
+                                       codec=make_codec("raw", {}), scale_codec=make_codec("raw", {}),
+                                       scale_layout="plain")])
+    forged = _patch_section(good, 2, np.asarray(col, dtype="<f2").tobytes())
+    refused(forged, Reason.LAYOUT if len(col) != 3 else Reason.BAD_MANIFEST)
+
+
+def test_column_scales_only_on_a_tensor_and_with_their_section():
+    q = _col_scaled()
+    data = build_artifact([TensorEntry("w", q, codec=make_codec("raw", {}), scale_codec=make_codec("raw", {}))])
+    refused(tamper(lambda m: _w(m)["col_scale"].update(section="w:codes"), data), Reason.BAD_MANIFEST)
+    refused(tamper(lambda m: _w(m).pop("col_scale"), data), Reason.BAD_MANIFEST)  # its section belongs to nobody
+    plain = build_artifact([TensorEntry("w", quant((6, 5), 4), codec=make_codec("raw", {}),
+                                        lowrank=(quant((6, 2), 4), quant((2, 5), 4)))])
+
+    def onto_factor(m):
+        _w(m)["lowrank"]["a"]["col_scale"] = _w(m)["scales"]
+
+    refused(tamper(onto_factor, plain), Reason.BAD_MANIFEST)

@@ -273,3 +273,78 @@ def test_common_loss_needs_uniform_steps():
     sd = {"a.weight": torch.randn(64, 128)}
     with pytest.raises(QpackInputError, match="common"):
         compress(sd, None, CompressConfig(budget=5000, datafree_loss="common", scheme="gptq_lite"))
+
+
+def _tied_lm(seed: int = 0, gain: bool = True) -> dict[str, torch.Tensor]:
+    """A Llama-style tied embedding and two block matrices; `gain`: a final norm with a spread of gains."""
+    g = torch.Generator().manual_seed(seed)
+    d = 64
+    sd = {"token_embd.weight": torch.randn(1024, d, generator=g) * 0.05,
+          "blk.0.ffn_up.weight": torch.randn(256, d, generator=g) * 0.1,
+          "blk.0.ffn_down.weight": torch.randn(d, 256, generator=g) * 0.1,
+          "blk.0.ffn_norm.weight": 1 + 0.1 * torch.randn(d, generator=g)}
+    if gain:
+        sd["output_norm.weight"] = torch.exp(1.2 * torch.randn(d, generator=g))
+    return sd
+
+
+def test_head_columns_finds_the_final_norm_before_a_tied_head():
+    from qpack.quant.datafree import head_columns
+
+    sd = _tied_lm()
+    quantized = ["token_embd.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"]
+    got = head_columns(sd, quantized)
+    assert list(got) == ["token_embd.weight"]
+    assert torch.equal(got["token_embd.weight"], sd["output_norm.weight"].double().abs())
+    # Hugging Face names, with the tied alias in the state dict (not stored): found too
+    hf = {"model.embed_tokens.weight": sd["token_embd.weight"], "model.norm.weight": sd["output_norm.weight"],
+          "lm_head.weight": sd["token_embd.weight"]}
+    assert list(head_columns(hf, ["model.embed_tokens.weight"])) == ["model.embed_tokens.weight"]
+    # none: no final gain; an untied head stored beside the embedding; a gain that is the same for every feature
+    assert head_columns(_tied_lm(gain=False), quantized) == {}
+    untied = {**sd, "output.weight": torch.randn(1024, 64)}
+    assert head_columns(untied, [*quantized, "output.weight"]) == {}
+    assert head_columns({**sd, "output_norm.weight": torch.ones(64)}, quantized) == {}
+    assert head_columns({**sd, "output_norm.weight": torch.rand(32)}, quantized) == {}  # not one per column
+
+
+def test_column_factors_are_the_equal_marginal_loss_profile():
+    from qpack.quant.uniform import col_factors
+
+    g = torch.tensor([1.0, 4.0, 16.0, 0.25])
+    f = col_factors(g)
+    geo = float(torch.exp(torch.log(g).mean()))
+    assert torch.allclose(f, (g / geo) ** -0.5, rtol=1e-3)  # fp16-rounded
+    assert torch.equal(f, f.half().float())
+    assert float(col_factors(torch.tensor([1.0, 1e9])).max()) == 8.0  # within 1/8..8
+
+
+def test_datafree_head_is_column_scaled_and_its_output_error_falls(tmp_path):
+    # The tied head computes logits = E @ (gamma * z): its output error is sum_j gamma_j^2 * ||E_j - Eq_j||^2 for
+    # white z. At one budget, the run that sees the final norm's gain must have the smaller head output error; the
+    # same weights with the gain under a name nothing recognises give the plain grid.
+    from qpack.artifact import read_artifact
+
+    sd = _tied_lm()
+    hidden = {k if k != "output_norm.weight" else "blk.0.attn_norm.weight": v for k, v in sd.items()}
+    numel = sum(t.numel() for t in sd.values())
+    budget = int(numel * 3.5 / 8) + 4000
+    errs, cols = {}, {}
+    for label, weights in (("gain", sd), ("hidden", hidden)):
+        path = tmp_path / f"{label}.qpk"
+        rep = compress(weights, path, budget=budget)
+        assert rep.bytes_total <= budget
+        art = read_artifact(path)
+        cols[label] = [e["name"] for e in art.entries if "col_scale" in e]
+        emb = qpack_load(path)["token_embd.weight"]
+        gamma2 = sd["output_norm.weight"].double() ** 2
+        errs[label] = float(((emb.double() - sd["token_embd.weight"].double()) ** 2 * gamma2).sum())
+    assert cols["hidden"] == []
+    assert cols["gain"] and all(n.startswith("token_embd.weight") for n in cols["gain"])
+    assert errs["gain"] < 0.8 * errs["hidden"], errs
+
+
+def qpack_load(path):
+    import qpack
+
+    return qpack.load(path)

@@ -93,6 +93,10 @@ def run(tmp_path_factory):
         compress(sd, path, budget=budget, codecs=(codec,), chunk_numel=2048,
                        lqer_rank=2, lqer_top=1)
         arts[codec] = path
+    # data-free with a final norm's gain before the tied head: the embedding's grid is column-scaled (col_scale)
+    arts["headcols"] = tmp / "headcols.qpk"
+    gained = {**sd, "output_norm.weight": torch.exp(torch.randn(64, generator=torch.Generator().manual_seed(5)))}
+    compress(gained, arts["headcols"], budget=int(numel * 4 / 8) + 8000, codecs=("ans", "zstd"), chunk_numel=2048)
     # a budget above int8's (10 bits/param) on uniform steps: the solver takes codes past 8 bits (layout planes)
     arts["wide"] = tmp / "wide.qpk"
     compress(sd, arts["wide"], budget=int(numel * 10 / 8) + 8000, scheme="uniform", codecs=("ans", "zstd"),
@@ -155,6 +159,16 @@ def test_wide_codes_decode_bit_exact(run):
     art = qpack.artifact.read_artifact(path)
     wide = [e for e in art.entries if e.get("kind") == "quant" and e["bits"] > 8]
     assert wide and all(e["layout"] == "planes" for e in wide)
+    got = run["out"]["results"][str(path)]
+    assert "error" not in got, got
+    assert got["tensors"] == fingerprint(qpack.load(path))
+
+
+def test_column_scales_decode_bit_exact(run):
+    path = run["arts"]["headcols"]
+    art = qpack.artifact.read_artifact(path)
+    scaled = [e["name"] for e in art.entries if "col_scale" in e]
+    assert scaled and all(n.startswith("tok_emb.weight") for n in scaled)  # every row block of the embedding
     got = run["out"]["results"][str(path)]
     assert "error" not in got, got
     assert got["tensors"] == fingerprint(qpack.load(path))

@@ -35,13 +35,15 @@ def tensor_rows(art) -> list[dict[str, Any]]:
             row.update(scheme=e["scheme"], bits=e["bits"], group_size=e["group_size"], layout=e["layout"],
                        codec=e["codes"]["codec"], scale_codec=e["scales"]["codec"],
                        scale_layout=e["scales"]["layout"], lowrank_rank=lr["rank"] if lr else None,
+                       col_scale="col_scale" in e,
                        bytes_codes=parts["codes"], bytes_scales=parts["scales"], bytes_lowrank=parts["lowrank"])
         else:
             import numpy as np
 
             row.update(scheme="raw", bits=8 * np.dtype(DTYPES[e["dtype"]][1]).itemsize, group_size=None,
                        layout=None, codec=e["data"]["codec"], scale_codec=None, scale_layout=None,
-                       lowrank_rank=None, bytes_codes=parts["data"], bytes_scales=0, bytes_lowrank=0)
+                       lowrank_rank=None, col_scale=False, bytes_codes=parts["data"], bytes_scales=0,
+                       bytes_lowrank=0)
         rows.append(row)
     return rows
 
@@ -83,7 +85,8 @@ def command(artifact: Path, as_json: bool, verify: bool) -> None:
         codec = codec_label(t["codec"])
         if t["scale_codec"] is not None and t["scale_codec"] != t["codec"]:
             codec += f" / scales {codec_label(t['scale_codec'])}"
-        scheme = t["scheme"] + (f"+lqer{t['lowrank_rank']}" if t["lowrank_rank"] else "")
+        scheme = t["scheme"] + ("+cols" if t["col_scale"] else "") + (f"+lqer{t['lowrank_rank']}"
+                                                                     if t["lowrank_rank"] else "")
         rows.append([t["name"], "x".join(map(str, t["shape"])) or "scalar", scheme if t["kind"] == "quant"
                      else f"raw {t['dtype']}", str(t["bits"]), str(t["group_size"] or "-"), t["layout"] or "-", codec,
                      f"{t['bytes']:,}", "-" if t["bits_per_param"] is None else f"{t['bits_per_param']:.3f}"])

@@ -3,8 +3,9 @@
 A quantizer sees one weight as a 2-D float32 matrix W (rows = output features; a tensor of higher rank is
 viewed as (shape[0], -1)). Codes are symmetric signed integers in [-qmax, qmax], qmax = 2**(bits-1) - 1
 (int6: [-31, 31]), held as int8 up to 8 bits and int16 above (scheme "uniform" only), with one fp16 scale per
-row, or per row and group of `group_size` columns.
-Dequantization is q * scale in float32 and is the only definition of it in qpack.
+row, or per row and group of `group_size` columns, and optionally one fp16 multiplier per column (`col_scale`: a
+column-scaled grid, finer where the columns matter more).
+Dequantization is q * scale (* col_scale) in float32 and is the only definition of it in qpack.
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class Quantized:
     scheme: str
     group_size: int | None = None
     params: dict[str, Any] = field(default_factory=dict)  # scheme parameters worth recording (clip k, ...)
+    col_scale: torch.Tensor | None = None  # float16 (cols,), positive: column j dequantizes as q * scale * col_scale[j]
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_CODE_BITS:
@@ -108,6 +110,14 @@ class Quantized:
                                   f"{tuple(self.scales.shape)}")
         if self.scales.device != self.q.device:
             raise QpackInputError(f"codes on {self.q.device} and scales on {self.scales.device} must share a device")
+        if self.col_scale is not None:
+            self.col_scale = _as_tensor(self.col_scale, "column scales")
+            c = self.col_scale
+            if c.dtype != torch.float16 or tuple(c.shape) != (cols,) or c.device != self.q.device:
+                raise QpackInputError(f"column scales must be float16 ({cols},) on {self.q.device}, got {c.dtype} "
+                                      f"{tuple(c.shape)} on {c.device}")
+            if not bool((torch.isfinite(c) & (c > 0)).all()):
+                raise QpackInputError("column scales must be finite and positive")
 
     @property
     def numel(self) -> int:
@@ -123,19 +133,24 @@ class Quantized:
         device = torch.device(device)
         if self.q.device == device:
             return self
-        return replace(self, q=self.q.to(device), scales=self.scales.to(device), params=dict(self.params))
+        cs = None if self.col_scale is None else self.col_scale.to(device)
+        return replace(self, q=self.q.to(device), scales=self.scales.to(device), params=dict(self.params),
+                       col_scale=cs)
 
     def cpu(self) -> "Quantized":
         """The same codes and scales on the CPU."""
         return self.to("cpu")
 
     def dequantize(self) -> torch.Tensor:
-        """q * scale in float32 on the codes' device, reshaped to the original shape."""
+        """q * scale (then * col_scale) in float32 on the codes' device, reshaped to the original shape."""
         q = self.q.to(torch.float32)
         s = self.scales.to(torch.float32)
         if self.group_size:
             s = s.repeat_interleave(self.group_size, dim=1)[:, : q.shape[1]]
-        return (q * s).reshape(self.shape)
+        w = q * s
+        if self.col_scale is not None:
+            w = w * self.col_scale.to(torch.float32)[None, :]
+        return w.reshape(self.shape)
 
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # smallest normal fp16

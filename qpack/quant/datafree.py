@@ -26,6 +26,15 @@
     embedding's finer by common_step_divisor, bisected to the largest estimated size that fits; the solver picks,
     per block, only among that step and two finer ones 1/32 octave apart (by the "model+embed" loss) to fill
     the budget. On SmolLM2 one common step beat every allocation a data-free loss made (benchmarks/datafree).
+
+Columns of a tied embedding / output head (`head_columns`): the head multiplies the final norm's output, whose
+feature j carries that norm's gain gamma_j, so an error in column j of the head costs more where |gamma_j| is large.
+Under every loss but "mse" such a tensor's squared error counts |gamma_j| / mean |gamma| per column, and its uniform
+steps are column-scaled to match (qpack.quant.uniform.col_factors: steps ~ |gamma_j|^-1/2). The exponent is tempered
+(gamma^2 would be the head's own sensitivity) because a tied matrix is also the input embedding, whose errors no gain
+scales; on SmolLM2 at SDClip's bytes |gamma|^-1/2 steps measured best of |gamma|^-1/4 .. |gamma|^-1
+(benchmarks/datafree).
+A model without such a gain (qpack's own GPT: RMSNorm without weight) is unchanged.
 """
 from __future__ import annotations
 
@@ -43,6 +52,11 @@ DATAFREE_LOSSES = ("relative", "relative+embed", "model+embed", "common", "mse")
 #: get one 6-7x finer
 COMMON_EMBED_EXPONENT = 0.75
 EMBED_NAME = re.compile(r"(emb|wte|lm_head)", re.I)
+#: the norm before the output head: GGUF "output_norm", Hugging Face Llama "model.norm", GPT-2 / nanoGPT "ln_f"
+HEAD_NORM_NAME = re.compile(r"^(?:model\.|transformer\.|decoder\.)?(?:output_norm|norm|ln_f|final_norm|final_layernorm|"
+                            r"norm_f)\.weight$")
+#: an untied output head next to the embedding (GGUF "output.weight"): then the embedding is input-only
+UNTIED_HEAD_NAME = re.compile(r"^(?:output|lm_head|model\.output)\.weight$")
 EMBED_WEIGHT = 3.0
 DEFAULT_DATAFREE_LOSS = "relative+embed"
 
@@ -62,6 +76,24 @@ def reference_ms(tensors: Mapping[str, torch.Tensor]) -> float | None:
     """The median mean square weight of the non-embedding tensors (None when there are none)."""
     ms = sorted(_ms(t) for n, t in tensors.items() if not EMBED_NAME.search(n))
     return ms[len(ms) // 2] if ms else None
+
+
+def head_columns(tensors: Mapping[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
+    """{name: |gamma|} for the one tied embedding / output head among `quantized` whose columns a final norm's gain
+    `gamma` (a 1-D tensor named like HEAD_NORM_NAME, one per column) scales; {} when there is none, when there are
+    several candidates, or when an untied head is stored (quantized) beside the embedding; a tied alias is not."""
+    embeds = [n for n in quantized if EMBED_NAME.search(n)]
+    if len(embeds) != 1 or any(UNTIED_HEAD_NAME.search(n) and n != embeds[0] for n in quantized):
+        return {}
+    cols = as_matrix(tensors[embeds[0]]).shape[1]
+    gains = [t for n, t in tensors.items() if HEAD_NORM_NAME.search(n) and t.ndim == 1 and t.numel() == cols
+             and t.is_floating_point()]
+    if len(gains) != 1:
+        return {}
+    g = gains[0].detach().to(torch.float64).abs()
+    if not bool(torch.isfinite(g).all()) or float(g.max()) <= 0 or float(g.min()) == float(g.max()):
+        return {}  # no gain, or one gain for every feature: nothing to tell the columns apart
+    return {embeds[0]: g}
 
 
 def datafree_weight(w: torch.Tensor, mode: str, name: str = "", ref_ms: float | None = None) -> float:
@@ -91,11 +123,15 @@ def modeled_sq_error(q: Quantized) -> float:
 
 
 def datafree_loss(w: torch.Tensor, wq: torch.Tensor, mode: str, name: str = "", ref_ms: float | None = None,
-                  payload: Quantized | torch.Tensor | None = None) -> float:
+                  payload: Quantized | torch.Tensor | None = None, col_weight: torch.Tensor | None = None) -> float:
     """The solver's loss for replacing the block `w` (of the tensor `name`) by `wq` with no data; under
     "model+embed" and "common" a quantized `payload` (the block as stored) gives the modeled error where it is
-    larger."""
-    e = float((as_matrix(w).to(torch.float64) - as_matrix(wq).to(torch.float64)).square().sum())
-    if mode in ("model+embed", "common") and isinstance(payload, Quantized):
+    larger; `col_weight` (head_columns) weighs column j's error by col_weight[j] / mean(col_weight)."""
+    d = (as_matrix(w).to(torch.float64) - as_matrix(wq).to(torch.float64)).square()
+    if col_weight is not None and mode != "mse":
+        cw = col_weight.to(torch.float64).reshape(1, -1).to(d.device)
+        d = d * (cw / cw.mean())
+    e = float(d.sum())
+    if mode in ("model+embed", "common") and isinstance(payload, Quantized) and col_weight is None:
         e = max(e, modeled_sq_error(payload))  # the measured error still counts where it is larger: clipping
     return 0.5 * e * datafree_weight(w, mode, name, ref_ms)

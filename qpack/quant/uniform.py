@@ -9,6 +9,10 @@ step profile of equal marginal loss per bit inside the tensor (high-rate theory)
 step absmax/qmax instead. With a Hessian the codes come from GPTQ on that grid; `rdo` > 0 turns on
 rate-distortion-optimised rounding (qpack.rd.grid_gptq), with code lengths from the codes' own histogram,
 re-estimated `iters` times.
+
+A per-column sensitivity g_j (`col_weight`, data-free only) makes the grid column-scaled: column j is quantized on a
+step (g_j / G)^-1/2 times its row's, stored as one fp16 multiplier per column (Quantized.col_scale). compress gives
+it to a tied embedding / output head from the gain of the norm before the head (qpack.quant.datafree.head_columns).
 """
 from __future__ import annotations
 
@@ -44,6 +48,16 @@ def row_factors(row_weight: torch.Tensor) -> torch.Tensor:
     # on a grid of quarter octaves: a tensor's scales then take a few dozen values that its codec stores in a few
     # bits each, instead of one fp16 per row (a 2^(1/8) mismatch costs a second-order sliver of the gain)
     return torch.exp2(torch.round(torch.log2(f) * FACTOR_STEPS_PER_OCTAVE) / FACTOR_STEPS_PER_OCTAVE).to(torch.float32)
+
+
+def col_factors(col_weight: torch.Tensor) -> torch.Tensor:
+    """(cols,) fp16-exact float32 column multipliers (g_j / geomean g)^-1/2 within 1/8..8 for per-column
+    sensitivities g_j: the step profile of equal marginal loss per bit under a loss sum_j g_j * err_j^2."""
+    g = col_weight.detach().to(torch.float64).reshape(-1)
+    floor = float(g.max()) * 1e-12 if float(g.max()) > 0 else 1.0
+    g = g.clamp_min(floor)
+    f = (g.log().mean() - g.log()).mul(0.5).exp().clamp(1 / MAX_ROW_FACTOR, MAX_ROW_FACTOR)
+    return f.to(torch.float16).to(torch.float32)
 
 
 def uniform_scales(W: torch.Tensor, step: float, bits: int, rows: str = "flat",
@@ -99,20 +113,31 @@ class Uniform(Quantizer):
                 raise QpackInputError(f"uniform: {key} must be a positive integer, got {p[key]!r}")
 
     def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None,
-                 row_weight: torch.Tensor | None = None) -> Quantized:
+                 row_weight: torch.Tensor | None = None, col_weight: torch.Tensor | None = None) -> Quantized:
         from .gptq import GPTQ
 
         prepared = None if hessian is None else GPTQ(as_matrix(w), hessian, percdamp=self.params["percdamp"])
-        return self.quantize_prepared(w, prepared, row_weight)
+        return self.quantize_prepared(w, prepared, row_weight, col_weight)
 
-    def quantize_prepared(self, w: torch.Tensor, prepared=None, row_weight: torch.Tensor | None = None) -> Quantized:
+    def quantize_prepared(self, w: torch.Tensor, prepared=None, row_weight: torch.Tensor | None = None,
+                          col_weight: torch.Tensor | None = None) -> Quantized:
         """quantize() with the GPTQ preparation of w (qpack.quant.gptq.GPTQ) done once by the caller, or None
         for independent rounding: a grid of steps then costs one Cholesky per matrix. `row_weight`: the per-row
-        sensitivities of rows="weighted"."""
+        sensitivities of rows="weighted"; `col_weight`: per-column sensitivities for a column-scaled grid (no
+        GPTQ: a Hessian already says which columns matter)."""
         from ..rd.grid_gptq import code_lengths, gptq_grid
 
         p = self.params
         W = as_matrix(w)
+        col = None
+        if col_weight is not None:
+            if prepared is not None:
+                raise QpackInputError("uniform: column weights are for rounding without a Hessian")
+            if col_weight.numel() != W.shape[1]:
+                raise QpackInputError(f"uniform: column weights need one per column ({W.shape[1]}), got "
+                                      f"{col_weight.numel()}")
+            col = col_factors(col_weight).to(W.device)
+            W = W / col  # column j on a grid col[j] times finer or coarser; dequantization multiplies it back
         m = qmax(self.bits)
         S = uniform_scales(W, p["step"], self.bits, p["rows"], row_weight)
         q = gptq_grid(W, None, S, self.bits, 0.0, None, p["percdamp"], p["blocksize"], prepared)
@@ -123,4 +148,5 @@ class Uniform(Quantizer):
         params = {"step": p["step"], "rows": p["rows"], "rdo": p["rdo"], "gptq": prepared is not None}
         # past 8 bits only as wide as the codes need: a step every row holds in int8 gives the int8 artifact
         bits = self.bits if self.bits <= 8 else code_width(q, least=8)
-        return Quantized(q.to(code_dtype(bits)), S.to(torch.float16), tuple(w.shape), bits, self.name, None, params)
+        return Quantized(q.to(code_dtype(bits)), S.to(torch.float16), tuple(w.shape), bits, self.name, None, params,
+                         None if col is None else col.to(torch.float16))

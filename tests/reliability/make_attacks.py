@@ -381,6 +381,18 @@ def qpk_attacks() -> dict[str, tuple[bytes, str, str]]:
 
     a["tensor_lowrank_rank.qpk"] = (mut(lowrank_huge), "limit", "LQER rank 2^40")
 
+    def col_scale_from_b(keep_b: bool):
+        def fn(m):
+            tw(m)["col_scale"] = dict(tb(m)["data"])  # 16 bytes: 8 fp16 column scales for w's 8 columns
+            if not keep_b:
+                m["tensors"] = [t for t in m["tensors"] if t["name"] != "b"]
+        return fn
+
+    a["tensor_col_scale_zero.qpk"] = (mut(col_scale_from_b(False)), "bad_manifest",
+                                      "column scales read from fp32 0..3: a zero and tiny values")
+    a["tensor_col_scale_shared.qpk"] = (mut(col_scale_from_b(True)), "bad_manifest",
+                                        "column scales in another tensor's section")
+
     # -- payloads that pass the manifest checks but not decoding
     def with_section(name: str, data: bytes):
         m, p = _resection(copy.deepcopy(M), {"__payload__": P, name: data})

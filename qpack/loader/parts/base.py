@@ -183,8 +183,8 @@ def _ref(r, keys, secs, used):
     return secs[r["section"]][3]
 
 
-def _check_quant(e, keys, secs, used):
-    if set(e) != keys:
+def _check_quant(e, keys, secs, used, col=False):
+    if set(e) != keys and not (col and set(e) == keys | {"col_scale"}):
         _err("a quantized tensor has the wrong keys")
     s = _shape(e["shape"])
     r, c = _mat(s)
@@ -205,6 +205,8 @@ def _check_quant(e, keys, secs, used):
     if _ref(e["scales"], {"section", "codec", "layout"}, secs, used) != 2 * r * (1 if not g else -(-c // g)) \
             or e["scales"]["layout"] not in ("plain", "shuffled"):
         _err("scales section does not match the tensor")
+    if "col_scale" in e and _ref(e["col_scale"], {"section", "codec"}, secs, used) != 2 * c:
+        _err("column-scale section does not match the tensor")
     return r, c
 
 
@@ -222,7 +224,7 @@ def _check(ts, secs):
             if _ref(e["data"], {"section", "codec"}, secs, used) != want:
                 _err(f"tensor {nm!r}: data does not match its shape")
         elif e.get("kind") == "quant":
-            r, c = _check_quant(e, _QK | {"name", "kind", "dtype", "lowrank"}, secs, used)
+            r, c = _check_quant(e, _QK | {"name", "kind", "dtype", "lowrank"}, secs, used, True)
             if e["dtype"] not in ("float64", "float32", "float16", "bfloat16"):
                 _err(f"tensor {nm!r}: bad dtype")
             lr = e["lowrank"]
@@ -267,7 +269,7 @@ def _codes(raw, b, lay, n):
 
 
 def _deq(e, raw):
-    # q * fp16 scale in float32, exactly as qpack.quant.base.Quantized.dequantize.
+    # q * fp16 scale (* column scale) in float32, exactly as qpack.quant.base.Quantized.dequantize.
     r, c = _mat(e["shape"])
     q = torch.from_numpy(_codes(raw[e["codes"]["section"]], e["bits"], e["layout"], r * c).astype(np.float32))
     u = np.frombuffer(raw[e["scales"]["section"]], np.uint8)
@@ -279,7 +281,13 @@ def _deq(e, raw):
         _err("scales hold NaN or infinity")
     if e["group_size"]:
         s = s[:, np.arange(c) // e["group_size"]]
-    return (q.reshape(r, c) * torch.from_numpy(np.ascontiguousarray(s))).reshape(e["shape"])
+    w = q.reshape(r, c) * torch.from_numpy(np.ascontiguousarray(s))
+    if "col_scale" in e:  # then times one fp16 multiplier per column
+        k = np.frombuffer(raw[e["col_scale"]["section"]], "<f2").astype(np.float32)
+        if not (np.isfinite(k) & (k > 0)).all():
+            _err("column scales must be finite and positive")
+        w = w * torch.from_numpy(k)[None, :]
+    return w.reshape(e["shape"])
 
 
 def _tensor(e, raw):
