@@ -323,6 +323,8 @@ def encode_entry(entry: TensorEntry, verify: bool = False) -> EncodedEntry:
     lowrank = None
     if entry.lowrank is not None:
         a, b = (_check_quantized(name, f) for f in entry.lowrank)
+        if a.col_scale is not None or b.col_scale is not None:
+            raise QpackInputError(f"tensor {name!r}: low-rank factors take no column scales")
         rows, cols = q.q.shape
         rank = a.q.shape[1]
         if a.q.shape != (rows, rank) or b.q.shape != (rank, cols) or tuple(a.shape) != (rows, rank) \

@@ -595,3 +595,8 @@ def test_column_scales_only_on_a_tensor_and_with_their_section():
         _w(m)["lowrank"]["a"]["col_scale"] = _w(m)["scales"]
 
     refused(tamper(onto_factor, plain), Reason.BAD_MANIFEST)
+
+
+def test_writer_refuses_column_scales_on_a_factor():
+    with pytest.raises(QpackInputError, match="column scales"):
+        build_artifact([TensorEntry("w", quant((6, 5), 4), lowrank=(_col_scaled(6, 2), quant((2, 5), 4)))])
