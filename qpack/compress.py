@@ -369,8 +369,7 @@ class _Job:
                 cheapest.append(make_quantizer("rtn", min(self.widths), self.cfg.group_size).quantize(w))
             steps = _steps_for(self.cfg, n in self.hessians)
             if steps:
-                cheapest.append(_uniform(max(steps), rows=self._rows(n)).quantize(w, row_weight=self._row_weight(n),
-                                                                                 col_weight=self._head_cols.get(n)))
+                cheapest.append(self._on_grid(n, w, max(steps), self._rows(n)))
             for b in self.blocks[n]:
                 estimate += min(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(self.blocks[n]) > 1 else q)
                                 for q in cheapest)
@@ -442,8 +441,7 @@ class _Job:
         def size_at(step: float) -> int:
             total = 0
             for n in self.progress(self.quant_names, f"step {step:.4g}", len(self.quant_names)):
-                q = _uniform(step / div[n], rows=rows[n]).quantize(self.sd[n].detach().float(),
-                                                                   col_weight=self._head_cols.get(n))
+                q = self._on_grid(n, self.sd[n].detach().float(), step / div[n], rows[n])
                 parts = self.blocks[n]
                 total += sum(_predicted_bytes(slice_rows(q, b.r0, b.r1) if len(parts) > 1 else q) for b in parts)
             return total
@@ -484,9 +482,8 @@ class _Job:
             # widths: round-to-nearest at that width; uniform steps: rounding on that grid (no GPTQ, no RDO)
             key = ("uniform", params["step"], params["rows"]) if scheme == "uniform" else bits
             if bits is not None and key not in rtn:
-                rtn[key] = (_uniform(params["step"], rows=params["rows"]).quantize(w, row_weight=self._row_weight(n),
-                                                                                   col_weight=self._head_cols.get(n))
-                            if scheme == "uniform" else make_quantizer("rtn", bits, self.cfg.group_size).quantize(w))
+                rtn[key] = (self._on_grid(n, w, params["step"], params["rows"]) if scheme == "uniform"
+                            else make_quantizer("rtn", bits, self.cfg.group_size).quantize(w))
             for b in blocks:
                 if bits is None:
                     p: Quantized | torch.Tensor = w[b.r0:b.r1].to(torch.float16)
@@ -494,8 +491,7 @@ class _Job:
                     p = slice_rows(rtn[key], b.r0, b.r1) if len(blocks) > 1 else rtn[key]
                 wq = (p.dequantize() if isinstance(p, Quantized) else p.float()).reshape(w[b.r0:b.r1].shape)
                 fr = self._fisher_rows(n, b)
-                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, self._datafree_ref, p,
-                                      self._head_cols.get(n))
+                loss = (datafree_loss(w[b.r0:b.r1], wq, self._datafree, n, self._datafree_ref, p, self._col_weight(n))
                         if self._datafree is not None and fr is None else _diag_loss(w[b.r0:b.r1], wq, hd, fr))
                 out[b.entry].append(Candidate(_menu_label(scheme, params, bits) + "~", _predicted_bytes(p), loss))
         return out
@@ -519,7 +515,7 @@ class _Job:
             opt = Option(self.enc.candidate(b.entry, p, dtype if bits is not None else None), p,
                          "fp16" if bits is None else scheme, bits, _rel_error(wb, wq))
             loss = _loss(wb, wq, h, self.cfg.loss_proxy, self._fisher_rows(n, b), self._datafree, n,
-                         self._datafree_ref if self._datafree is not None else None, p, self._head_cols.get(n))
+                         self._datafree_ref if self._datafree is not None else None, p, self._col_weight(n))
             realized.setdefault(b.entry, {})[i] = Candidate(label, opt.encoded.nbytes, loss, data=opt)
 
     def _quantize(self, n: str, scheme: str, params: dict, bits: int, w: torch.Tensor,
@@ -529,7 +525,7 @@ class _Job:
             from .quant.gptq import GPTQ
 
             if h is None:
-                return _uniform(**params).quantize(w, row_weight=self._row_weight(n), col_weight=self._head_cols.get(n))
+                return self._on_grid(n, w, params["step"], params["rows"], params["rdo"])
             key = (n, "gptq", ())
             if key not in self._prepared:
                 self._prepared[key] = GPTQ(as_matrix(w), h)
@@ -554,6 +550,15 @@ class _Job:
     def _row_weight(self, n: str) -> torch.Tensor | None:
         """Per-row sensitivities of tensor `n` for rows="weighted": its Fisher's row means (None otherwise)."""
         return as_matrix(self.fisher[n]).mean(dim=1) if self._rows(n) == "weighted" else None
+
+    def _col_weight(self, n: str) -> torch.Tensor | None:
+        """Per-column sensitivities of tensor `n` (a tied head's final-norm gain, data-free), else None."""
+        return self._head_cols.get(n)
+
+    def _on_grid(self, n: str, w: torch.Tensor, step: float, rows: str, rdo: float = 0.0) -> Quantized:
+        """Tensor `n` (weights `w`) rounded on the uniform grid of `step` without a Hessian, with its row and
+        column sensitivities."""
+        return _uniform(step, rdo, rows).quantize(w, row_weight=self._row_weight(n), col_weight=self._col_weight(n))
 
     def _fisher_rows(self, n: str, b: Any) -> torch.Tensor | None:
         """The Fisher of block `b` of tensor `n` under loss proxy fisher, else None."""
@@ -635,8 +640,8 @@ class _Job:
             bits = enc.manifest.get("bits", o.bits)
             scheme = o.scheme + ("+cols" if "col_scale" in enc.manifest else "") + \
                 ("+lqer" if ch.name in lowranks else "")
-            out.append(TensorReport(ch.name, tuple(o.payload.shape), scheme, bits, enc.codec_label(), enc.nbytes, o.rel_error, c.loss,
-                                    enc.manifest.get("layout")))
+            out.append(TensorReport(ch.name, tuple(o.payload.shape), scheme, bits, enc.codec_label(), enc.nbytes,
+                                    o.rel_error, c.loss, enc.manifest.get("layout")))
         return out
 
 

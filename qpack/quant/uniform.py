@@ -38,13 +38,18 @@ def _number(name: str, value: Any, allow_zero: bool) -> float:
     return float(value)
 
 
+def _balance(weight: torch.Tensor) -> torch.Tensor:
+    """Step multipliers (g / geomean g)^-1/2 (float64, flat) for sensitivities g, within 1/8..8."""
+    g = weight.detach().to(torch.float64).reshape(-1)
+    floor = float(g.max()) * 1e-12 if float(g.max()) > 0 else 1.0
+    g = g.clamp_min(floor)
+    return (g.log().mean() - g.log()).mul(0.5).exp().clamp(1 / MAX_ROW_FACTOR, MAX_ROW_FACTOR)
+
+
 def row_factors(row_weight: torch.Tensor) -> torch.Tensor:
     """(rows, 1) step multipliers (g_r / geomean g)^-1/2 for per-row sensitivities g_r, within 1/8..8, rounded to
     quarter octaves."""
-    g = row_weight.detach().to(torch.float64).reshape(-1, 1)
-    floor = float(g.max()) * 1e-12 if float(g.max()) > 0 else 1.0
-    g = g.clamp_min(floor)
-    f = (g.log().mean() - g.log()).mul(0.5).exp().clamp(1 / MAX_ROW_FACTOR, MAX_ROW_FACTOR)
+    f = _balance(row_weight).reshape(-1, 1)
     # on a grid of quarter octaves: a tensor's scales then take a few dozen values that its codec stores in a few
     # bits each, instead of one fp16 per row (a 2^(1/8) mismatch costs a second-order sliver of the gain)
     return torch.exp2(torch.round(torch.log2(f) * FACTOR_STEPS_PER_OCTAVE) / FACTOR_STEPS_PER_OCTAVE).to(torch.float32)
@@ -53,11 +58,7 @@ def row_factors(row_weight: torch.Tensor) -> torch.Tensor:
 def col_factors(col_weight: torch.Tensor) -> torch.Tensor:
     """(cols,) fp16-exact float32 column multipliers (g_j / geomean g)^-1/2 within 1/8..8 for per-column
     sensitivities g_j: the step profile of equal marginal loss per bit under a loss sum_j g_j * err_j^2."""
-    g = col_weight.detach().to(torch.float64).reshape(-1)
-    floor = float(g.max()) * 1e-12 if float(g.max()) > 0 else 1.0
-    g = g.clamp_min(floor)
-    f = (g.log().mean() - g.log()).mul(0.5).exp().clamp(1 / MAX_ROW_FACTOR, MAX_ROW_FACTOR)
-    return f.to(torch.float16).to(torch.float32)
+    return _balance(col_weight).to(torch.float16).to(torch.float32)
 
 
 def uniform_scales(W: torch.Tensor, step: float, bits: int, rows: str = "flat",
