@@ -172,6 +172,20 @@ def per_plane(codecs: Sequence[Codec], count: int) -> list[Codec]:
             for c in codecs]
 
 
+def with_width(codecs: Sequence[Codec], width: int) -> list[Codec]:
+    """`codecs` for a "byte" section of codes `width` symbols a row: a codec that codes rows (`ans_cols`) and was
+    not given a width gets this one."""
+    return [make_codec(c.name, {**c.params, "width": width}) if c.name == "ans_cols" and not c.params["width"]
+            else c for c in codecs]
+
+
+def section_codecs(codecs: Sequence[Codec], layout: str, count: int, width: int) -> list[Codec]:
+    """The codecs a codes section of `count` symbols, `width` a row, is tried with in `layout`."""
+    if layout == "planes":
+        return per_plane(codecs, count)
+    return with_width(codecs, width) if layout == "byte" else list(codecs)
+
+
 def code_layouts(choice: LayoutChoice, bits: int, codecs: list[Codec], where: str) -> list[tuple[str, list[Codec]]]:
     """The (layout, codecs) trials for `bits`-bit codes. A single named layout is used as it is (a width it
     cannot hold is an error later); of several, those that cannot hold the width are skipped. Codes wider than
@@ -268,8 +282,9 @@ def _encode_quant(
     except ValueError as exc:
         raise QpackInputError(f"tensor {prefix!r}: {exc}") from None
     # Layout first, then codec: a tie keeps the earlier layout (byte before packed).
+    width = int(q.q.shape[1])
     code_sec, which_code = _smallest(f"{prefix}codes", [(c, i) for i, (lay, cs) in enumerate(trials)
-                                                        for c in (per_plane(cs, q.numel) if lay == "planes" else cs)],
+                                                        for c in section_codecs(cs, lay, q.numel, width)],
                                      raws, verify)
     layouts = SCALE_LAYOUTS if scale_layout == "auto" else (scale_layout,)
     scale_sec, which = encode_smallest(f"{prefix}scales", scale_codecs,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 import numpy as np
 import torch
 
-from .artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry, per_plane, usable_layouts
+from .artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry, section_codecs, usable_layouts
 from .budget import Candidate, Choices, Fit, check_floor, fit, realize_lazily
 from .codecs import Codec, make_codec, parse_codec
 from .errors import BudgetError, QpackInputError
@@ -683,14 +683,16 @@ class _Encoder:
         # At 8 bits "packed" is byte for byte the "byte" layout: store it as "byte".
         # past 8 bits the one layout is "planes", whatever cfg.layouts names for narrow codes
         layouts = [lay for lay in self.layouts if lay in usable_layouts(q.bits)] or [usable_layouts(q.bits)[0]]
-        sample = values[: self.SAMPLE].cpu().numpy()
+        width = int(q.q.shape[-1])
+        # whole rows, so that a codec that codes rows (ans_cols) sees them (one row when a row is longer)
+        sample = values[: max(self.SAMPLE // width, 1) * width].cpu().numpy()
         sizes = {(lay, i): len(c.encode(encode_codes(sample, q.bits, lay)))
                  for lay in layouts
-                 for i, c in enumerate(per_plane(self.codecs, sample.size) if lay == "planes" else self.codecs)}
+                 for i, c in enumerate(section_codecs(self.codecs, lay, sample.size, width))}
         best = min(sizes.values())
         keep = {lay: [c for i, c in enumerate(self.codecs) if sizes[lay, i] <= best * 1.02 + 16] for lay in layouts}
         self._pairs[key] = {lay: cs for lay, cs in keep.items() if cs}
-        if values.numel() <= self.SAMPLE:  # the sample was all of q: its sizes are exact, only the best is worth it
+        if values.numel() <= sample.size:  # the sample was all of q: its sizes are exact, only the best is worth it
             lay, i = min(sizes, key=lambda li: (sizes[li], layouts.index(li[0]), li[1]))
             return {lay: [self.codecs[i]]}
         return self._pairs[key]

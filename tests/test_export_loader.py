@@ -18,7 +18,7 @@ from qpack.loader import export_loader
 
 GOLDEN = Path(__file__).resolve().parent / "reliability" / "golden"
 ATTACKS = sorted((Path(__file__).resolve().parent / "reliability" / "attacks").glob("*/*.qpk"))
-CODECS = ("ans", "ans_ctx", "zstd", "lzma", "brotli", "zlib", "raw")
+CODECS = ("ans", "ans_ctx", "ans_cols", "zstd", "lzma", "brotli", "zlib", "raw")
 
 # Runs with `python -I -S`: no site-packages processing (so no editable qpack finder), then only the
 # interpreter's own site-packages for numpy/torch, and a finder that refuses qpack, trainers and constriction.

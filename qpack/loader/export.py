@@ -17,9 +17,10 @@ from ..errors import QpackInputError
 PARTS_DIR = Path(__file__).resolve().parent / "parts"
 #: codec name -> part module; the order here is the order in the exported file.
 CODEC_PARTS = {"raw": "raw_part", "zlib": "zlib_part", "lzma": "lzma_part", "zstd": "zstd_part",
-               "brotli": "brotli_part", "ans": "ans_part", "ans_ctx": "ans_ctx_part"}
-#: codec -> the codecs whose parts its part calls (ans_ctx frames hold ans sub-frames).
-_NEEDS = {"ans_ctx": ("ans",)}
+               "brotli": "brotli_part", "ans": "ans_part", "ans_ctx": "ans_ctx_part",
+               "ans_cols": "ans_cols_part"}
+#: codec -> the codecs whose parts its part calls (ans_ctx and ans_cols frames hold ans frames).
+_NEEDS = {"ans_ctx": ("ans",), "ans_cols": ("ans",)}
 _MARK = "# PART\n"
 _HEAD = '''"""qpack_load: reads qpack .qpk artifacts with the standard library, numpy and torch alone (codecs: {codecs}).
 

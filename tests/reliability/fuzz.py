@@ -43,7 +43,8 @@ from relhelp import GOLDEN, seal, split  # noqa: E402
 
 CODEC_SPECS = [("raw", {}), ("zlib", {}), ("zstd", {"level": 3}), ("lzma", {"preset": 1}),
                ("lzma", {"format": "raw", "preset": 1}), ("brotli", {"quality": 5}), ("ans", {}),
-               ("ans", {"group": 7}), ("ans_ctx", {}), ("ans_ctx", {"width": 57})]
+               ("ans", {"group": 7}), ("ans_ctx", {}), ("ans_ctx", {"width": 57}),
+               ("ans_cols", {}), ("ans_cols", {"width": 57})]
 ROUND_TRIP_MAX = 256
 _TMP = Path(tempfile.mkdtemp(prefix="qpack-fuzz-"))
 _KNOWN = tuple(t for t in os.environ.get("QPACK_FUZZ_KNOWN", "").split(",") if t)

@@ -29,7 +29,7 @@ LONG_SECONDS = int(os.environ.get("QPACK_FUZZ_SECONDS", "240"))
 PROPERTY_EXAMPLES = int(os.environ.get("QPACK_PROPERTY_EXAMPLES", "1000"))
 CODECS = [("raw", {}), ("zlib", {}), ("zstd", {"level": 3}), ("zstd", {}), ("lzma", {}),
           ("lzma", {"format": "raw"}), ("brotli", {}), ("ans", {}), ("ans", {"group": 5}),
-          ("ans_ctx", {})]
+          ("ans_ctx", {}), ("ans_cols", {})]
 
 
 #: Findings already filed but not yet fixed (replayed by test_replay_fuzz_findings); a long pass looks past
