@@ -44,6 +44,7 @@ SWEEP: list[tuple[str, dict[str, Any], tuple[str, ...], bool]] = [
     ("brotli", {"quality": 11}, ("byte", "packed"), True),
     ("ans", {}, ("byte",), False),
     ("ans", {"group": 65536}, ("byte",), False),
+    ("ans_cols", {"width": 512}, ("byte",), False),  # the streams are rows of 512 codes (run_bench's row_len)
 ]
 
 

@@ -40,6 +40,9 @@ LOSS_PROXIES = ("auto", "mse", "hessian", "relative", "fisher")
 _T = TypeVar("_T")
 
 
+#: the codecs compress tries per section by default (and the exported loader reads by default)
+DEFAULT_CODECS: tuple[str, ...] = ("ans", "zstd", "ans_cols")
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything `qpack compress` can be told; validated on construction."""
@@ -49,7 +52,7 @@ class CompressConfig:
     fixed_bits: int = 6  # width for every matrix when no budget is set
     scheme: str = "auto"  # auto: gptq where a Hessian exists (with a budget: uniform steps), else gptq_lite
     group_size: int | None = None  # scale group size in columns; None: one scale per row
-    codecs: tuple[str, ...] = ("ans", "zstd")  # codec specs tried per section (the smallest is stored)
+    codecs: tuple[str, ...] = DEFAULT_CODECS  # codec specs tried per section (the smallest is stored)
     passthrough_dtype: str = "fp16"  # how small tensors (norms, gains, scalars) are stored: fp16 or fp32
     min_numel: int = 4096  # tensors with fewer elements, or fewer than 2 dims, pass through
     fp16_candidate: bool = True  # let the solver keep a whole matrix in fp16 when the budget allows

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import qpack
-from qpack.compress import CompressConfig, code_size, compress
+from qpack.compress import DEFAULT_CODECS, CompressConfig, code_size, compress
 from qpack.errors import QpackInputError
 
 CODE_DIR = Path(__file__).resolve().parent / "gpt"
@@ -45,7 +45,7 @@ class RecordConfig:
     overrides: tuple[str, ...] = ()  # trainer --key=value overrides
     scheme: str = "auto"  # compress scheme: auto = GPTQ with calibration from the train split
     calib_tokens: int = 16384  # calibration tokens for GPTQ
-    codecs: tuple[str, ...] = ("ans", "zstd")  # codecs compress tries per tensor
+    codecs: tuple[str, ...] = DEFAULT_CODECS  # codecs compress tries per tensor
     code_codec: str = "lzma"  # how the shipped code is counted (compressed with this codec)
     window: int | None = None  # eval window (default: the model's sequence length)
     stride: int | None = None  # eval stride (default: window // 2)
@@ -150,7 +150,7 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     compress_kw.pop("budget", None)
     if cfg.scheme != "auto" or not compress_kw:  # an explicit --scheme wins over the recipe
         compress_kw["scheme"] = cfg.scheme
-    if cfg.codecs != ("ans", "zstd") or "codecs" not in compress_kw:
+    if cfg.codecs != DEFAULT_CODECS or "codecs" not in compress_kw:
         compress_kw["codecs"] = cfg.codecs
     ccfg = CompressConfig(budget=budget, code_bytes=code_bytes, **compress_kw)
     result = compress((sd, model_config, extra), artifact, ccfg, hessians=hessians, fisher=sensitivity)  # read once

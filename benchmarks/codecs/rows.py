@@ -10,6 +10,8 @@ artifact stores it) and prices the same codes every way; all figures are bytes s
   H0          order-0 empirical entropy of each tensor, no table (the floor of any order-0 coder)
   ans         qpack's `ans` codec per tensor (order-0, exact table in the frame)
   ans_ctx     qpack's `ans_ctx` codec per tensor (near-copy rows coded as differences)
+  ans_cols    qpack's `ans_cols` codec per tensor (one table per class of columns; width = the columns)
+  qpack       the smallest of ans, ans_ctx and ans_cols per tensor (what compress stores with all three listed)
   brotli-11   brotli per tensor (the records' earlier pipelines, without their byte shuffle)
   lrzip       the groups, as they are (row-major), through lrzip -z -L 9
   records     the records' per-group coder: the groups sorted and transposed as above, lrzip -z -L 9, plus the
@@ -119,13 +121,16 @@ def measure(path: Path, tmp: Path) -> dict[str, dict[str, float]]:
         m = (1 << (qz.bits - 1)) - 1
         grid = (qz.q.numpy().astype(np.int16) + m).astype(np.uint8)
         raw = grid.tobytes()
-        a, c = ans.encode(raw), ctx.encode(raw)
-        assert ans.decode(a, len(raw)) == raw and ctx.decode(c, len(raw)) == raw
+        cols = make_codec("ans_cols", {"width": grid.shape[1]})
+        a, c, k = ans.encode(raw), ctx.encode(raw), cols.encode(raw)
+        assert ans.decode(a, len(raw)) == raw and ctx.decode(c, len(raw)) == raw and cols.decode(k, len(raw)) == raw
         for tot in [parts["all"]] + ([] if is_embedding(name) else [parts["blocks"]]):
             tot["symbols"] += grid.size
             tot["H0"] += entropy_bytes(grid.reshape(-1))
             tot["ans"] += len(a)
             tot["ans_ctx"] += len(c)
+            tot["ans_cols"] += len(k)
+            tot["qpack"] += min(len(a), len(c), len(k))
             tot["brotli-11"] += len(brotli.compress(raw, quality=11))
         groups[role(name)].append(grid)
     for key, mats in groups.items():
@@ -167,7 +172,7 @@ def main() -> None:
     ap.add_argument("--bits", default="4,6")
     ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args()
-    cols = ["H0", "ans", "ans_ctx", "brotli-11", "lrzip", "records", "records -T", "H|above", "H|above+left"]
+    cols = ["H0", "ans", "ans_ctx", "ans_cols", "qpack", "brotli-11", "lrzip", "records", "records -T", "H|above", "H|above+left"]
     lines = [f"checkpoint `{args.ckpt}`; bytes summed over codes sections; % against ans", "",
              "| bits | sections | symbols | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     with tempfile.TemporaryDirectory() as tmpdir:

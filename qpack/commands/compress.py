@@ -48,7 +48,7 @@ def _float_list(text: str) -> tuple[float, ...]:
               show_default=True, help="how the solver compares errors across tensors: fisher weighs them by the "
               "model's loss gradients on --calib (auto: fisher with --calib, else mse; GPTQ still uses the Hessians)")
 @click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
-@click.option("--codec", "codecs", multiple=True, help="codec spec to try per tensor, repeatable (default: ans and zstd); e.g. zstd:level=22")
+@click.option("--codec", "codecs", multiple=True, help="codec spec to try per tensor, repeatable (default: ans, zstd and ans_cols); e.g. zstd:level=22")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration tokens for GPTQ: shard dir, .bin shard, or text file")
 @click.option("--calib-tokens", type=int, default=None, help="calibration tokens to use [default: 16384]")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="sentencepiece model for a text --calib file")

@@ -11,7 +11,7 @@ import click
 @click.option("-o", "--output", default="qpack_load.py", show_default=True, type=click.Path(path_type=Path),
               help="where to write the loader")
 @click.option("--codecs", default=None, help="comma-separated codecs the loader reads (raw is always in); "
-              "default: those of --for, else ans,zstd (what compress uses by default)")
+              "default: those of --for, else ans,zstd,ans_cols (what compress uses by default)")
 @click.option("--for", "artifact", default=None, type=click.Path(path_type=Path),
               help="include exactly the codecs this artifact uses")
 @click.option("--source", is_flag=True, help="write the readable source instead of the shipped (minified, "
@@ -22,13 +22,14 @@ def command(output: Path, codecs: str | None, artifact: Path | None, source: boo
 
     The shipped form (the default) is what a submission counts: pass it to `qpack compress --code`.
     """
+    from ..compress import DEFAULT_CODECS
     from ..container import atomic_write_bytes
     from ..errors import QpackInputError
     from ..loader import artifact_codecs, export_loader, parse_codecs
 
     if codecs is not None and artifact is not None:
         raise QpackInputError("give --codecs or --for, not both")
-    names = artifact_codecs(artifact) if artifact is not None else parse_codecs(codecs or "ans,zstd")
+    names = artifact_codecs(artifact) if artifact is not None else parse_codecs(codecs or ",".join(DEFAULT_CODECS))
     exported = export_loader(names)
     data = exported.source.encode() if source else exported.shipped
     atomic_write_bytes(output, data)

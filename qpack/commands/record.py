@@ -18,7 +18,7 @@ import click
 @click.option("--seed", type=int, default=1337, show_default=True)
 @click.option("--scheme", default="auto", show_default=True, help="compress scheme (auto: GPTQ with calibration)")
 @click.option("--calib-tokens", type=int, default=16384, show_default=True)
-@click.option("--codec", "codecs", multiple=True, help="codecs compress tries per tensor (default: ans, zstd)")
+@click.option("--codec", "codecs", multiple=True, help="codecs compress tries per tensor (default: ans, zstd, ans_cols)")
 @click.option("--code-codec", default="lzma", show_default=True, help="codec the shipped code is counted with")
 @click.option("--window", type=int, default=None, help="eval window (default: the model's sequence length)")
 @click.option("--stride", type=int, default=None, help="eval stride (default: window // 2)")
@@ -33,6 +33,7 @@ def command(preset, scale, budget, nproc, out, data, seed, scheme, calib_tokens,
 
     Extra --key=value arguments override the trainer preset (e.g. --max_steps=100).
     """
+    from ..compress import DEFAULT_CODECS
     from ..units import parse_size
 
     from trainers.record import RecordConfig, run_record  # the CLI is the one place qpack reaches trainers
@@ -40,7 +41,7 @@ def command(preset, scale, budget, nproc, out, data, seed, scheme, calib_tokens,
     cfg = RecordConfig(preset=preset, budget=parse_size(budget) if budget else None, scale=scale, nproc=nproc,
                        out=out or f"records/{preset}" + ("" if scale == "full" else f"-{scale}"), data=data, seed=seed,
                        overrides=tuple(overrides), scheme=scheme, calib_tokens=calib_tokens,
-                       codecs=tuple(codecs) or ("ans", "zstd"), code_codec=code_codec, window=window, stride=stride,
+                       codecs=tuple(codecs) or DEFAULT_CODECS, code_codec=code_codec, window=window, stride=stride,
                        eval_tokens=eval_tokens, mixer=mixer, ttt=ttt)
     sub = run_record(cfg)
     if as_json:
