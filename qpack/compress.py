@@ -26,6 +26,7 @@ import torch
 from .artifact import EncodedEntry, TensorEntry, build_artifact, encode_entry, section_codecs, usable_layouts
 from .budget import Candidate, Choices, Fit, check_floor, fit, realize_lazily
 from .codecs import Codec, make_codec, parse_codec
+from .container import is_int
 from .errors import BudgetError, QpackInputError
 from .pack import LAYOUTS, encode_codes, zigzag
 from .provenance import provenance
@@ -87,7 +88,10 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
             raise QpackInputError(f"budget must be a positive number of bytes, got {self.budget!r}")
-        if not self.bits or any(not MIN_BITS <= b <= MAX_BITS for b in self.bits):
+        if not isinstance(self.bits, (tuple, list)):  # an int here is a common slip for fixed_bits
+            raise QpackInputError(f"bits must be a sequence of candidate widths (e.g. (4, 6)), got {self.bits!r}; "
+                                  "one width without a budget is fixed_bits")
+        if not self.bits or any(not is_int(b) or not MIN_BITS <= b <= MAX_BITS for b in self.bits):
             raise QpackInputError(f"bits must be widths in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
         if not MIN_BITS <= self.fixed_bits <= MAX_BITS:
             raise QpackInputError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.fixed_bits}")

@@ -198,8 +198,8 @@ def test_compress_stores_a_matrix_with_dead_inputs_smaller(tmp_path):
     w = torch.randn(256, 256, generator=g) * 0.02
     w[:, torch.randperm(256, generator=g)[:128]] *= 0.03
     sd = {"mlp.proj.weight": w}
-    plain = compress(sd, tmp_path / "a.qpk", scheme="rtn", bits=(6,), codecs=("ans",))
-    cols = compress(sd, tmp_path / "c.qpk", scheme="rtn", bits=(6,), codecs=("ans", "ans_cols"))
+    plain = compress(sd, tmp_path / "a.qpk", scheme="rtn", fixed_bits=6, codecs=("ans",))
+    cols = compress(sd, tmp_path / "c.qpk", scheme="rtn", fixed_bits=6, codecs=("ans", "ans_cols"))
     a, c = read_artifact(tmp_path / "a.qpk"), read_artifact(tmp_path / "c.qpk")
     assert torch.equal(a.quantized("mlp.proj.weight").q, c.quantized("mlp.proj.weight").q)
     assert c.container.section_info("mlp.proj.weight:codes").codec["name"] == "ans_cols"

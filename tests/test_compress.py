@@ -180,6 +180,14 @@ def test_flags_that_would_do_nothing_are_errors(kw, words):
     CompressConfig(sdclip_k=(12.0,), scheme="search")
 
 
+@pytest.mark.parametrize("bits", [6, (), (4, 9), (4, 6.0), (True,)])
+def test_bad_candidate_widths_are_input_errors(bits):
+    # an int is the usual slip for fixed_bits: a clear error, not a TypeError from inside
+    with pytest.raises(QpackInputError, match="bits"):
+        CompressConfig(bits=bits)
+    CompressConfig(bits=[4, 6])
+
+
 def test_loaded_checkpoint_compresses_like_its_path(tmp_path):
     from qpack.checkpoint import load_state_dict
 
