@@ -40,25 +40,12 @@ from pathlib import Path
 import brotli
 import numpy as np
 
+from ans_ctx import entropy_bytes, table_bytes  # benchmarks/codecs/ans_ctx.py, beside this script
 from qpack.artifact import read_artifact
 from qpack.codecs import make_codec
-from qpack.codecs.ans_codec import _varint
 from qpack.quant.base import Quantized
 
 _HOT = re.compile(r"(embed|tok_emb|wte|\.q\b|c_q|q_proj|attn_q|fc\b|c_fc|up|gate)")
-
-
-def entropy_bytes(x: np.ndarray) -> float:
-    c = np.bincount(x, minlength=256)
-    c = c[c > 0].astype(np.float64)
-    return float(-(c * np.log2(c / c.sum())).sum()) / 8
-
-
-def table_bytes(x: np.ndarray) -> int:
-    """What an `ans` frame spends on the exact frequency table of `x`."""
-    c = np.bincount(x, minlength=256)
-    nz = np.flatnonzero(c)
-    return 2 + sum(len(_varint(int(v))) for v in c[nz[0]: nz[-1] + 1]) if nz.size else 0
 
 
 def conditional_bytes(x: np.ndarray, ctx: np.ndarray) -> float:
