@@ -518,6 +518,18 @@ def bombs() -> dict[str, tuple[bytes, str, int, str]]:
         64 * MIB, "codec", "ans: group=1 over a 64 MiB promise (64M tables claimed, one present)")
     put("ans_group1_4gib.qpk", {"name": "ans", "params": {"group": 1}}, _ans_frame(1, bytes([0, 0]) + _varint(1)),
         4 * GIB, "codec", "ans: group=1 over a 4 GiB promise")
+
+    def cols_frame(width: int, k: int, ids: bytes, inner: bytes) -> bytes:
+        """An ans_cols frame (qpack/loader/parts/ans_cols_part.py): version, CRC-32, width, classes, ids, ans."""
+        return bytes([1]) + struct.pack("<I", 0) + _varint(width) + _varint(k) + ids + inner
+
+    cols = {"name": "ans_cols", "params": {"lane_bytes": 8192, "width": 1024}}
+    half = bytes(64) + bytes([255]) * 64  # 1024 columns: 512 of class 0, then 512 of class 1 (1 bit each)
+    put("ans_cols_inner_2p40.qpk", cols, cols_frame(1024, 2, half, _ans_frame(0, bytes([0, 0]) + _varint(2**40))),
+        MIB, "codec", "ans_cols: valid column classes, then an ans table claiming 2^40 symbols for 1 MiB")
+    put("ans_cols_ids_16mib.qpk", {"name": "ans_cols", "params": {"lane_bytes": 8192, "width": 1 << 24}},
+        cols_frame(1 << 24, 16, b"", b""), 1 << 24, "codec",
+        "ans_cols: 2^24 columns in 16 classes (8 MiB of class ids claimed, none present)")
     return b
 
 
