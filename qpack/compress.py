@@ -44,6 +44,7 @@ _T = TypeVar("_T")
 #: the codecs compress tries per section by default (and the exported loader reads by default)
 DEFAULT_CODECS: tuple[str, ...] = ("ans", "zstd", "ans_cols")
 
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything `qpack compress` can be told; validated on construction."""

@@ -50,6 +50,14 @@ def conditional_bytes(x: np.ndarray, ctx: np.ndarray) -> float:
     return sum(entropy_bytes(x[ctx == k]) + table_bytes(x[ctx == k]) for k in np.unique(ctx))
 
 
+def raw_codes_artifact(ckpt: str, bits: int, folder: Path) -> Path:
+    """`qpack compress CKPT --bits B --codec raw` into `folder`: every codes section as stored, uncompressed."""
+    path = Path(folder) / f"m{bits}.qpk"
+    subprocess.run([sys.executable, "-m", "qpack.cli", "compress", ckpt, "--bits", str(bits), "--codec", "raw",
+                    "-o", str(path), "-q"], check=True, capture_output=True)
+    return path
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -101,10 +109,7 @@ def main() -> None:
              "|---" * (len(cols) + 4) + "|"]
     with tempfile.TemporaryDirectory() as tmp:
         for b in [int(v) for v in args.bits.split(",")]:
-            path = Path(tmp) / f"m{b}.qpk"
-            subprocess.run([sys.executable, "-m", "qpack.cli", "compress", args.ckpt, "--bits", str(b), "--codec",
-                            "raw", "-o", str(path), "-q"], check=True, capture_output=True)
-            t = measure(path)
+            t = measure(raw_codes_artifact(args.ckpt, b, Path(tmp)))
             cells = [f"{t[c]:,.0f} ({t[c] / t['ans'] - 1:+.2%})" for c in cols]
             lines.append(f"| {b} | {t['symbols']:,.0f} | " + " | ".join(cells)
                          + f" | {t['enc_ctx'] / t['enc_ans']:.1f}x | {t['dec_ctx'] / t['dec_ans']:.2f}x |")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 import brotli
 import numpy as np
 
-from ans_ctx import entropy_bytes, table_bytes  # benchmarks/codecs/ans_ctx.py, beside this script
+from ans_ctx import entropy_bytes, raw_codes_artifact, table_bytes  # benchmarks/codecs/ans_ctx.py, beside this
 from qpack.artifact import read_artifact
 from qpack.codecs import make_codec
 from qpack.quant.base import Quantized
@@ -111,33 +110,24 @@ def measure(path: Path, tmp: Path) -> dict[str, dict[str, float]]:
         cols = make_codec("ans_cols", {"width": grid.shape[1]})
         a, c, k = ans.encode(raw), ctx.encode(raw), cols.encode(raw)
         assert ans.decode(a, len(raw)) == raw and ctx.decode(c, len(raw)) == raw and cols.decode(k, len(raw)) == raw
-        for tot in [parts["all"]] + ([] if is_embedding(name) else [parts["blocks"]]):
-            tot["symbols"] += grid.size
-            tot["H0"] += entropy_bytes(grid.reshape(-1))
-            tot["ans"] += len(a)
-            tot["ans_ctx"] += len(c)
-            tot["ans_cols"] += len(k)
-            tot["qpack"] += min(len(a), len(c), len(k))
-            tot["brotli-11"] += len(brotli.compress(raw, quality=11))
+        figures = {"symbols": grid.size, "H0": entropy_bytes(grid.reshape(-1)), "ans": len(a), "ans_ctx": len(c),
+                   "ans_cols": len(k), "qpack": min(len(a), len(c), len(k)),
+                   "brotli-11": len(brotli.compress(raw, quality=11))}
+        _add(parts, is_embedding(name), figures)
         groups[role(name)].append(grid)
     for key, mats in groups.items():
         sums: dict[str, float] = defaultdict(float)
         sums["lrzip"] = lrzip_bytes(b"".join(g.tobytes() for g in mats), tmp)
-        sorted_mats, perms = [], b""
-        for g in mats:
-            if _HOT.search(key) and g.shape[0] > 1:
-                order = l1_chain(g)
-                perms += order.astype(np.uint16).tobytes()
-                g = g[order]
-            sorted_mats.append(g)
-        blob = b"".join(np.ascontiguousarray(g.T).tobytes() for g in sorted_mats)
+        chains = [l1_chain(g) if g.shape[0] > 1 else np.arange(g.shape[0]) for g in mats]
+        hot = bool(_HOT.search(key))  # the records sort only these groups; the context floors below sort all
+        perms = b"".join(o.astype(np.uint16).tobytes() for o, g in zip(chains, mats) if hot and g.shape[0] > 1)
+        blob = b"".join(np.ascontiguousarray((g[o] if hot else g).T).tobytes() for o, g in zip(chains, mats))
         perm_bytes = len(brotli.compress(perms, quality=11)) if perms else 0
         sums["records"] = lrzip_bytes(blob, tmp) + perm_bytes
         sums["records -T"] = lrzip_bytes(blob, tmp, test=False) + perm_bytes
-        # context floors on the chain order of every matrix (sorted here even where the records do not sort)
         xs, above, left = [], [], []
-        for g in mats:
-            g = g[l1_chain(g)] if g.shape[0] > 1 else g
+        for o, g in zip(chains, mats):
+            g = g[o]
             mode = int(np.argmax(np.bincount(g.reshape(-1), minlength=256)))
             up = np.vstack([np.full((1, g.shape[1]), mode, np.uint8), g[:-1]])
             lf = np.hstack([np.full((g.shape[0], 1), mode, np.uint8), g[:, :-1]])
@@ -147,10 +137,15 @@ def measure(path: Path, tmp: Path) -> dict[str, dict[str, float]]:
         x, up, lf = np.concatenate(xs), np.concatenate(above), np.concatenate(left)
         sums["H|above"] = conditional_bytes(x, up)
         sums["H|above+left"] = conditional_bytes(x, up * 4 + lf)
-        for tot in [parts["all"]] + ([] if is_embedding(key) else [parts["blocks"]]):
-            for k, v in sums.items():
-                tot[k] += v
+        _add(parts, is_embedding(key), sums)
     return parts
+
+
+def _add(parts: dict[str, dict[str, float]], embedding: bool, figures: dict[str, float]) -> None:
+    """Add `figures` to the "all" sums, and to the "blocks" sums unless they are the embedding's."""
+    for tot in [parts["all"]] + ([] if embedding else [parts["blocks"]]):
+        for k, v in figures.items():
+            tot[k] += v
 
 
 def main() -> None:
@@ -165,9 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for b in [int(v) for v in args.bits.split(",")]:
-            path = tmp / f"m{b}.qpk"
-            subprocess.run([sys.executable, "-m", "qpack.cli", "compress", args.ckpt, "--bits", str(b), "--codec",
-                            "raw", "-o", str(path), "-q"], check=True, capture_output=True)
+            path = raw_codes_artifact(args.ckpt, b, tmp)
             for part, t in measure(path, tmp).items():
                 cells = [f"{t[c]:,.0f} ({t[c] / t['ans'] - 1:+.2%})" for c in cols]
                 lines.append(f"| {b} | {part} | {t['symbols']:,.0f} | " + " | ".join(cells) + " |")

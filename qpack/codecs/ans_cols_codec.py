@@ -83,13 +83,18 @@ class AnsCols(Codec):
             return best
         x = np.frombuffer(data, dtype=np.uint8).reshape(-1, w)
         rank = column_rank(x)
-        tried = [(estimated_bits(x, ids, k) + w * (k - 1).bit_length(), k, ids)
-                 for k in _TRIED if ans_cols_class_sizes(w, k) is not None for ids in [column_classes(rank, k)]]
-        if not tried:
+        pick = None  # (estimated bits with the class ids, k, ids, columns a class)
+        for k in _TRIED:
+            sizes = ans_cols_class_sizes(w, k)
+            if sizes is not None:
+                ids = column_classes(rank, k)
+                est = estimated_bits(x, ids, k) + w * (k - 1).bit_length()
+                if pick is None or est < pick[0]:
+                    pick = (est, k, ids, sizes[0])
+        if pick is None:
             return best
-        _, k, ids = min(tried, key=lambda t: t[:2])
-        group = x.shape[0] * ans_cols_class_sizes(w, k)[0]
-        inner = Ans(group=group, lane_bytes=self.params["lane_bytes"]).encode(class_order(x, ids))
+        _, k, ids, per_class = pick
+        inner = Ans(group=x.shape[0] * per_class, lane_bytes=self.params["lane_bytes"]).encode(class_order(x, ids))
         framed = head + _varint(w) + _varint(k) + _pack_ids(ids, k) + inner
         return framed if len(framed) < len(best) else best
 
