@@ -71,6 +71,7 @@ class CompressConfig:
     steps: tuple[float, ...] | None = None  # steps offered with a budget (None: the scheme's default, see _steps_for)
     step: float | None = None  # scheme uniform without a budget: the one step for every matrix
     rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
+    cd_passes: int = 0  # coordinate-descent sweeps after GPTQ on the uniform steps (qpack.quant.coord_descent)
     # a uniform step in units of the whole tensor's std ("flat") or of each row's ("std"); "auto": see rd.steps.rows_for
     step_rows: str = "auto"
     # LQER chosen by the budget solver (qpack.lqer_choice), with a budget and no fixed lqer_rank: every tensor is
@@ -389,7 +390,8 @@ class _Job:
         self._menu: dict[str, list[tuple[str, dict, int | None]]] = {}
         for n in self.quant_names:
             menu = [(s, p, b) for b in self.widths for s, p in _schemes_for(self.cfg, n in self.hessians)]
-            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo, "rows": self._rows(n)}, _UNIFORM_BITS)
+            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo, "rows": self._rows(n), "cd": self.cfg.cd_passes},
+                      _UNIFORM_BITS)
                      for st in _steps_for(self.cfg, n in self.hessians)]  # by step: neighbours err alike
             if self.cfg.budget is not None and self.cfg.fp16_candidate:
                 menu.append(("fp16", {}, None))  # kept last: see _fp16_index
@@ -456,7 +458,7 @@ class _Job:
 
         def set_menus(step: float) -> None:
             for n in self.quant_names:
-                self._menu[n] = [("uniform", {"step": st / div[n], "rdo": self.cfg.rdo, "rows": rows[n]},
+                self._menu[n] = [("uniform", {"step": st / div[n], "rdo": self.cfg.rdo, "rows": rows[n], "cd": 0},
                                   _UNIFORM_BITS) for st in fill_steps(step)]
 
         grid = [item[1]["step"] for n in self.quant_names for item in self._menu[n] if item[0] == "uniform"]
@@ -867,9 +869,9 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
 
 
 
-def _uniform(step: float, rdo: float = 0.0, rows: str = "flat") -> Any:
+def _uniform(step: float, rdo: float = 0.0, rows: str = "flat", cd: int = 0) -> Any:
     """The uniform quantizer at one step (qpack.quant.uniform)."""
-    return make_quantizer("uniform", _UNIFORM_BITS, None, step=step, rdo=rdo, rows=rows)
+    return make_quantizer("uniform", _UNIFORM_BITS, None, step=step, rdo=rdo, rows=rows, cd=cd)
 
 
 def _rows_for(cfg: CompressConfig, has_hessian: bool) -> str:
@@ -892,7 +894,7 @@ def _menu_label(scheme: str, params: dict, bits: int | None) -> str:
         return "fp16"
     if scheme == "uniform":
         return (f"uniform/step{params['step']:.4g}" + ({"std": "/rowstd", "weighted": "/rowfisher"}.get(params.get("rows"), ""))
-                + (f"/rdo{params['rdo']:g}" if params.get("rdo") else ""))
+                + (f"/rdo{params['rdo']:g}" if params.get("rdo") else "") + (f"/cd{params['cd']}" if params.get("cd") else ""))
     return f"{scheme}/int{bits}"
 
 

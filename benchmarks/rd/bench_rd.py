@@ -136,6 +136,10 @@ def main() -> None:
         # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps) and LQER in the solver (lqer auto)
         "qpack default (compress --budget)": {},
         "LQER off (--lqer off)": dict(lqer="off"),  # the default before LQER joined it
+        # coordinate descent on GPTQ's objective after its sweep (qpack.quant.coord_descent)
+        "cd: 1 coordinate-descent pass (--cd-passes 1)": dict(cd_passes=1),
+        "cd: 2 coordinate-descent passes (--cd-passes 2)": dict(cd_passes=2),
+        "cd: 4 coordinate-descent passes (--cd-passes 4)": dict(cd_passes=4),
         "qpack gptq widths (steps=())": dict(steps=()),  # the default before uniform steps
         "previous default: widths + mse + no LQER + byte codes": dict(steps=(), loss_proxy="mse", lqer="off",
                                                                       layouts=("byte",)),

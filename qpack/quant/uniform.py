@@ -95,6 +95,7 @@ class Uniform(Quantizer):
         # "weighted": the flat step scaled per row by a sensitivity given to quantize (see row_factors)
         "rdo": 0.0,  # Lagrange multiplier of RDO rounding, in squared steps per bit (0: nearest level)
         "iters": 2,  # RDO passes, each with code lengths from the previous pass's histogram
+        "cd": 0,  # coordinate-descent sweeps after GPTQ (qpack.quant.coord_descent; needs a Hessian)
         "percdamp": 0.01,
         "blocksize": 128,
     }
@@ -112,6 +113,8 @@ class Uniform(Quantizer):
         for key in ("iters", "blocksize"):
             if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1:
                 raise QpackInputError(f"uniform: {key} must be a positive integer, got {p[key]!r}")
+        if isinstance(p["cd"], bool) or not isinstance(p["cd"], int) or p["cd"] < 0:
+            raise QpackInputError(f"uniform: cd (coordinate-descent sweeps) must be an integer >= 0, got {p['cd']!r}")
 
     def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None,
                  row_weight: torch.Tensor | None = None, col_weight: torch.Tensor | None = None) -> Quantized:
@@ -147,6 +150,12 @@ class Uniform(Quantizer):
                 q = gptq_grid(W, None, S, self.bits, p["rdo"], code_lengths(q, m), p["percdamp"], p["blocksize"],
                               prepared)
         params = {"step": p["step"], "rows": p["rows"], "rdo": p["rdo"], "gptq": prepared is not None}
+        if p["cd"] and prepared is not None:
+            from .coord_descent import CoordinateDescent
+
+            lengths = code_lengths(q, m) if p["rdo"] > 0 else None
+            q, info = CoordinateDescent(prepared).refine(q, S, m, p["cd"], p["rdo"], lengths)
+            params.update(info)
         # past 8 bits only as wide as the codes need: a step every row holds in int8 gives the int8 artifact
         bits = self.bits if self.bits <= 8 else code_width(q, least=8)
         return Quantized(q.to(code_dtype(bits)), S.to(torch.float16), tuple(w.shape), bits, self.name, None, params,

@@ -81,6 +81,9 @@ def check_rate_options(cfg: Any) -> None:
     if isinstance(cfg.rdo, bool) or not isinstance(cfg.rdo, (int, float)) or not math.isfinite(cfg.rdo) \
             or cfg.rdo < 0:
         raise QpackInputError(f"rdo (the RDO rounding multiplier) must be a number >= 0, got {cfg.rdo!r}")
+    cd = cfg.cd_passes
+    if isinstance(cd, bool) or not isinstance(cd, int) or cd < 0:
+        raise QpackInputError(f"cd passes (coordinate-descent sweeps after GPTQ) must be an integer >= 0, got {cd!r}")
     if cfg.step_rows not in STEP_ROWS:
         raise QpackInputError(f"step rows must be one of {', '.join(STEP_ROWS)}, got {cfg.step_rows!r}")
     if cfg.step is not None:
@@ -103,5 +106,8 @@ def check_rate_options(cfg: Any) -> None:
             raise QpackInputError("scheme uniform needs --budget (the solver picks a step per block) or --step S")
         if cfg.group_size is not None:
             raise QpackInputError("scheme uniform has one step per row: --group-size does not apply")
+    if cd > 0 and not steps_for(cfg, True):
+        raise QpackInputError("cd passes refine GPTQ on uniform steps: use --budget with the default scheme, or "
+                              "--scheme uniform")
     if cfg.rdo > 0 and not steps_for(cfg, True) and not steps_for(cfg, False):
         raise QpackInputError("rdo applies to uniform steps: use --scheme uniform (or give --steps)")
