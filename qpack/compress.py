@@ -37,7 +37,7 @@ from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # auto: fisher when compress is given Fisher sensitivities (calibration data), else mse
-LOSS_PROXIES = ("auto", "mse", "hessian", "relative", "fisher")
+LOSS_PROXIES = ("auto", "mse", "hessian", "relative", "fisher", "kfac")
 _T = TypeVar("_T")
 
 
@@ -282,8 +282,8 @@ def resolve_loss_proxy(cfg: CompressConfig, have_fisher: bool) -> CompressConfig
     "fisher" without it."""
     if cfg.loss_proxy == "auto":
         return replace(cfg, loss_proxy="fisher" if have_fisher else "mse")
-    if cfg.loss_proxy == "fisher" and not have_fisher:
-        raise QpackInputError("loss proxy fisher needs Fisher sensitivities from calibration data: pass --calib "
+    if cfg.loss_proxy in ("fisher", "kfac") and not have_fisher:
+        raise QpackInputError(f"loss proxy {cfg.loss_proxy} needs Fisher sensitivities from calibration data: pass --calib "
                               "DATA (in Python: compress(..., fisher=fisher(model, tokens)), fisher from "
                               "qpack.calibrate)")
     return cfg
@@ -484,7 +484,7 @@ class _Job:
         """Round-to-nearest estimates of every menu item for each block of `n`: predicted bytes and loss."""
         w = self.sd[n].detach().float()
         h = self.hessians.get(n)
-        hd = torch.diagonal(h) if h is not None and self.cfg.loss_proxy not in ("mse", "fisher") else None
+        hd = torch.diagonal(h) if h is not None and self.cfg.loss_proxy not in ("mse", "fisher", "kfac") else None
         blocks = self.blocks[n]
         out: dict[str, list[Candidate]] = {b.entry: [] for b in blocks}
         rtn: dict[Any, Quantized] = {}
@@ -781,7 +781,7 @@ def _fisher_for(cfg: CompressConfig, sd: Mapping[str, torch.Tensor], names: list
     """The Fisher of every quantized tensor under loss proxy fisher ({} otherwise). A tensor the Fisher does not
     cover (a buffer: no gradient) is weighed by the mean Fisher of those it does, which keeps its errors on the
     same scale as everyone else's."""
-    if cfg.loss_proxy != "fisher" or not fisher:
+    if cfg.loss_proxy not in ("fisher", "kfac") or not fisher:
         return {}
     from .sensitivity import check_fisher
 
@@ -801,9 +801,11 @@ def _loss(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None, proxy: str,
     """The solver's loss for one block of tensor `name` under the configured proxy (`fisher`: the block's Fisher,
     proxy fisher; `datafree`: the data-free loss of a run with neither Hessians nor Fisher, qpack.quant.datafree,
     with its per-column weights `col_weight`)."""
-    if proxy == "fisher" and fisher is not None:
-        from .sensitivity import fisher_weighted_loss
+    if proxy in ("fisher", "kfac") and fisher is not None:
+        from .sensitivity import fisher_weighted_loss, kron_weighted_loss
 
+        if proxy == "kfac" and h is not None:
+            return kron_weighted_loss(w, wq, fisher, h)
         return fisher_weighted_loss(w, wq, fisher)
     if datafree is not None:
         return datafree_loss(w, wq, datafree, name, ref_ms, payload, col_weight)

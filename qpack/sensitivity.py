@@ -199,6 +199,24 @@ def fisher_weighted_loss(w: torch.Tensor, wq: torch.Tensor, fisher: torch.Tensor
     return float((e * fisher.detach().to(torch.float64)).sum() / 2)
 
 
+def kron_weighted_loss(w: torch.Tensor, wq: torch.Tensor, fisher: torch.Tensor, hessian: torch.Tensor) -> float:
+    """0.5 * sum_r a_r * e_r^T H e_r with a_r = sum_j F_rj / tr(H): the diagonal Fisher's row scale times the input
+    Hessian (a Kronecker-factored Fisher), so errors that GPTQ correlated across columns are priced as the layer's
+    output sees them. For errors uncorrelated across columns it equals fisher_weighted_loss on average."""
+    rows = w.shape[0]
+    F = fisher.detach().to(torch.float64).reshape(rows, -1)
+    E = (w.detach().to(torch.float64) - wq.detach().to(torch.float64).reshape(w.shape)).reshape(rows, -1)
+    H = hessian.detach().to(device=E.device, dtype=torch.float64)
+    if tuple(H.shape) != (E.shape[1], E.shape[1]) or tuple(F.shape) != tuple(E.shape):
+        raise QpackInputError(f"Kronecker loss: Fisher {tuple(fisher.shape)} and Hessian {tuple(hessian.shape)} do "
+                              f"not match a weight of {tuple(w.shape)}")
+    tr = float(torch.diagonal(H).sum())
+    if not tr > 0:
+        return fisher_weighted_loss(w, wq, fisher)
+    a = F.sum(dim=1) / tr
+    return float((a * ((E @ H) * E).sum(dim=1)).sum() / 2)
+
+
 def check_fisher(fisher: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fisher tensors for a state dict, in fp32 on each weight's device; refuses unknown names, wrong shapes and
     negative or non-finite values."""

@@ -156,7 +156,9 @@ def main() -> None:
         # each row's step scaled by its mean Fisher (qpack.quant.uniform.row_factors), GPTQ on that grid
         "rows: per-row Fisher steps (--step-rows fisher)": dict(step_rows="fisher"),
         # compress --budget with each loss proxy (--series loss); "sensitivity" names the setup that feeds `fisher=`
-        **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher")},
+        **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher", "kfac")},
+        "cd+kfac: 2 passes, Kronecker-factored Fisher (--cd-passes 2 --loss-proxy kfac)": dict(cd_passes=2,
+                                                                                              loss_proxy="kfac"),
         "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(loss_proxy="fisher",
                                                                                  sensitivity="probe"),
     }

@@ -44,7 +44,7 @@ def _float_list(text: str) -> tuple[float, ...]:
               "(--calib), std for the others")
 @click.option("--rdo", type=float, default=0.0, show_default=True,
               help="RDO rounding multiplier for uniform steps (0: nearest level)")
-@click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher"]), default="auto",
+@click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher", "kfac"]), default="auto",
               show_default=True, help="how the solver compares errors across tensors: fisher weighs them by the "
               "model's loss gradients on --calib (auto: fisher with --calib, else mse; GPTQ still uses the Hessians)")
 @click.option("--group-size", type=int, default=None, help="columns per scale group (default: one scale per row)")
@@ -134,7 +134,7 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
     if calib is not None:
         hessians, fisher = _calibrate(checkpoint, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch,
                                       forward_spec, seq_len, device, progress is not None,
-                                      fisher_mode=loss_proxy if loss_proxy in ("fisher", "auto") else None)
+                                      fisher_mode=loss_proxy if loss_proxy in ("fisher", "kfac", "auto") else None)
     result = compress(checkpoint, output, cfg, hessians=hessians, fisher=fisher, dry_run=dry_run, progress=progress)
 
     if as_json:
@@ -172,9 +172,9 @@ def _check_flags(calib, scheme: str, loss_proxy: str, code_files, code_codec, **
             raise QpackInputError("--scheme gptq needs Hessians: pass --calib DATA (or use gptq_lite, sdclip, rtn)")
         if loss_proxy in ("hessian", "relative"):
             raise QpackInputError(f"--loss-proxy {loss_proxy} weighs errors by Hessians: pass --calib DATA")
-        if loss_proxy == "fisher":
-            raise QpackInputError("--loss-proxy fisher weighs errors by the model's loss gradients on calibration "
-                                  "tokens: pass --calib DATA")
+        if loss_proxy in ("fisher", "kfac"):
+            raise QpackInputError(f"--loss-proxy {loss_proxy} weighs errors by the model's loss gradients on "
+                                  "calibration tokens: pass --calib DATA")
     if code_codec is not None and not code_files:
         raise QpackInputError("--code-codec compresses the --code files: pass --code FILE as well")
 
@@ -205,7 +205,7 @@ def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, f
         try:
             sens = fisher(net, tokens, forward=adapter.forward, seq_len=length, progress=progress)
         except QpackInputError as exc:
-            if fisher_mode == "fisher":
+            if fisher_mode != "auto":
                 raise
             click.echo(f"qpack: warning: no Fisher sensitivity, loss proxy mse: {exc}", err=True)
     return ({k: v.cpu() for k, v in hessians.items()},
