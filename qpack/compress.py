@@ -71,7 +71,9 @@ class CompressConfig:
     steps: tuple[float, ...] | None = None  # steps offered with a budget (None: the scheme's default, see _steps_for)
     step: float | None = None  # scheme uniform without a budget: the one step for every matrix
     rdo: float = 0.0  # RDO rounding's Lagrange multiplier for the uniform steps (0: nearest level)
-    cd_passes: int = 0  # coordinate-descent sweeps after GPTQ on the uniform steps (qpack.quant.coord_descent)
+    # coordinate-descent sweeps after GPTQ on the uniform steps (qpack.quant.coord_descent); None: the default,
+    # rd.steps.DEFAULT_CD_PASSES where GPTQ runs on steps
+    cd_passes: int | None = None
     # a uniform step in units of the whole tensor's std ("flat") or of each row's ("std"); "auto": see rd.steps.rows_for
     step_rows: str = "auto"
     # LQER chosen by the budget solver (qpack.lqer_choice), with a budget and no fixed lqer_rank: every tensor is
@@ -390,7 +392,8 @@ class _Job:
         self._menu: dict[str, list[tuple[str, dict, int | None]]] = {}
         for n in self.quant_names:
             menu = [(s, p, b) for b in self.widths for s, p in _schemes_for(self.cfg, n in self.hessians)]
-            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo, "rows": self._rows(n), "cd": self.cfg.cd_passes},
+            menu += [("uniform", {"step": st, "rdo": self.cfg.rdo, "rows": self._rows(n),
+                      "cd": _cd_passes(self.cfg) if n in self.hessians else 0},
                       _UNIFORM_BITS)
                      for st in _steps_for(self.cfg, n in self.hessians)]  # by step: neighbours err alike
             if self.cfg.budget is not None and self.cfg.fp16_candidate:
@@ -874,6 +877,13 @@ def slice_rows(q: Quantized, r0: int, r1: int) -> Quantized:
 def _uniform(step: float, rdo: float = 0.0, rows: str = "flat", cd: int = 0) -> Any:
     """The uniform quantizer at one step (qpack.quant.uniform)."""
     return make_quantizer("uniform", _UNIFORM_BITS, None, step=step, rdo=rdo, rows=rows, cd=cd)
+
+
+def _cd_passes(cfg: CompressConfig) -> int:
+    """Coordinate-descent sweeps after GPTQ on each uniform step (qpack.rd.steps.cd_passes_for)."""
+    from .rd.steps import cd_passes_for
+
+    return cd_passes_for(cfg)
 
 
 def _rows_for(cfg: CompressConfig, has_hessian: bool) -> str:

@@ -157,7 +157,7 @@ def main() -> None:
         "rows: per-row Fisher steps (--step-rows fisher)": dict(step_rows="fisher"),
         # compress --budget with each loss proxy (--series loss); "sensitivity" names the setup that feeds `fisher=`
         **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher", "kfac")},
-        "cd+kfac: 2 passes, Kronecker-factored Fisher (--cd-passes 2 --loss-proxy kfac)": dict(cd_passes=2,
+        "cd+kfac: 2 passes and the Kronecker-factored Fisher (--cd-passes 2 --loss-proxy kfac)": dict(cd_passes=2,
                                                                                               loss_proxy="kfac"),
         "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(loss_proxy="fisher",
                                                                                  sensitivity="probe"),

@@ -44,6 +44,8 @@ def _float_list(text: str) -> tuple[float, ...]:
               "(--calib), std for the others")
 @click.option("--rdo", type=float, default=0.0, show_default=True,
               help="RDO rounding multiplier for uniform steps (0: nearest level)")
+@click.option("--cd-passes", type=int, default=None,
+              help="coordinate-descent sweeps after GPTQ on the uniform steps (needs --calib) [default: 0]")
 @click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher", "kfac"]), default="auto",
               show_default=True, help="how the solver compares errors across tensors: fisher weighs them by the "
               "model's loss gradients on --calib (auto: fisher with --calib, else mse; GPTQ still uses the Hessians)")
@@ -79,7 +81,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("--dry-run", is_flag=True, help="print the plan and predicted size; write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
-def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_rows, rdo, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
+def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_rows, rdo, cd_passes, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
             forward_spec, seq_len, device, lqer_rank, lqer_top, lqer_mode, lqer_ranks, lqer_bits, lqer_group, code_files, code_codec, passthrough, min_numel, dry_run,
             as_json, quiet):
     """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
@@ -88,7 +90,8 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
     from ..units import parse_size
 
     _check_flags(calib, scheme, loss_proxy, code_files, code_codec, tokenizer=tokenizer, arch=arch,
-                 forward=forward_spec, seq_len=seq_len, calib_tokens=calib_tokens, device=device)
+                 forward=forward_spec, seq_len=seq_len, calib_tokens=calib_tokens, device=device,
+                 cd_passes=cd_passes)
     if not model.exists():
         raise QpackInputError(f"{model}: no such file")
     if model.is_dir():
@@ -106,6 +109,8 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
                 lqer=lqer_mode or "auto", lqer_ranks=_int_list(lqer_ranks, "--lqer-ranks"),
                 lqer_bits=_int_list(lqer_bits, "--lqer-bits"), lqer_group=lqer_group, step=step, rdo=rdo,
                 step_rows=step_rows)
+    if cd_passes is not None:
+        opts["cd_passes"] = cd_passes
     if steps is not None:
         opts["steps"] = _float_list(steps)
     if bits and scheme == "uniform":
