@@ -165,8 +165,9 @@ def calibrate(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = Non
 
 
 def _prepare(model: torch.nn.Module, tokens_or_batches: Any, forward: Any, seq_len: int | None,
-             n_tokens: int | None, batch_size: int) -> tuple[Any, list[torch.Tensor], int]:
-    """The forward adapter, this rank's calibration batches and the world size: what calibrate and fisher share."""
+             n_tokens: int | None, batch_size: int, every_rank: bool = False) -> tuple[Any, list[torch.Tensor], int]:
+    """The forward adapter, this rank's calibration batches and the world size: what calibrate and fisher share
+    (`every_rank`: all batches, as one process would see them, and a world of 1)."""
     from .distributed import current
     from .forward import adapter_for
 
@@ -177,7 +178,7 @@ def _prepare(model: torch.nn.Module, tokens_or_batches: Any, forward: Any, seq_l
     if isinstance(tokens_or_batches, (np.ndarray, torch.Tensor)) and tokens_or_batches.ndim == 1:
         available = len(tokens_or_batches) - adapter.extra_tokens
     length = resolve_seq_len(seq_len, config, available=available)
-    group = current()
+    group = None if every_rank else current()
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     batches = _as_batches(tokens_or_batches, length + adapter.extra_tokens, n_tokens, batch_size, rank, world)
     if not batches and world == 1:
@@ -237,3 +238,16 @@ def collect(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size
     """Hessians X^T X of every linear weight's input, keyed by state-dict name, from the first tokens of a stream."""
     return calibrate(model, np.asarray(tokens), forward=forward, seq_len=seq_len, batch_size=batch_size,
                      progress=progress)
+
+
+def tuner(model: torch.nn.Module, tokens_or_batches: Any, forward: Any = None, seq_len: int | None = None,
+          n_tokens: int | None = None, epochs: int | None = None, lr: float | None = None, batch_size: int = 4,
+          progress: bool = False):
+    """A passthrough tuner for compress(tune=...) (qpack.tune): `model` is the float model, the rows are
+    calibrate's (same tokens, seq_len and calling convention), all of them, in this process. Needs logits: a model
+    whose forward returns only a loss needs `forward_logits` or `forward=`."""
+    from .tune import DEFAULT_EPOCHS, DEFAULT_LR, PassthroughTuner
+
+    adapter, batches, _ = _prepare(model, tokens_or_batches, forward, seq_len, n_tokens, batch_size, every_rank=True)
+    return PassthroughTuner(model, batches, adapter, DEFAULT_EPOCHS if epochs is None else epochs,
+                            DEFAULT_LR if lr is None else lr, progress)

@@ -34,6 +34,7 @@ from .rd.steps import UNIFORM_BITS as _UNIFORM_BITS  # the widest uniform codes:
 from .quant.datafree import DEFAULT_DATAFREE_LOSS, check_datafree_loss, datafree_loss, head_columns, reference_ms
 from .quant.base import MAX_BITS, MIN_BITS, QUANTIZERS, Quantized, as_matrix, make_quantizer
 from .statedict import Plan, dtype_name, plan_state_dict, row_blocks
+from .tune import TuneReport, Tuner
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # auto: fisher when compress is given Fisher sensitivities (calibration data), else mse
@@ -177,6 +178,7 @@ class CompressResult:
     output: str | None
     dry_run: bool
     stages: dict[str, float] = field(default_factory=dict)
+    tune: dict[str, Any] | None = None  # passthrough tuning (qpack.tune.TuneReport.as_dict); None: not run
 
     @property
     def bits_per_param(self) -> float:
@@ -187,7 +189,7 @@ class CompressResult:
             "bytes_total": self.bytes_total, "bytes_model": self.bytes_model, "bytes_code": self.bytes_code,
             "budget": self.budget, "headroom": None if self.budget is None else self.budget - self.bytes_total,
             "params": self.params, "bits_per_param": self.bits_per_param, "seconds": self.seconds,
-            "output": self.output, "dry_run": self.dry_run, "stages": self.stages,
+            "output": self.output, "dry_run": self.dry_run, "stages": self.stages, "tune": self.tune,
             "tensors": [t.as_dict() for t in self.tensors],
         }
 
@@ -245,6 +247,7 @@ def compress(
     model_config: dict | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
     fisher: dict[str, torch.Tensor] | None = None,
+    tune: Tuner | None = None,
     extra_meta: dict | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
@@ -255,7 +258,9 @@ def compress(
     Options are CompressConfig fields. `hessians` maps state-dict names to X^T X of that weight's input (see
     qpack.hessian); with them the default scheme is GPTQ and the solver can weigh errors by curvature.
     `fisher` maps names to the diagonal Fisher of the model's loss (qpack.calibrate.fisher), the same shape as
-    the weight: loss proxy "fisher" (and "auto" when it is given) weighs every error by it.
+    the weight: loss proxy "fisher" (and "auto" when it is given) weighs every error by it. `tune`
+    (qpack.calibrate.tuner) fits the unquantized float tensors to the float model once the quantized ones are
+    chosen (qpack.tune), within the same budget.
     """
     t0 = time.perf_counter()
     cfg = replace(config, **options) if config is not None else CompressConfig(**options)
@@ -268,6 +273,9 @@ def compress(
     stages.run("floor", job.refuse_impossible, fixed)
     choices = stages.run("quantize", job.candidates)
     choices, result = stages.run("solve", job.fit, fixed, choices)
+    tuned = None
+    if tune is not None:
+        fixed, choices, result, tuned = stages.run("tune", job.tune, tune, fixed, choices, result)
     out = None
     if output is not None and not dry_run:
         from .container import atomic_write_bytes
@@ -276,7 +284,8 @@ def compress(
         out = os.fspath(output)
     reports = job.reports(fixed, choices, result.pick, result.extra)
     return CompressResult(result.total, len(result.blob), cfg.code_bytes, cfg.budget, plan_params(loaded.sd, plan),
-                          reports, time.perf_counter() - t0, out, dry_run, stages.seconds)
+                          reports, time.perf_counter() - t0, out, dry_run, stages.seconds,
+                          None if tuned is None else tuned.as_dict())
 
 
 def resolve_loss_proxy(cfg: CompressConfig, have_fisher: bool) -> CompressConfig:
@@ -359,11 +368,13 @@ class _Job:
         return reference_ms({n: self.sd[n].detach().float() for n in self.quant_names})
 
     # -- passthrough: small tensors stored as they are (fp16 or fp32 for floats)
-    def passthrough(self) -> dict[str, Option]:
+    def passthrough(self, values: Mapping[str, torch.Tensor] | None = None) -> dict[str, Option]:
+        """Every passthrough tensor encoded; `values` replaces some of them (tuned, qpack.tune), errors still
+        measured against the checkpoint's own."""
         out: dict[str, Option] = {}
         self._fixed = out
         for n in self.pass_names:
-            t = _passthrough_tensor(self.sd[n], self.cfg.passthrough_dtype)
+            t = _passthrough_tensor(values[n] if values and n in values else self.sd[n], self.cfg.passthrough_dtype)
             err = _rel_error(self.sd[n].double(), t.double()) if t.is_floating_point() else 0.0
             out[n] = Option(self.enc.passthrough(n, t), t, "passthrough", None, err)
         return out
@@ -594,6 +605,29 @@ class _Job:
         if active(self.cfg, calibrated=bool(self.hessians)):
             result = LqerChooser(self, fixed, choices).run(result)
         return choices, result
+
+    # -- tune: the passthrough float tensors fitted to the float model around the chosen quantized ones
+    def tune(self, tuner: Tuner, fixed: dict[str, Option], choices: list[Choices], result: Fit
+             ) -> tuple[dict[str, Option], list[Choices], Fit, TuneReport]:
+        """Run `tuner` on the artifact's dequantized state dict; store what it tuned in place of the passthrough
+        values, with the same picks when the bytes still fit, else solved again around the new values."""
+        from .artifact import loads_artifact
+        from .statedict import assemble
+
+        names = [n for n in self.pass_names if self.sd[n].is_floating_point()]
+        report = tuner(assemble(loads_artifact(result.blob)), names)
+        if not report.values:
+            return fixed, choices, result, report
+        unknown = sorted(set(report.values) - set(names))
+        if unknown:
+            raise QpackInputError(f"the tuner returned {unknown[0]!r}, which is not a passthrough float tensor")
+        new = self.passthrough({n: v.detach().to("cpu").reshape(self.sd[n].shape) for n, v in report.values.items()})
+        blob, extra = self.build(new, choices, result.pick, result.extra)
+        total = len(blob) + self.cfg.code_bytes
+        if self.cfg.budget is None or total <= self.cfg.budget:
+            return new, choices, Fit(result.pick, blob, total, extra), report
+        choices, result = self.fit(new, choices)  # the tuned values coded larger than the headroom left
+        return new, choices, result, report
 
     def _all_candidates(self, choices: list[Choices]) -> list[Choices] | None:
         """Every menu item realized (None when they already were): the exact answer when the lazy one fell short."""

@@ -159,6 +159,8 @@ def main() -> None:
         **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher", "kfac")},
         "cd+kfac: 2 passes and the Kronecker-factored Fisher (--cd-passes 2 --loss-proxy kfac)": dict(cd_passes=2,
                                                                                               loss_proxy="kfac"),
+        # the unquantized float tensors fitted to the float model after the solve (qpack.tune), as the CLI does
+        "tune: passthrough tuning (--tune-epochs 4)": dict(tune=True),
         "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(loss_proxy="fisher",
                                                                                  sensitivity="probe"),
     }
@@ -169,6 +171,7 @@ def main() -> None:
         opts = dict(opts)
         hessians = setup.hessians if opts.pop("hessians", True) else None
         kind = opts.pop("sensitivity", "fisher") if hessians is not None else None  # no calibration: no Fisher
+        tune = tuner_setup(args, sd, config) if opts.pop("tune", False) else None
         extra = [int(float(b) * params / 8) for b in args.qpack_extra_bits.split(",") if b]
         for target in sorted(targets + extra):
             if (name, target) in done:
@@ -178,9 +181,17 @@ def main() -> None:
             if kind is not None and kind not in sens:
                 sens[kind] = sensitivity_setup(args, sd, config, kind)  # its time counts in this first point
             r = compress(args.ckpt, path, CompressConfig(budget=target, **opts), hessians=hessians,
-                         fisher=sens.get(kind))
+                         fisher=sens.get(kind), tune=tune)
             record(name, "qpack", target, r.bytes_total, path, time.perf_counter() - t0)
     write_report(out, results, args)
+
+
+def tuner_setup(args, sd: dict, config: dict):
+    """The passthrough tuner `qpack compress --calib` builds, on the calibration rows of the Hessians."""
+    from qpack.calibrate import build_model, load_calibration_tokens, tuner
+
+    tokens = load_calibration_tokens(args.data, args.calib_tokens, vocab_size=config["vocab_size"])
+    return tuner(build_model(sd, config, None), tokens, seq_len=args.window)
 
 
 def sensitivity_setup(args, sd: dict, config: dict, kind: str) -> dict:

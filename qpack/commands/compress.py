@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -46,6 +47,9 @@ def _float_list(text: str) -> tuple[float, ...]:
               help="RDO rounding multiplier for uniform steps (0: nearest level)")
 @click.option("--cd-passes", type=int, default=None,
               help="coordinate-descent sweeps after GPTQ on the uniform steps (needs --calib) [default: 0]")
+@click.option("--tune-epochs", type=int, default=None,
+              help="with --calib: epochs fitting the unquantized float tensors (norm gains, scales) to the float "
+              "model's outputs on the calibration tokens, at no cost in bytes; 0 turns it off [default: 4]")
 @click.option("--loss-proxy", type=click.Choice(["auto", "mse", "hessian", "relative", "fisher", "kfac"]), default="auto",
               show_default=True, help="how the solver compares errors across tensors: fisher weighs them by the "
               "model's loss gradients on --calib (auto: fisher with --calib, else mse; GPTQ still uses the Hessians)")
@@ -81,7 +85,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 @click.option("--dry-run", is_flag=True, help="print the plan and predicted size; write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
-def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_rows, rdo, cd_passes, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
+def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_rows, rdo, cd_passes, tune_epochs, loss_proxy, group_size, codecs, calib, calib_tokens, tokenizer, arch,
             forward_spec, seq_len, device, lqer_rank, lqer_top, lqer_mode, lqer_ranks, lqer_bits, lqer_group, code_files, code_codec, passthrough, min_numel, dry_run,
             as_json, quiet):
     """Compress MODEL (.pt or .safetensors) into a .qpk artifact that fits --budget."""
@@ -91,7 +95,9 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
 
     _check_flags(calib, scheme, loss_proxy, code_files, code_codec, tokenizer=tokenizer, arch=arch,
                  forward=forward_spec, seq_len=seq_len, calib_tokens=calib_tokens, device=device,
-                 cd_passes=cd_passes)
+                 cd_passes=cd_passes, tune_epochs=tune_epochs)
+    if tune_epochs is not None and tune_epochs < 0:
+        raise QpackInputError(f"--tune-epochs must be 0 or more, got {tune_epochs}")
     if not model.exists():
         raise QpackInputError(f"{model}: no such file")
     if model.is_dir():
@@ -135,12 +141,14 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
     from ..checkpoint import load_state_dict
 
     checkpoint = load_state_dict(model)  # read once: calibration and compress share it
-    fisher = None
+    fisher = tuner = None
     if calib is not None:
-        hessians, fisher = _calibrate(checkpoint, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch,
-                                      forward_spec, seq_len, device, progress is not None,
-                                      fisher_mode=loss_proxy if loss_proxy in ("fisher", "kfac", "auto") else None)
-    result = compress(checkpoint, output, cfg, hessians=hessians, fisher=fisher, dry_run=dry_run, progress=progress)
+        hessians, fisher, tuner = _calibrate(
+            checkpoint, calib, calib_tokens or DEFAULT_CALIB_TOKENS, tokenizer, arch, forward_spec, seq_len, device,
+            progress is not None, fisher_mode=loss_proxy if loss_proxy in ("fisher", "kfac", "auto") else None,
+            tune_epochs=tune_epochs)
+    result = compress(checkpoint, output, cfg, hessians=hessians, fisher=fisher, tune=tuner, dry_run=dry_run,
+                      progress=progress)
 
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
@@ -157,6 +165,12 @@ def command(model, output, budget, bits, scheme, sdclip_k, step, steps, step_row
     if result.budget is not None:
         click.echo(f"budget         {result.budget:>14,}   headroom {d['headroom']:,} bytes")
     click.echo(f"params         {result.params:>14,}   {result.bits_per_param:.3f} bits/param")
+    if result.tune is not None:
+        t = result.tune
+        kept = (f"epoch {t['epoch_kept']} of {t['epochs']} kept" if t["changed"] else
+                f"no epoch of {t['epochs']} did better: unchanged")
+        click.echo(f"tuned          {t['tensors']:>14,}   float tensors; held-out KL {t['heldout_kl_before']:.5f} -> "
+                   f"{t['heldout_kl_after']:.5f} nats/token, {kept}")
     click.echo(f"time           {result.seconds:>13.1f}s")
     click.echo("dry run: nothing written" if dry_run else f"wrote {result.output}")
 
@@ -185,13 +199,15 @@ def _check_flags(calib, scheme: str, loss_proxy: str, code_files, code_codec, **
 
 
 def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, forward_spec, seq_len, device,
-               progress: bool, fisher_mode: str | None = None) -> tuple[dict, dict | None]:
+               progress: bool, fisher_mode: str | None = None, tune_epochs: int | None = None
+               ) -> tuple[dict, dict | None, Any]:
     """Hessians (and with `fisher_mode` the diagonal Fisher, from the same tokens) for the checkpoint's weights,
-    computed on `device`, returned on the CPU. A model whose loss cannot be differentiated fails "fisher"; under
-    "auto" it gets no Fisher (so mse) and a one-line warning."""
+    computed on `device`, returned on the CPU, and the passthrough tuner (qpack.tune) on those tokens. A model whose
+    loss cannot be differentiated fails "fisher"; under "auto" it gets no Fisher (so mse) and a one-line warning.
+    A model without logits gets no tuner: a one-line warning, or an error when --tune-epochs asked for one."""
     import torch
 
-    from ..calibrate import build_model, calibrate, fisher, load_calibration_tokens, resolve_seq_len
+    from ..calibrate import build_model, calibrate, fisher, load_calibration_tokens, resolve_seq_len, tuner
     from ..errors import QpackInputError
     from ..forward import adapter_for
 
@@ -213,8 +229,16 @@ def _calibrate(checkpoint: tuple, calib: Path, n_tokens: int, tokenizer, arch, f
             if fisher_mode != "auto":
                 raise
             click.echo(f"qpack: warning: no Fisher sensitivity, loss proxy mse: {exc}", err=True)
+    tune = None
+    if tune_epochs != 0:
+        try:
+            tune = tuner(net, tokens, forward=adapter.forward, seq_len=length, epochs=tune_epochs, progress=progress)
+        except QpackInputError as exc:
+            if tune_epochs is not None:
+                raise
+            click.echo(f"qpack: warning: no passthrough tuning: {exc}", err=True)
     return ({k: v.cpu() for k, v in hessians.items()},
-            None if sens is None else {k: v.cpu() for k, v in sens.items()})
+            None if sens is None else {k: v.cpu() for k, v in sens.items()}, tune)
 
 
 def _numel(shape) -> int:
