@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import QpackInputError
-from .forward import ForwardAdapter
+from .forward import ForwardAdapter, call_user
 
 DEFAULT_EPOCHS = 4
 DEFAULT_LR = 3e-3
@@ -73,6 +73,23 @@ class PassthroughTuner:
         self.train_rows = inputs[: len(inputs) - n_hold]
         self.held_rows = inputs[len(inputs) - n_hold:] or inputs  # one batch: select on the training batch
         self._teacher: dict[int, torch.Tensor] | None = None
+        self._check_gradient()
+
+    def _check_gradient(self) -> None:
+        """Refuse a model whose logits carry no gradient (a forward that detaches them) before compress runs."""
+        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        flags = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.adapter.logits(self.model, self.held_rows[0][:1].to(self.device))
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+        if not logits.requires_grad:
+            raise QpackInputError(f"{self.adapter.model_name}'s logits carry no gradient, so nothing can be tuned "
+                                  "against them")
 
     def _logprobs(self, model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.adapter.logits(model, rows.to(self.device)).float(), dim=-1)
@@ -136,7 +153,7 @@ class PassthroughTuner:
                 for i, rows in enumerate(self.train_rows):
                     loss = self._kl(self._teacher_lp(i, rows), self._logprobs(student, rows))
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    call_user(f"{self.adapter.model_name} backward while tuning", loss.backward)
                     opt.step()
             kl = self._heldout(student)
             if kl < best:

@@ -241,3 +241,17 @@ def test_cli_a_model_without_logits_is_compressed_untuned_with_one_warning(cli_s
     assert r.exit_code == 0, r.output
     assert "warning: no passthrough tuning" in r.output
     assert json.loads(r.output[r.output.index("{"):])["tune"] is None
+
+
+def test_logits_without_a_gradient_are_refused_when_the_tuner_is_made():
+    m, tokens = _model_and_tokens(6)
+
+    class Detached(GainLM):
+        def forward(self, idx):
+            return super().forward(idx).detach()
+
+    d = Detached()
+    d.load_state_dict(m.state_dict())
+    with pytest.raises(QpackInputError, match="no gradient"):
+        tuner(d, tokens, seq_len=64)
+    assert all(p.requires_grad for p in d.parameters())  # flags restored
