@@ -1,6 +1,6 @@
 """qpack: quantize, pack and entropy-code language models into a fixed byte budget, then score them.
 
-Public API: calibrate(), compress(), load(), QpackError, QpackFormatError. Heavy modules import lazily.
+Public API: calibrate(), compress(), load(), tuner(), QpackError, QpackFormatError. Heavy modules import lazily.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import types as _types
 from .errors import BudgetError, QpackError, QpackFormatError, QpackInputError
 
 __all__ = ["__version__", "BudgetError", "QpackError", "QpackFormatError", "QpackInputError", "calibrate", "compress",
-           "load"]
+           "load", "tuner"]
 
 
 def load(path, *, device: str = "cpu"):
@@ -32,6 +32,15 @@ def calibrate(model, tokens_or_batches, forward=None, seq_len=None, n_tokens=Non
     from .calibrate import calibrate as _calibrate
 
     return _calibrate(model, tokens_or_batches, forward=forward, seq_len=seq_len, n_tokens=n_tokens, **options)
+
+
+def tuner(model, tokens_or_batches, forward=None, seq_len=None, n_tokens=None, **options):
+    """A passthrough tuner for compress(tune=...): after the solve it fits the unquantized float tensors (norm gains,
+    scales) of the quantized model to `model`'s next-token distribution on these tokens (qpack.tune), at no cost
+    in bytes. Options: epochs (4), lr (0.003), batch_size (4). Needs logits (see qpack.forward)."""
+    from .calibrate import tuner as _tuner
+
+    return _tuner(model, tokens_or_batches, forward=forward, seq_len=seq_len, n_tokens=n_tokens, **options)
 
 
 def compress(source, output, *, budget=None, code=None, code_codec=None, hessians=None, **options):

@@ -86,7 +86,7 @@ def _log_to(path: Path) -> Callable[[str], None]:
 
 def run_record(cfg: RecordConfig) -> dict[str, Any]:
     """Run the whole pipeline and write the record folder; returns submission.json's content."""
-    from qpack.calibrate import build_model, collect, fisher, load_calibration_tokens, resolve_seq_len
+    from qpack.calibrate import build_model, collect, fisher, load_calibration_tokens, resolve_seq_len, tuner
     from qpack.checkpoint import load_state_dict
     from qpack.data.build import ensure_data
     from qpack.eval.mixer import MixerConfig
@@ -131,17 +131,22 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     code_bytes = code_size(code_files(), cfg.code_codec)
     sd, model_config, extra = load_state_dict(final)
-    hessians = sensitivity = None
+    hessians = sensitivity = tune = None
     t_calib = time.perf_counter()
     if compress_kw_scheme(cfg, recipe) in ("auto", "gptq", "search"):
         tokens = load_calibration_tokens(paths.root, cfg.calib_tokens, vocab_size=model_config.get("vocab_size"))
-        net = build_model(sd, model_config, None)
+        import torch
+
+        # on the GPU the run trained on: calibration and tuning are forward/backward passes like training's
+        net = build_model(sd, model_config, None).to("cuda" if tcfg.device == "cuda" and torch.cuda.is_available()
+                                                     else "cpu")
         seq = resolve_seq_len(None, model_config, extra, available=len(tokens))  # the one rule, as the CLI's
-        hessians = collect(net, tokens, seq, progress=False)
+        hessians = {k: v.cpu() for k, v in collect(net, tokens, seq, progress=False).items()}
         # the Fisher from the same rows, as `qpack compress --calib` computes it for loss proxy auto
-        sensitivity = fisher(net, tokens, seq_len=seq) if recipe.get("compress", {}).get("loss_proxy", "auto") in (
-            "auto", "fisher") else None
-        del net
+        sensitivity = ({k: v.cpu() for k, v in fisher(net, tokens, seq_len=seq).items()}
+                       if recipe.get("compress", {}).get("loss_proxy", "auto") in ("auto", "fisher") else None)
+        # the unquantized float tensors fitted to this model after the solve, as `qpack compress --calib` does
+        tune = tuner(net, tokens, seq_len=seq)
     calib_seconds = time.perf_counter() - t_calib  # reads training data: counts against the training cap
     artifact = work / "model.qpk"
     budget = cfg.budget or (16_000_000 if cfg.scale == "full"
@@ -153,8 +158,10 @@ def run_record(cfg: RecordConfig) -> dict[str, Any]:
     if cfg.codecs != DEFAULT_CODECS or "codecs" not in compress_kw:
         compress_kw["codecs"] = cfg.codecs
     ccfg = CompressConfig(budget=budget, code_bytes=code_bytes, **compress_kw)
-    result = compress((sd, model_config, extra), artifact, ccfg, hessians=hessians, fisher=sensitivity)  # read once
+    result = compress((sd, model_config, extra), artifact, ccfg, hessians=hessians, fisher=sensitivity,
+                      tune=tune)  # the checkpoint read once
     compress_seconds = time.perf_counter() - t0
+    calib_seconds += result.stages.get("tune", 0.0)  # tuning reads the calibration (training) tokens too
     (work / "compress.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     log(f"compress: {result.bytes_total:,} bytes total ({result.bytes_model:,} model + {code_bytes:,} code) "
         f"<= {budget:,}; {result.bits_per_param:.3f} bits/param in {compress_seconds:.1f}s")

@@ -133,8 +133,10 @@ def main() -> None:
 
     # name -> CompressConfig options for compress(..., budget=target); "hessians": False compresses without them
     qpack_series = {
-        # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps) and LQER in the solver (lqer auto)
-        "qpack default (compress --budget)": {},
+        # with Hessians: uniform steps (qpack.rd.steps.auto_takes_steps), LQER in the solver (lqer auto) and the
+        # unquantized float tensors tuned to the float model afterwards (qpack.tune), as `qpack compress --calib`
+        "qpack default (compress --budget)": dict(tune=True),
+        "tune off (--tune-epochs 0)": {},  # the default before passthrough tuning joined it
         "LQER off (--lqer off)": dict(lqer="off"),  # the default before LQER joined it
         # coordinate descent on GPTQ's objective after its sweep (qpack.quant.coord_descent)
         "cd: 1 coordinate-descent pass (--cd-passes 1)": dict(cd_passes=1),
@@ -159,8 +161,6 @@ def main() -> None:
         **{f"loss proxy: {p}": dict(loss_proxy=p) for p in ("mse", "hessian", "fisher", "kfac")},
         "cd+kfac: 2 passes and the Kronecker-factored Fisher (--cd-passes 2 --loss-proxy kfac)": dict(cd_passes=2,
                                                                                               loss_proxy="kfac"),
-        # the unquantized float tensors fitted to the float model after the solve (qpack.tune), as the CLI does
-        "tune: passthrough tuning (--tune-epochs 4)": dict(tune=True),
         "loss proxy: probe (measured loss increase per tensor at RTN int3)": dict(loss_proxy="fisher",
                                                                                  sensitivity="probe"),
     }
