@@ -294,8 +294,8 @@ def resolve_loss_proxy(cfg: CompressConfig, have_fisher: bool) -> CompressConfig
     if cfg.loss_proxy == "auto":
         return replace(cfg, loss_proxy="fisher" if have_fisher else "mse")
     if cfg.loss_proxy in ("fisher", "kfac") and not have_fisher:
-        raise QpackInputError(f"loss proxy {cfg.loss_proxy} needs Fisher sensitivities from calibration data: pass --calib "
-                              "DATA (in Python: compress(..., fisher=fisher(model, tokens)), fisher from "
+        raise QpackInputError(f"loss proxy {cfg.loss_proxy} needs Fisher sensitivities from calibration data: pass "
+                              "--calib DATA (in Python: compress(..., fisher=fisher(model, tokens)), fisher from "
                               "qpack.calibrate)")
     return cfg
 
@@ -939,8 +939,9 @@ def _menu_label(scheme: str, params: dict, bits: int | None) -> str:
     if bits is None:
         return "fp16"
     if scheme == "uniform":
-        return (f"uniform/step{params['step']:.4g}" + ({"std": "/rowstd", "weighted": "/rowfisher"}.get(params.get("rows"), ""))
-                + (f"/rdo{params['rdo']:g}" if params.get("rdo") else "") + (f"/cd{params['cd']}" if params.get("cd") else ""))
+        rows = {"std": "/rowstd", "weighted": "/rowfisher"}.get(params.get("rows"), "")
+        return (f"uniform/step{params['step']:.4g}" + rows + (f"/rdo{params['rdo']:g}" if params.get("rdo") else "")
+                + (f"/cd{params['cd']}" if params.get("cd") else ""))
     return f"{scheme}/int{bits}"
 
 
