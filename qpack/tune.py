@@ -163,7 +163,3 @@ class PassthroughTuner:
         report.values = best_values
         return report
 
-
-def tuned_dtype_values(values: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tuned values on the CPU in the dtype and shape of the state dict's own tensors."""
-    return {n: v.detach().to("cpu", like[n].dtype).reshape(like[n].shape) for n, v in values.items()}

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from ..errors import QpackInputError
-from .base import bits_for, code_dtype
 from .gptq import GPTQ, _one_thread
 
 
@@ -101,8 +100,3 @@ class CoordinateDescent:
             G.addmm_(D, H[idx], alpha=-1.0)  # the block's columns too: Gb is discarded, G stays one source
         return moved
 
-
-def refine_codes(prepared: GPTQ, Q: torch.Tensor, S: torch.Tensor, m: int, passes: int) -> torch.Tensor:
-    """Q after `passes` coordinate-descent sweeps on the grid S (per row) of a prepared GPTQ, as code_dtype."""
-    q, _ = CoordinateDescent(prepared).refine(Q, S, m, passes)
-    return q.to(code_dtype(bits_for(m)))
