@@ -11,6 +11,7 @@ held-out KL is kept, and the tensors stay as they were when no epoch beats the s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -56,6 +57,17 @@ def _check(epochs: int, lr: float) -> None:
         raise QpackInputError(f"tune learning rate must be a positive number, got {lr!r}")
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """The model in eval mode (dropout off: the teacher as it would be scored), its own mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 class PassthroughTuner:
     """A Tuner for one float model (the teacher) and its calibration batches; `__call__` tunes a quantized copy."""
 
@@ -82,7 +94,7 @@ class PassthroughTuner:
         try:
             for p in params:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _eval_mode(self.model):
                 logits = self.adapter.logits(self.model, self.held_rows[0][:1].to(self.device))
         finally:
             for p, f in zip(params, flags):
@@ -97,7 +109,7 @@ class PassthroughTuner:
     def _teacher_lp(self, i: int, rows: torch.Tensor) -> torch.Tensor:
         if self._teacher is not None and i in self._teacher:
             return self._teacher[i]
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(self.model):
             lp = self._logprobs(self.model, rows)
         if self._teacher is None:
             per = lp.numel() * lp.element_size()

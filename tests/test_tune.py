@@ -84,6 +84,27 @@ def test_nothing_to_gain_leaves_everything_unchanged():
     assert report.values == {} and report.epoch == 0 and report.kl_before == pytest.approx(0.0, abs=1e-7)
 
 
+def test_the_teacher_is_scored_in_eval_mode_and_left_in_its_own():
+    """A model handed over in training mode with dropout: the teacher's distribution is the eval-mode one (so an
+    unchanged copy has nothing to gain), and the model's mode is as it was afterwards."""
+    m, tokens = _model_and_tokens(7)
+
+    class Dropped(GainLM):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, idx):
+            return self.head(self.drop(F.relu(self.fc(self.emb(idx)) * self.gain)))
+
+    d = Dropped()
+    d.load_state_dict(m.state_dict())
+    d.train()
+    report = tuner(d, tokens, seq_len=64, epochs=2)(d.state_dict(), ["gain"])
+    assert report.values == {} and report.kl_before == pytest.approx(0.0, abs=1e-7)
+    assert d.training
+
+
 def test_only_float32_parameters_among_the_names_are_trained():
     m, tokens = _model_and_tokens(2)
     state = dict(m.state_dict())
